@@ -1,0 +1,281 @@
+"""Tensor sources on disk: safetensors (single or sharded) and torch pickles, read one tensor at a time.
+
+A source is a read-only mapping from a checkpoint key to a numpy array that also says which file
+a key lives in, so conversion errors can name it. Tensors are memory-mapped and converted one at a
+time, so a 7B model never needs twice its size in host RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pathlib
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not match what the model expects (names the key and the file)."""
+
+
+class TensorSource(Mapping):
+    """Read-only `key -> np.ndarray` over one or more files; `where(key)` names the file."""
+
+    def where(self, key: str) -> str:
+        raise KeyError(key)
+
+    @property
+    def description(self) -> str:
+        return type(self).__name__
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed eagerly, tensors memory-mapped lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header = header
+        self._offset = 8 + n
+        self._mmap: mmap.mmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, key: str) -> np.ndarray:
+        info = self.header[key]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: key {key!r} has unsupported dtype {info['dtype']}")
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start, end = info["data_offsets"]
+        dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if end - start != count * dtype.itemsize or self._offset + end > len(self._mmap):
+            raise CheckpointError(f"{self.path}: key {key!r} is truncated or corrupt")
+        arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._offset + start)
+        return arr.reshape(info["shape"])
+
+
+class SafetensorsSource(TensorSource):
+    """The union of several safetensors files (a sharded checkpoint, or one file)."""
+
+    def __init__(self, files: Iterable[str | os.PathLike]):
+        self._files = [SafetensorsFile(f) for f in files]
+        self._index: dict[str, SafetensorsFile] = {}
+        for f in self._files:
+            for k in f.keys():
+                if k in self._index:
+                    raise CheckpointError(f"key {k!r} appears in both {self._index[k].path} and {f.path}")
+                self._index[k] = f
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._index[key].get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def where(self, key: str) -> str:
+        return self._index[key].path if key in self._index else self.description
+
+    @property
+    def description(self) -> str:
+        return ", ".join(f.path for f in self._files)
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class TorchSource(TensorSource):
+    """A torch pickle (`.bin`, `.pth`, `.ckpt`), optionally nested (`['model']`, `['state_dict']`)."""
+
+    def __init__(self, files: Iterable[str | os.PathLike], subkey: str | None = None):
+        try:
+            import torch
+        except ImportError as e:  # torch is only needed for pickled checkpoints
+            raise CheckpointError("reading torch pickles needs PyTorch: pip install torch") from e
+        self._tensors: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        self.paths = [str(f) for f in files]
+        for path in self.paths:
+            try:
+                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+            if subkey is not None:
+                if not isinstance(obj, Mapping) or subkey not in obj:
+                    found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+                    raise CheckpointError(f"{path}: expected a dict with key {subkey!r}, found {found}")
+                obj = obj[subkey]
+            for k, v in obj.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if k in self._tensors:
+                    raise CheckpointError(f"key {k!r} appears in both {self._where[k]} and {path}")
+                self._tensors[k] = v
+                self._where[k] = path
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _torch_to_numpy(self._tensors[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def where(self, key: str) -> str:
+        return self._where.get(key, self.description)
+
+    @property
+    def description(self) -> str:
+        return ", ".join(self.paths)
+
+
+class DictSource(TensorSource):
+    """An in-memory `key -> array` mapping (tests, already-loaded state dicts)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], name: str = "<memory>"):
+        self._tensors = dict(tensors)
+        self.name = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(self._tensors[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def where(self, key: str) -> str:
+        return self.name
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+
+WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
+
+
+def open_weights(directory: str | os.PathLike, stems: Iterable[str] = WEIGHT_STEMS) -> TensorSource:
+    """Open the weights of a hub-layout directory: `<stem>.safetensors`, a sharded
+    `<stem>.safetensors.index.json`, `pytorch_model.bin` or its sharded index."""
+    d = pathlib.Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"weights directory not found: {d}")
+    for stem in stems:
+        if (d / f"{stem}.safetensors").is_file():
+            return SafetensorsSource([d / f"{stem}.safetensors"])
+        index = d / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            return SafetensorsSource(_index_files(index))
+    for stem in ("pytorch_model", *stems):
+        if (d / f"{stem}.bin").is_file():
+            return TorchSource([d / f"{stem}.bin"])
+        index = d / f"{stem}.bin.index.json"
+        if index.is_file():
+            return TorchSource(_index_files(index))
+    raise FileNotFoundError(
+        f"no weights in {d}: expected one of {[s + '.safetensors' for s in stems]}, "
+        "a *.safetensors.index.json, or pytorch_model.bin"
+    )
+
+
+def _index_files(index: pathlib.Path) -> list[pathlib.Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: not a valid weight index ({e})") from e
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+    return [index.parent / f for f in files]
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
+    """Write one .safetensors file (any numpy dtype including ml_dtypes.bfloat16)."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    arrays = {}
+    for k, v in tensors.items():
+        a = np.ascontiguousarray(v)
+        if a.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"{path}: cannot store key {k!r} with dtype {a.dtype}")
+        header[k] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                     "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays[k] = a
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(a.tobytes())
+    os.replace(tmp, path)
+
+
+def write_sharded_safetensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                              stem: str = "model", max_shard_bytes: int | None = None) -> list[str]:
+    """Write `<stem>.safetensors`, or shards plus `<stem>.safetensors.index.json` as the hub does."""
+    d = pathlib.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if max_shard_bytes is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= max_shard_bytes:
+        write_safetensors(d / f"{stem}.safetensors", tensors)
+        return [f"{stem}.safetensors"]
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = np.asarray(v).nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        write_safetensors(d / name, shard)
+        weight_map.update({k: name for k in shard})
+    total = sum(np.asarray(v).nbytes for v in tensors.values())
+    (d / f"{stem}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names

@@ -1,0 +1,95 @@
+"""The conversion core: key maps, strict loading, export round trip, safetensors I/O."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mg5jax import parallel
+from mg5jax.convert import keymap as km
+from mg5jax.convert.sources import CheckpointError, DictSource, SafetensorsSource, open_weights, write_sharded_safetensors
+from mg5jax.models import layers
+
+
+class Tiny(nnx.Module):
+    def __init__(self, *, rngs):
+        self.blocks = nnx.List([layers.linear(4, 6, ("embed", "mlp"), rngs=rngs) for _ in range(2)])
+        self.qkv = nnx.List([layers.linear(4, 4, ("embed", "heads"), rngs=rngs) for _ in range(3)])
+        self.norm = layers.LayerNorm(6)
+
+
+KEYMAP = km.KeyMap([
+    km.Rule("blocks.{i}.weight", "blocks.{i}.kernel", km.LINEAR),
+    km.Rule("blocks.{i}.bias", "blocks.{i}.bias"),
+    km.Rule("in_proj_weight", ("qkv.0.kernel", "qkv.1.kernel", "qkv.2.kernel"), km.LINEAR),
+    km.Rule("in_proj_bias", ("qkv.0.bias", "qkv.1.bias", "qkv.2.bias")),
+    km.Rule("norm.weight", "norm.scale"),
+    km.Rule("norm.bias", "norm.bias"),
+], ignore=[r"\.inv_freq$"])
+
+
+def torch_like_state(rng):
+    sd = {f"blocks.{i}.weight": rng.normal(size=(6, 4)).astype(np.float32) for i in range(2)}
+    sd.update({f"blocks.{i}.bias": rng.normal(size=(6,)).astype(np.float32) for i in range(2)})
+    sd["in_proj_weight"] = rng.normal(size=(12, 4)).astype(np.float32)
+    sd["in_proj_bias"] = rng.normal(size=(12,)).astype(np.float32)
+    sd["norm.weight"] = rng.normal(size=(6,)).astype(np.float32)
+    sd["norm.bias"] = rng.normal(size=(6,)).astype(np.float32)
+    return sd
+
+
+def test_load_export_round_trip():
+    sd = torch_like_state(np.random.default_rng(0))
+    gd, abstract = km.abstract_model(lambda: Tiny(rngs=nnx.Rngs(0)))
+    model = km.materialize(gd, km.load_params(abstract, DictSource(sd, "tiny.bin"), KEYMAP))
+    np.testing.assert_array_equal(model.blocks[1].kernel[...], sd["blocks.1.weight"].T)
+    np.testing.assert_array_equal(model.qkv[2].kernel[...], sd["in_proj_weight"][8:].T)
+    out = dict(km.export_params(nnx.state(model), KEYMAP))
+    assert out.keys() == sd.keys()
+    for k in sd:
+        np.testing.assert_array_equal(out[k], sd[k])
+
+
+def test_strict_errors_name_the_key_and_file():
+    gd, abstract = km.abstract_model(lambda: Tiny(rngs=nnx.Rngs(0)))
+    sd = torch_like_state(np.random.default_rng(0))
+    missing = {k: v for k, v in sd.items() if k != "norm.bias"}
+    with pytest.raises(CheckpointError, match=r"missing key 'norm.bias' in tiny.bin"):
+        km.load_params(abstract, DictSource(missing, "tiny.bin"), KEYMAP)
+    extra = dict(sd, **{"blocks.9.weight": sd["blocks.0.weight"], "rot.inv_freq": np.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected key 'blocks.9.weight' in tiny.bin"):
+        km.load_params(abstract, DictSource(extra, "tiny.bin"), KEYMAP)
+    bad = dict(sd, **{"blocks.0.weight": np.zeros((5, 4), np.float32)})
+    with pytest.raises(CheckpointError, match=r"'blocks.0.weight' in tiny.bin: expected shape \(4, 6\)"):
+        km.load_params(abstract, DictSource(bad, "tiny.bin"), KEYMAP)
+    with pytest.raises(CheckpointError, match=r"no conversion rule for our parameter 'norm\.(scale|bias)'"):
+        km.KeyMap(KEYMAP.rules[:4]).bind(km.flat_params(abstract))
+
+
+def test_sharded_safetensors_and_mesh_load(tmp_path):
+    import ml_dtypes
+
+    sd = torch_like_state(np.random.default_rng(1))
+    sd["norm.weight"] = sd["norm.weight"].astype(ml_dtypes.bfloat16)
+    write_sharded_safetensors(tmp_path, sd, max_shard_bytes=100)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    src = open_weights(tmp_path)
+    assert isinstance(src, SafetensorsSource) and set(src) == set(sd)
+    assert src["norm.weight"].dtype == ml_dtypes.bfloat16
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    gd, abstract = km.abstract_model(lambda: Tiny(rngs=nnx.Rngs(0)))
+    model = km.materialize(gd, km.load_params(abstract, src, KEYMAP, mesh=mesh))
+    kernel = model.blocks[0].kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    np.testing.assert_array_equal(np.asarray(kernel), sd["blocks.0.weight"].T)
+    first = sorted(tmp_path.glob("model-00001-of-*.safetensors"))[0]
+    first.write_bytes(b"\x00\x01")
+    with pytest.raises(CheckpointError, match=first.name):
+        open_weights(tmp_path)
+
+
+def test_logical_rules_unknown_name_is_an_error():
+    with pytest.raises(KeyError, match="'bogus'"):
+        parallel.logical_to_mesh(("embed", "bogus"))
+    assert parallel.logical_to_mesh(("batch", None)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
