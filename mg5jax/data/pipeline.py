@@ -1,0 +1,217 @@
+"""From dataset samples to static-shape training batches, with grain.
+
+A `Sample` (source/target strings, image paths) becomes an example of numpy arrays — tokenized
+ids and labels as the original builds them, transformed input and output images (or precomputed
+features) — and examples become batches padded to a length bucket and a fixed number of images,
+so the jitted train step sees only a few distinct shapes.
+
+Batch layout (B = batch size, T = text bucket, M = max input images, G = max output images):
+  input_ids [B,T] int32 (pad id), attention_mask [B,T] int32, labels [B,T] int32 (-100 = no loss)
+  input_images [B,M,3,224,224] f32 | input_image_features [B,M,Q,D_llm] f32, input_image_mask [B,M] bool
+  output_images [B,G,3,512,512] f32 in [-1,1] | output_moments [B,G,8,64,64] f32, output_image_mask [B,G] bool
+  caption_ids [B,77] int32, caption_mask [B,77] int32, has_caption [B] bool
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Callable, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from mg5jax.data import images as image_ops
+from mg5jax.data.datasets import DataError, Sample
+from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Static shapes of a batch."""
+
+    batch_size: int
+    length_buckets: tuple[int, ...] = (128, 256, 512)  # text tokens (source + target, no BOS)
+    max_input_images: int = 5  # M: <ImageHere> slots per sample (a VIST story has 5 steps)
+    max_output_images: int = 1  # G: target images per sample
+    input_image_size: int = 224
+    output_image_size: int = 512
+    caption_length: int = 77
+    num_query_tokens: int = 32  # Q: LLM positions per input image (for precomputed features)
+    llm_dim: int = 4096  # D_llm (for precomputed features)
+    latent_size: int = 64  # h = w of VAE moments (for precomputed moments)
+
+
+class ExampleBuilder:
+    """Turns one `Sample` into a dict of numpy arrays (unpadded text; padded image slots).
+
+    Returns None for a sample that cannot be built (unreadable image, too long, more images than
+    slots) after logging why — or raises `DataError` when `strict`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: MiniGPT5Tokenizer,
+        spec: BatchSpec,
+        *,
+        caption_tokenizer: Callable[[str], tuple[Sequence[int], Sequence[int]]] | None = None,
+        train: bool = True,
+        fix_img7_mask: bool = False,
+        input_features_dir: str | None = None,
+        output_moments_dir: str | None = None,
+        strict: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.caption_tokenizer = caption_tokenizer
+        self.train = train
+        self.fix_img7_mask = fix_img7_mask
+        self.input_features_dir = pathlib.Path(input_features_dir) if input_features_dir else None
+        self.output_moments_dir = pathlib.Path(output_moments_dir) if output_moments_dir else None
+        self.strict = strict
+        self.skipped = 0
+
+    def _bad(self, sample: Sample, reason: str) -> None:
+        msg = f"sample {sample.task_name}: {reason}"
+        if self.strict:
+            raise DataError(msg)
+        self.skipped += 1
+        log.warning("skipping %s", msg)
+        return None
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> dict | None:
+        spec = self.spec
+        ids = self.tokenizer.encode_example(sample.source, sample.target, self.fix_img7_mask)
+        if len(ids.input_ids) > spec.length_buckets[-1]:
+            return self._bad(sample, f"{len(ids.input_ids)} tokens exceed the largest length bucket "
+                                     f"{spec.length_buckets[-1]}")
+        n_slots = ids.input_ids.count(self.tokenizer.ids.image_placeholder_id)
+        paths = [p for p in sample.input_images if p is not None]
+        if n_slots > len(paths):
+            return self._bad(sample, f"{n_slots} <ImageHere> slots but {len(paths)} input images")
+        if n_slots > spec.max_input_images:
+            return self._bad(sample, f"{n_slots} input images exceed max_input_images={spec.max_input_images}")
+        example = {
+            "input_ids": np.asarray(ids.input_ids, np.int32),
+            "labels": np.asarray(ids.labels, np.int32),
+            "input_image_mask": np.arange(spec.max_input_images) < n_slots,
+            "output_image_mask": np.zeros((spec.max_output_images,), bool),
+        }
+        try:
+            self._input_images(example, paths[:n_slots], rng)
+            self._output_images(example, sample.output_image, rng)
+        except (image_ops.ImageLoadError, OSError, ValueError) as e:
+            return self._bad(sample, str(e))
+        self._caption(example, sample.caption)
+        return example
+
+    def _input_images(self, example: dict, paths: Sequence[str], rng: np.random.Generator) -> None:
+        spec = self.spec
+        if self.input_features_dir is not None:
+            feats = np.zeros((spec.max_input_images, spec.num_query_tokens, spec.llm_dim), np.float32)
+            for m, p in enumerate(paths):
+                feats[m] = _load_array(self.input_features_dir / f"{pathlib.Path(p).stem}.npy", feats.shape[1:])
+            example["input_image_features"] = feats
+            return
+        s = spec.input_image_size
+        pixels = np.zeros((spec.max_input_images, 3, s, s), np.float32)
+        for m, p in enumerate(paths):
+            flip = self.train and bool(rng.random() < 0.5)
+            pixels[m] = image_ops.input_image_transform(image_ops.load_image(p), size=s, flip=flip)
+        example["input_images"] = pixels
+
+    def _output_images(self, example: dict, path: str | None, rng: np.random.Generator) -> None:
+        spec = self.spec
+        if self.output_moments_dir is not None:
+            moments = np.zeros((spec.max_output_images, 8, spec.latent_size, spec.latent_size), np.float32)
+            if path is not None:
+                moments[0] = _load_array(self.output_moments_dir / f"{pathlib.Path(path).stem}.npy",
+                                         moments.shape[1:])
+                example["output_image_mask"][0] = True
+            example["output_moments"] = moments
+            return
+        s = spec.output_image_size
+        out = np.zeros((spec.max_output_images, 3, s, s), np.float32)
+        if path is not None:
+            flip = self.train and bool(rng.random() < 0.5)
+            out[0] = image_ops.output_image_transform(image_ops.load_image(path), size=s, flip=flip)
+            example["output_image_mask"][0] = True
+        example["output_images"] = out
+
+    def _caption(self, example: dict, caption: str | None) -> None:
+        n = self.spec.caption_length
+        ids, mask = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+        if caption is not None and self.caption_tokenizer is not None:
+            tok_ids, tok_mask = self.caption_tokenizer(caption)
+            ids[:], mask[:] = tok_ids[:n], tok_mask[:n]
+        example["caption_ids"], example["caption_mask"] = ids, mask
+        example["has_caption"] = np.asarray(caption is not None and self.caption_tokenizer is not None)
+
+
+def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
+    if not path.is_file():
+        raise ValueError(f"precomputed feature file not found: {path}")
+    arr = np.load(path)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{path}: expected shape {tuple(shape)}, got {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def collate(examples: Sequence[dict], spec: BatchSpec, pad_id: int) -> dict:
+    """Stack examples into a batch, padding text on the right to the smallest bucket that fits."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    length = next(b for b in spec.length_buckets if b >= longest)
+    batch = {}
+    n = len(examples)
+    batch["input_ids"] = np.full((n, length), pad_id, np.int32)
+    batch["labels"] = np.full((n, length), IGNORE_INDEX, np.int32)
+    batch["attention_mask"] = np.zeros((n, length), np.int32)
+    for i, e in enumerate(examples):
+        t = len(e["input_ids"])
+        batch["input_ids"][i, :t] = e["input_ids"]
+        batch["labels"][i, :t] = e["labels"]
+        batch["attention_mask"][i, :t] = 1
+    for key in examples[0]:
+        if key not in batch:
+            batch[key] = np.stack([e[key] for e in examples])
+    return batch
+
+
+def make_dataset(
+    samples: Sequence[Sample],
+    builder: ExampleBuilder,
+    *,
+    seed: int = 42,
+    shuffle: bool = True,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """A grain pipeline over `samples`: (shuffle) → this process's shard → build → filter → batch.
+
+    Iterators of the result have `get_state()` / `set_state()` for exact resume. Each process of a
+    multi-host run reads a disjoint slice (`jax.process_index()` of `jax.process_count()`).
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not samples:
+        raise DataError("the dataset has no samples")
+    ds = grain.MapDataset.source(list(samples)).seed(seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    if shuffle:
+        ds = ds.shuffle()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(lambda s, rng: builder(s, rng))
+    spec = builder.spec
+    pad_id = builder.tokenizer.ids.pad_id
+    return (
+        ds.to_iter_dataset()
+        .filter(lambda e: e is not None)
+        .batch(spec.batch_size, drop_remainder=drop_remainder, batch_fn=lambda es: collate(es, spec, pad_id))
+    )

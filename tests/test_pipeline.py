@@ -1,0 +1,84 @@
+"""Samples → static-shape batches: tokenization and labels, image slots, buckets, resume, bad data."""
+
+import numpy as np
+import pytest
+from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401  (session fixture)
+
+from mg5jax.data import pipeline
+from mg5jax.data.datasets import DataError, Sample, read_vist
+from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
+
+SPEC = pipeline.BatchSpec(batch_size=2, length_buckets=(64, 128, 256), max_input_images=5, max_output_images=1,
+                          input_image_size=28, output_image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):  # noqa: F811
+    return MiniGPT5Tokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def vist(samples_dir):
+    samples, report = read_vist(str(samples_dir / "VIST" / "val_cleaned.json"), test=False)
+    assert report.skipped == 0
+    return samples
+
+
+def test_examples_match_tokenizer_and_images(tokenizer, vist):
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
+    rng = np.random.default_rng(0)
+    for sample in vist:
+        ex = builder(sample, rng)
+        ids = tokenizer.encode_example(sample.source, sample.target)
+        np.testing.assert_array_equal(ex["input_ids"], ids.input_ids)
+        np.testing.assert_array_equal(ex["labels"], ids.labels)
+        n_slots = sample.source.count("<ImageHere>")
+        assert ex["input_image_mask"].sum() == n_slots
+        assert ex["input_images"].shape == (5, 3, 28, 28)
+        assert np.all(ex["input_images"][n_slots:] == 0) and np.all(ex["input_images"][:n_slots].std((1, 2, 3)) > 0)
+        assert bool(ex["output_image_mask"][0]) == (sample.output_image is not None)
+        if sample.output_image is not None:
+            assert ex["output_images"].min() >= -1 and ex["output_images"].max() <= 1
+
+
+def test_batches_pad_to_buckets_and_resume_exactly(tokenizer, vist):
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=True)
+    ds = pipeline.make_dataset(vist, builder, seed=3, shuffle=True, num_epochs=2)
+    it = iter(ds)
+    first = [next(it) for _ in range(3)]
+    for b in first:
+        t = b["input_ids"].shape[1]
+        assert t in SPEC.length_buckets
+        lengths = b["attention_mask"].sum(1)
+        assert t == min(x for x in SPEC.length_buckets if x >= lengths.max())
+        for i, n in enumerate(lengths):
+            assert np.all(b["input_ids"][i, n:] == tokenizer.ids.pad_id)
+            assert np.all(b["labels"][i, n:] == IGNORE_INDEX)
+    state = it.get_state()
+    rest = [next(it) for _ in range(2)]
+    it2 = iter(ds)
+    it2.set_state(state)
+    for a, b in zip(rest, [next(it2) for _ in range(2)]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # 13 samples × 2 epochs, batches of 2: 13 full batches, the two shards of 2 processes are disjoint
+    assert sum(1 for _ in iter(ds)) == 13
+    tasks = lambda pi: {tuple(b["input_ids"][0][:20]) for b in pipeline.make_dataset(  # noqa: E731
+        vist, builder, seed=3, process_index=pi, process_count=2)}
+    assert len(tasks(0)) + len(tasks(1)) >= len(tasks(0) | tasks(1))
+
+
+def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
+    missing = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="bad_1",
+                     input_images=(str(tmp_path / "nope.jpg"),), output_image=None)
+    too_many = Sample(source="<ImageHere>" * 6, target="x", caption=None, task_name="bad_2",
+                      input_images=(vist[1].input_images[0],) * 6, output_image=None)
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
+    assert builder(missing, np.random.default_rng(0)) is None
+    assert builder(too_many, np.random.default_rng(0)) is None
+    assert builder.skipped == 2 and "nope.jpg" in caplog.text and "bad_2" in caplog.text
+    strict = pipeline.ExampleBuilder(tokenizer, SPEC, train=False, strict=True)
+    with pytest.raises(DataError, match="bad_1.*nope.jpg"):
+        strict(missing, np.random.default_rng(0))
+    batches = list(pipeline.make_dataset([missing, vist[0], vist[1]], builder, shuffle=False))
+    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
