@@ -1,0 +1,292 @@
+"""LLaMA: parity with transformers, the KV cache, checkpoint I/O, mesh loading, voken rows."""
+
+import json
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from _fixtures_llama import GQA, llama_gqa, llama_gqa_bin_dir, llama_gqa_sharded_dir, llama_odd  # noqa: F401
+from flax import nnx
+
+from mg5jax import parallel
+from mg5jax.convert.sources import CheckpointError, open_weights, write_safetensors
+from mg5jax.models.llama import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaOutput,
+    add_voken_rows,
+    train_new_rows_only,
+)
+
+pytestmark = pytest.mark.xdist_group("llama")
+
+
+@nnx.jit
+def forward(model, input_ids, attention_mask):
+    return model(input_ids, attention_mask=attention_mask)
+
+
+@nnx.jit
+def forward_ids_and_embeds(model, input_ids, inputs_embeds, attention_mask):
+    return (model(input_ids, attention_mask=attention_mask),
+            model(inputs_embeds=inputs_embeds, attention_mask=attention_mask))
+
+
+@nnx.jit
+def step(model, input_ids, attention_mask, position_ids, cache):
+    return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+
+
+def right_padded(rng, vocab, lengths, t):
+    ids = rng.integers(3, vocab, size=(len(lengths), t))
+    mask = (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return np.where(mask, ids, 2), mask
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_odd"])
+def test_parity_with_transformers(name, request):
+    ref = request.getfixturevalue(name)
+    cfg = ref.model.config
+    rng = np.random.default_rng(0)
+    ids, mask = right_padded(rng, cfg.vocab_size, [9, 6, 3], 9)
+    embeds = rng.normal(size=(3, 9, cfg.hidden_size)).astype(np.float32)
+    out_ids, out_emb = forward_ids_and_embeds(ref.model, jnp.asarray(ids), jnp.asarray(embeds), jnp.asarray(mask))
+    chex.assert_shape(out_ids.logits, (3, 9, cfg.vocab_size))
+    chex.assert_shape(out_ids.hidden_states, (3, 9, cfg.hidden_size))
+    chex.assert_type(out_ids.logits, jnp.float32)
+    with torch.no_grad():
+        t_ids = ref.torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+        t_emb = ref.torch_model(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask),
+                                output_hidden_states=True)
+    real = mask.astype(bool)
+    errors = {}
+    for tag, ours, theirs in (("ids", out_ids, t_ids), ("embeds", out_emb, t_emb)):
+        errors[f"{tag} logits"] = np.abs(np.asarray(ours.logits) - theirs.logits.numpy())[real].max()
+        errors[f"{tag} hidden"] = np.abs(np.asarray(ours.hidden_states) - theirs.hidden_states[-1].numpy())[real].max()
+    print(f"{name} max-abs errors:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert max(errors.values()) <= 1e-4, errors
+    # the tied model really ties: logits are hidden @ embedding.T
+    if cfg.tie_word_embeddings:
+        assert ref.model.lm_head is None
+
+
+def test_kv_cache_decode_matches_full_forward(llama_gqa):
+    model, cfg = llama_gqa.model, llama_gqa.model.config
+    rng = np.random.default_rng(1)
+    total, lengths, steps = 10, np.array([5, 2, 7]), 3
+    full_ids = rng.integers(3, cfg.vocab_size, size=(3, total))
+    full = forward(model, jnp.asarray(full_ids), jnp.ones((3, total), jnp.int32))
+
+    # right-padded prefill: padding slots stay invalid
+    t0 = int(lengths.max())
+    prompt_mask = (np.arange(t0)[None] < lengths[:, None]).astype(np.int32)
+    prompt = np.where(prompt_mask, full_ids[:, :t0], 2)
+    cache = model.init_cache(3, 12)
+    chex.assert_shape(cache.k, (cfg.num_hidden_layers, 3, 12, cfg.num_key_value_heads, cfg.head_dim))
+    out = step(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), None, cache)
+    np.testing.assert_array_equal(np.asarray(out.cache.valid[:, :t0]), prompt_mask.astype(bool))
+    real = prompt_mask.astype(bool)
+    errs = [np.abs(np.asarray(out.logits) - np.asarray(full.logits[:, :t0]))[real].max()]
+    errs.append(np.abs(np.asarray(out.hidden_states) - np.asarray(full.hidden_states[:, :t0]))[real].max())
+
+    # per-row decode: every row continues at its own position (explicit, then defaulted position_ids)
+    cache, pos = out.cache, lengths.copy()
+    for i in range(steps):
+        tok = full_ids[np.arange(3), pos][:, None]
+        position_ids = jnp.asarray(pos[:, None]) if i == 0 else None
+        out = step(model, jnp.asarray(tok), jnp.ones((3, 1), jnp.int32), position_ids, cache)
+        want = np.asarray(full.logits)[np.arange(3), pos]
+        errs.append(np.abs(np.asarray(out.logits[:, 0]) - want).max())
+        cache, pos = out.cache, pos + 1
+    np.testing.assert_array_equal(np.asarray(cache.valid).sum(-1), pos)
+
+    # a masked (inactive) row writes nothing and marks nothing valid
+    out = step(model, jnp.asarray(full_ids[:, :1]), jnp.asarray([[1], [0], [1]]), jnp.asarray(pos[:, None]), cache)
+    np.testing.assert_array_equal(np.asarray(out.cache.valid).sum(-1), pos + np.array([1, 0, 1]))
+    np.testing.assert_array_equal(np.asarray(out.cache.k[:, 1]), np.asarray(cache.k[:, 1]))
+    print("kv-cache max-abs error vs full forward:", f"{max(errs):.2e}")
+    assert max(errs) <= 1e-5, errs
+
+
+def test_fused_attention_and_remat_match_reference(llama_gqa):
+    rng = np.random.default_rng(2)
+    ids, mask = right_padded(rng, llama_gqa.model.config.vocab_size, [6, 4], 6)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    fused = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32, attn_impl="fused")
+    real = np.asarray(mask, bool)
+    err = np.abs(np.asarray(forward(fused, ids, mask).logits) - np.asarray(forward(llama_gqa.model, ids, mask).logits))
+    assert err[real].max() <= 1e-5
+
+    remat = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32, remat=True)
+
+    @nnx.jit
+    def grads(model):
+        return nnx.grad(lambda m: jnp.mean(m(ids, attention_mask=mask).logits ** 2))(model)
+
+    g_ref, g_remat = grads(llama_gqa.model), grads(remat)
+    chex.assert_trees_all_close(nnx.to_pure_dict(g_remat), nnx.to_pure_dict(g_ref), atol=1e-6)
+    with pytest.raises(ValueError, match="remat='bogus'"):
+        LlamaForCausalLM(llama_gqa.model.config, remat="bogus", rngs=nnx.Rngs(0))
+
+
+def test_config_from_hf_and_rejections(llama_gqa, llama_odd):
+    cfg = LlamaConfig.from_json(llama_odd.path)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.tie_word_embeddings) == (32, 500000.0, True)
+    assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+    base = json.loads((llama_gqa.path / "config.json").read_text())
+    assert LlamaConfig.from_hf(base).num_key_value_heads == 2
+    legacy = {k: v for k, v in base.items() if k != "rope_parameters"} | {"rope_theta": 1e4, "rope_scaling": None}
+    assert LlamaConfig.from_hf(legacy) == LlamaConfig.from_hf(base)
+    bad = {
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4},
+        "attention_bias": True,
+        "mlp_bias": True,
+        "hidden_act": "gelu",
+    }
+    for key, value in bad.items():
+        with pytest.raises(ValueError, match=key):
+            LlamaConfig.from_hf(base | {key: value})
+
+
+def _params(model):
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _assert_same_params(a, b):
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
+
+
+def test_sharded_and_bin_checkpoints_load(llama_gqa, llama_gqa_sharded_dir, llama_gqa_bin_dir):
+    assert (llama_gqa_sharded_dir / "model.safetensors.index.json").is_file()
+    assert len(list(llama_gqa_sharded_dir.glob("model-*.safetensors"))) > 1
+    for path in (llama_gqa_sharded_dir, llama_gqa_bin_dir):
+        _assert_same_params(LlamaForCausalLM.from_pretrained(path, param_dtype=jnp.float32), llama_gqa.model)
+
+
+def test_checkpoint_errors_name_key_and_file(llama_gqa, tmp_path):
+    tensors = dict(open_weights(llama_gqa.path).items())
+
+    def attempt(name, edited):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(llama_gqa.path / "config.json", d / "config.json")
+        write_safetensors(d / "model.safetensors", edited)
+        return d
+
+    key = "model.layers.1.self_attn.k_proj.weight"
+    missing = attempt("missing", {k: v for k, v in tensors.items() if k != key})
+    with pytest.raises(CheckpointError, match=rf"missing key '{key}' in .*missing/model.safetensors"):
+        LlamaForCausalLM.from_pretrained(missing)
+    extra = attempt("extra", tensors | {"model.layers.7.mlp.up_proj.weight": tensors[key]})
+    with pytest.raises(CheckpointError, match=r"unexpected key 'model.layers.7.mlp.up_proj.weight' in .*extra/model"):
+        LlamaForCausalLM.from_pretrained(extra)
+    wrong = attempt("wrong", tensors | {key: tensors[key][:, :-1]})
+    with pytest.raises(CheckpointError, match=rf"key '{key}' in .*wrong/model.safetensors: expected shape"):
+        LlamaForCausalLM.from_pretrained(wrong)
+    ignored = attempt("ignored", tensors | {"model.rotary_emb.inv_freq": np.ones(8, np.float32)})
+    LlamaForCausalLM.from_pretrained(ignored)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_odd"])
+def test_save_pretrained_round_trip(name, request, tmp_path):
+    from transformers import LlamaForCausalLM as TorchLlama
+
+    ref = request.getfixturevalue(name)
+    files = ref.model.save_pretrained(tmp_path / "single")
+    assert files == ["model.safetensors"]
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "single", param_dtype=jnp.float32)
+    _assert_same_params(reloaded, ref.model)
+    assert reloaded.config == ref.model.config
+    files = ref.model.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
+    assert len(files) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _assert_same_params(LlamaForCausalLM.from_pretrained(tmp_path / "sharded", param_dtype=jnp.float32), ref.model)
+    # transformers reads what we wrote, bit for bit
+    theirs = TorchLlama.from_pretrained(tmp_path / "sharded").state_dict()
+    for k, v in ref.torch_model.state_dict().items():
+        np.testing.assert_array_equal(theirs[k].numpy(), v.numpy(), err_msg=k)
+    # bf16 storage round trips exactly too
+    bf16 = LlamaForCausalLM.from_pretrained(ref.path, param_dtype=jnp.bfloat16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    _assert_same_params(LlamaForCausalLM.from_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16), bf16)
+
+
+def test_mesh_load_gives_same_logits(llama_gqa):
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32, mesh=mesh)
+    spec = sharded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec
+    assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert sharded.lm_head.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    rng = np.random.default_rng(3)
+    ids, mask = right_padded(rng, llama_gqa.model.config.vocab_size, [8, 8, 5, 2], 8)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    with jax.set_mesh(mesh):
+        out = forward(sharded, ids, mask)
+    want = forward(llama_gqa.model, ids, mask)
+    assert isinstance(out, LlamaOutput)
+    err = np.abs(np.asarray(out.logits) - np.asarray(want.logits))[np.asarray(mask, bool)].max()
+    assert err <= 1e-5, err
+
+
+def test_voken_rows_mean_init_and_only_new_rows_train(llama_gqa):
+    old = llama_gqa.model.config.vocab_size
+    # Vicuna-like: the vocab grows by fewer rows than there are new tokens (32001 -> 32009, 9 new)
+    model = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32)
+    add_voken_rows(model, 9, vocab_size=old + 8)
+    emb = np.asarray(model.model.embed_tokens.embedding[...])
+    np.testing.assert_allclose(emb[-9:], np.broadcast_to(emb[:-9].mean(0), (9, emb.shape[1])), atol=1e-6)
+
+    model = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32)
+    add_voken_rows(model, 9)
+    vocab = old + 9
+    assert model.config.vocab_size == vocab
+    emb = np.asarray(model.model.embed_tokens.embedding[...])
+    head = np.asarray(model.lm_head.kernel[...])
+    chex.assert_shape((emb, head), ((vocab, GQA["hidden_size"]), (GQA["hidden_size"], vocab)))
+    old_emb = np.asarray(llama_gqa.model.model.embed_tokens.embedding[...])
+    old_head = np.asarray(llama_gqa.model.lm_head.kernel[...])
+    np.testing.assert_array_equal(emb[:old], old_emb)
+    np.testing.assert_allclose(emb[old:], np.broadcast_to(old_emb.mean(0), (9, emb.shape[1])), atol=1e-6)
+    np.testing.assert_allclose(head[:, old:], np.broadcast_to(old_head.mean(1, keepdims=True), (head.shape[0], 9)),
+                               atol=1e-6)
+
+    trainable = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("embed_tokens"), nnx.PathContains("lm_head")))
+    tx = train_new_rows_only(optax.adamw(1e-2, weight_decay=0.01), model, 9)
+    optimizer = nnx.Optimizer(model, tx, wrt=trainable)
+    before = _params(model)
+    rng = np.random.default_rng(4)
+    ids = jnp.asarray(rng.permutation(vocab)[:48].reshape(4, 12))
+
+    def loss_fn(m):
+        logits = m(ids[:, :-1]).logits
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+        return ce + 1e-3 * jnp.sum(m.model.embed_tokens.embedding[...] ** 2)
+
+    @nnx.jit
+    def train_step(m, opt):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(m)
+        opt.update(m, grads)
+        return loss
+
+    for _ in range(3):
+        train_step(model, optimizer)
+    after = _params(model)
+    for k in before:
+        name = ".".join(map(str, k))
+        if name == "model.embed_tokens.embedding":
+            np.testing.assert_array_equal(after[k][:old], before[k][:old])
+            assert (np.abs(after[k][old:] - before[k][old:]) > 0).all(axis=1).all()
+        elif name == "lm_head.kernel":
+            np.testing.assert_array_equal(after[k][:, :old], before[k][:, :old])
+            assert (np.abs(after[k][:, old:] - before[k][:, old:]) > 0).any(axis=0).all()
+        else:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=name)
