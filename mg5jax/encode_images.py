@@ -1,0 +1,148 @@
+"""Precompute input-image features: every image of a folder -> `<out>/<stem>.npy`, float32 `[Q, D_llm]`
+(the post-llama_proj Q-Former output that MiniGPT-5 splices in place of `<ImageHere>`).
+
+    python -m mg5jax.encode_images --lavis-vit eva_vit_g.pth --lavis-qformer blip2_pretrained_flant5xxl.pth \\
+        --minigpt4 prerained_minigpt4_7b.pth --images DIR --out DIR [--batch-size 16] [--dtype bfloat16]
+    python -m mg5jax.encode_images --blip2-dir BLIP2_DIR [--minigpt4 CKPT] --images DIR --out DIR
+
+Images get the test-time input transform (resize, centre crop, CLIP normalise; no flip). Files already
+written are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from mg5jax.convert.sources import CheckpointError
+from mg5jax.data.images import ImageLoadError, input_image_transform, load_image
+from mg5jax.models.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def list_images(image_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """The image files directly in `image_dir`, sorted; two images with the same stem are an error."""
+    directory = pathlib.Path(image_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder not found: {directory}")
+    images = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    stems: dict[str, pathlib.Path] = {}
+    for p in images:
+        if p.stem in stems:
+            raise ValueError(f"{stems[p.stem]} and {p} would both be written as {p.stem}.npy")
+        stems[p.stem] = p
+    return images
+
+
+def batched_encoder(encoder: VisionEncoder) -> Callable[[np.ndarray], jax.Array]:
+    """A jitted `pixels [B, 3, H, W] -> float32 [B, Q, D_llm]` (one compile per batch shape)."""
+    graphdef, state = nnx.split(encoder)
+
+    @jax.jit
+    def encode(state, pixels):
+        return nnx.merge(graphdef, state)(pixels).astype(jnp.float32)
+
+    return lambda pixels: encode(state, pixels)
+
+
+def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.Path) -> None:
+    """Write each image's `[Q, D]` row block atomically (a partial file never looks finished)."""
+    for path, feature in zip(paths, np.asarray(features)):
+        target = out_dir / f"{path.stem}.npy"
+        tmp = out_dir / f".{path.stem}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, feature)
+        os.replace(tmp, target)
+
+
+def encode_folder(encoder: VisionEncoder, image_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  batch_size: int = 16, *, progress: bool = True) -> list[pathlib.Path]:
+    """Encode every image in `image_dir` not yet in `out_dir`; returns the images encoded.
+
+    Batches have the static size `batch_size` (the last one is zero-padded), so one compile serves the
+    whole folder; decoding the next batch overlaps with the device computing the current one.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = list_images(image_dir)
+    todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
+    log.info("%d images in %s, %d already encoded", len(images), image_dir, len(images) - len(todo))
+    size = encoder.config.vision.image_size
+    encode = batched_encoder(encoder)
+    pending: tuple[list[pathlib.Path], jax.Array] | None = None
+    with tqdm(total=len(todo), desc="encoding images", unit="img", disable=not progress) as bar:
+        try:
+            for start in range(0, len(todo), batch_size):
+                paths = todo[start:start + batch_size]
+                pixels = np.zeros((batch_size, 3, size, size), np.float32)
+                for i, path in enumerate(paths):
+                    pixels[i] = input_image_transform(load_image(path), size=size)
+                features = encode(pixels)
+                if pending is not None:
+                    _save(*pending, out)
+                    bar.update(len(pending[0]))
+                pending = (paths, features)
+        finally:  # keep the finished batch even when a later image fails
+            if pending is not None:
+                _save(*pending, out)
+                bar.update(len(pending[0]))
+    return todo
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mg5jax.encode_images", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lavis-vit", help="LAVIS eva_vit_g.pth")
+    p.add_argument("--lavis-qformer", help="LAVIS BLIP-2 stage checkpoint (e.g. blip2_pretrained_flant5xxl.pth)")
+    p.add_argument("--minigpt4", help="MiniGPT-4 checkpoint holding llama_proj (required with --lavis-*)")
+    p.add_argument("--blip2-dir", help="transformers BLIP-2 directory (instead of the LAVIS files)")
+    p.add_argument("--images", required=True, help="folder of input images")
+    p.add_argument("--out", required=True, help="folder for <stem>.npy features")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="storage and compute dtype of the encoder (the original runs it in bf16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    lavis = [args.lavis_vit, args.lavis_qformer]
+    if args.blip2_dir is not None and any(lavis):
+        parser.error("give either --blip2-dir or --lavis-vit/--lavis-qformer/--minigpt4, not both")
+    if args.blip2_dir is None and not (all(lavis) and args.minigpt4):
+        parser.error("need --lavis-vit, --lavis-qformer and --minigpt4 (or --blip2-dir)")
+    dtype = DTYPES[args.dtype]
+    try:
+        if args.blip2_dir is not None:
+            encoder = VisionEncoder.from_pretrained(args.blip2_dir, proj=args.minigpt4, dtype=dtype, param_dtype=dtype)
+        else:
+            encoder = VisionEncoder.from_lavis(args.lavis_vit, args.lavis_qformer, args.minigpt4, dtype=dtype,
+                                               param_dtype=dtype)
+        done = encode_folder(encoder, args.images, args.out, args.batch_size, progress=not args.no_progress)
+    except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
+        print(f"encode_images: error: {e}", file=sys.stderr)
+        return 1
+    print(f"encoded {len(done)} images into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.exit(main())
