@@ -1,0 +1,1 @@
+"""Training: `optimizer` (trainable rules, AdamW, schedule), `checkpoint` (orbax), `trainer` (the loop)."""

@@ -1,0 +1,122 @@
+"""Training checkpoints with orbax: trainable params, optimizer state, data-iterator state, config.
+
+Layout: `<directory>/<step>/{params, opt_state, data_state, meta}`. Frozen parameters are never
+saved (they come from the pretrained weights). Saves are asynchronous (the device-to-host copy
+happens before `save` returns, so the arrays may be donated right after) and atomic: orbax writes
+into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
+checkpoint as the latest good one.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mg5jax.convert.sources import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What a checkpoint holds; `params`/`opt_state` are placed like the targets they were restored into."""
+
+    step: int
+    params: nnx.State
+    opt_state: nnx.State
+    data_state: Any
+    config: dict | None
+
+
+def abstract_like(state: nnx.State) -> nnx.State:
+    """The same tree with every array replaced by a `ShapeDtypeStruct` carrying its sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _encode_data_state(state: Any) -> dict:
+    if isinstance(state, bytes):  # grain's classic DataLoader state is JSON bytes
+        return {"bytes": base64.b64encode(state).decode("ascii")}
+    return {"json": state}
+
+
+def _decode_data_state(stored: dict) -> Any:
+    if "bytes" in stored:
+        return base64.b64decode(stored["bytes"])
+    return stored["json"]
+
+
+class Checkpointer:
+    """Keeps the newest `max_to_keep` training checkpoints under `directory`."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, *, params: nnx.State, opt_state: nnx.State, data_state: Any = None,
+             config: dict | None = None) -> None:
+        """Start saving checkpoint `step` (JSON-serialisable `data_state` and `config`)."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data_state=ocp.args.JsonSave(_encode_data_state(data_state)),
+            meta=ocp.args.JsonSave({"step": int(step), "config": config}),
+        )
+        self._manager.save(int(step), args=args, force=True)
+        log.info("checkpoint: saving step %d to %s", step, self.directory)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        return self._manager.latest_step()
+
+    def restore(self, params: nnx.State, opt_state: nnx.State, step: int | None = None) -> Restored:
+        """Restore checkpoint `step` (default: the latest) into targets shaped and sharded like
+        `params` / `opt_state` (live states or `abstract_like` of them)."""
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no training checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise CheckpointError(f"no training checkpoint for step {step} in {self.directory} "
+                                  f"(have steps {self.all_steps()})")
+        path = self.directory / str(step)
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_like(params)),
+            opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
+            data_state=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        try:
+            restored = self._manager.restore(step, args=args)
+            meta, data_state = restored["meta"], restored["data_state"]
+            if meta is None or data_state is None or meta.get("step") != step:
+                raise ValueError(f"metadata is missing or names another step: {meta!r}")
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
+            raise CheckpointError(f"{path}: cannot restore training checkpoint ({type(e).__name__}: {e})") from e
+        log.info("checkpoint: restored step %d from %s", step, path)
+        return Restored(step, restored["params"], restored["opt_state"], _decode_data_state(data_state),
+                        meta.get("config"))
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are written and committed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background writer's error, whatever its kind
+            raise CheckpointError(f"{self.directory}: writing a checkpoint failed ({type(e).__name__}: {e})") from e
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()

@@ -1,0 +1,216 @@
+"""What is trained and how: ordered `(regex, lr multiplier | None)` rules -> trainable set + AdamW.
+
+The rules are matched (`re.fullmatch`, first match wins) against every `nnx.Param`'s dotted path
+(`mapper.encoder.layers.0.self_attn.q_proj.kernel`); a multiplier scales the base learning rate
+for that parameter, `None` freezes it, and a parameter no rule matches is frozen. Frozen
+parameters are not in the optimizer at all, so neither gradients nor weight decay reach them.
+
+The update is torch's AdamW (betas 0.9/0.999, eps 1e-8, decoupled weight decay 0.01) with each
+parameter's lr = base lr × multiplier × the HF linear warmup/decay factor of the optimizer-update
+count (REFERENCE §5.2-5.3). Gradient accumulation uses `optax.MultiSteps`: every call is one
+micro-batch, the accumulated mean gradient is applied every `grad_accum_steps` calls, and the
+schedule counts applied updates only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+TrainableRules = Sequence[tuple[str, float | None]]
+# exact dotted path -> multiplicative mask broadcastable to the param, or a callable
+# (dotted path, param value) -> mask | None
+UpdateMasks = Mapping[str, "np.ndarray | jax.Array"] | Callable[[str, jax.Array], "np.ndarray | jax.Array | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW + linear warmup/decay; defaults are the original's (REFERENCE §5)."""
+
+    learning_rate: float = 2e-5  # base lr; each group uses learning_rate × its multiplier
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.01  # decoupled (AdamW) weight decay on trainable params
+    warmup_steps: int = 1000  # optimizer updates of linear warmup from 0
+    total_steps: int = 10_000  # optimizer updates at which the lr reaches 0
+    grad_clip_norm: float | None = None  # global-norm gradient clipping; None = off (as the original)
+    grad_accum_steps: int = 1  # micro-batches per optimizer update (optax.MultiSteps)
+    trainable: tuple[tuple[str, float | None], ...] = ()  # ordered (regex, lr multiplier | None)
+
+    def __post_init__(self):
+        if self.total_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
+            raise ValueError(f"OptimizerConfig: need total_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1; "
+                             f"got {self.total_steps}, {self.warmup_steps}, {self.grad_accum_steps}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ValueError(f"OptimizerConfig.grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
+        rules = tuple(tuple(r) for r in self.trainable)
+        for i, rule in enumerate(rules):
+            if len(rule) != 2 or not isinstance(rule[0], str) or not (rule[1] is None or rule[1] >= 0):
+                raise ValueError(f"OptimizerConfig.trainable[{i}] must be (regex, multiplier >= 0 | None), "
+                                 f"got {rule!r}")
+            try:
+                re.compile(rule[0])
+            except re.error as e:
+                raise ValueError(f"OptimizerConfig.trainable[{i}]: bad regex {rule[0]!r}: {e}") from e
+        object.__setattr__(self, "trainable", rules)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> OptimizerConfig:
+        """Build from a plain mapping (e.g. `ConfigDict.to_dict()`); an unknown key is an error naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d).difference(names))
+        if unknown:
+            raise ValueError(f"OptimizerConfig: unknown key {unknown[0]!r}; known keys: {sorted(names)}")
+        return cls(**dict(d))
+
+
+def _dotted(path: Sequence) -> str:
+    return ".".join(map(str, path))
+
+
+def _keypath_str(keypath) -> str:
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def resolve_trainable(model: nnx.Module | nnx.State, rules: TrainableRules) -> dict[str, float | None]:
+    """`{dotted path: lr multiplier or None (frozen)}` for every `nnx.Param` of `model`."""
+    state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
+    compiled = [(re.compile(pattern), mult) for pattern, mult in rules]
+    used = [False] * len(compiled)
+    labels: dict[str, float | None] = {}
+    for path, var in nnx.to_flat_state(state):
+        if not isinstance(var, nnx.Param):
+            continue
+        name = _dotted(path)
+        labels[name] = None
+        for i, (rx, mult) in enumerate(compiled):
+            if rx.fullmatch(name):
+                labels[name] = None if mult is None else float(mult)
+                used[i] = True
+                break
+    for (pattern, _), hit in zip(rules, used):
+        if not hit:
+            log.warning("trainable rule %r matches no parameter", pattern)
+    return labels
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableFilter:
+    """An nnx filter selecting exactly the trainable `nnx.Param`s; holds their lr multipliers."""
+
+    multipliers: tuple[tuple[str, float], ...]  # (dotted path, lr multiplier) of each trainable param
+    paths: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", frozenset(p for p, _ in self.multipliers))
+
+    def __call__(self, path: Sequence, value) -> bool:
+        return isinstance(value, nnx.Param) and _dotted(path) in self.paths
+
+
+def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """HF `get_linear_schedule_with_warmup`: lr(n) for the n-th optimizer update (0-based), so the
+    first update has lr 0, the (warmup+1)-th has `peak`, and lr reaches 0 at `total_steps`."""
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32)
+        warm = n / max(1, warmup_steps)
+        decay = jnp.maximum(0.0, (total_steps - n) / max(1, total_steps - warmup_steps))
+        return peak * jnp.where(n < warmup_steps, warm, decay)
+
+    return schedule
+
+
+def _scale_by_path(factors: Mapping[str, np.ndarray | float]) -> optax.GradientTransformation:
+    """Multiply the update of each listed path by its factor (scalar or broadcastable array)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+
+        def scale(keypath, u):
+            factor = factors.get(_keypath_str(keypath))
+            return u if factor is None else u * jnp.asarray(factor, u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _resolve_masks(masks: UpdateMasks | None, state: nnx.State) -> dict[str, np.ndarray]:
+    if masks is None:
+        return {}
+    values = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    if callable(masks):
+        resolved = {p: masks(p, v) for p, v in values.items()}
+        resolved = {p: m for p, m in resolved.items() if m is not None}
+    else:
+        resolved = dict(masks)
+    out = {}
+    for path, mask in resolved.items():
+        if path not in values:
+            raise ValueError(f"update mask for {path!r}: not a trainable parameter "
+                             f"(trainable: {sorted(values)[:8]}{'...' if len(values) > 8 else ''})")
+        mask = np.asarray(mask, np.float32)
+        shape = tuple(values[path].shape)
+        if np.broadcast_shapes(mask.shape, shape) != shape:
+            raise ValueError(f"update mask for {path!r}: shape {mask.shape} does not broadcast to {shape}")
+        out[path] = mask
+    return out
+
+
+def build_optimizer(
+    model: nnx.Module, cfg: OptimizerConfig, *, update_masks: UpdateMasks | None = None
+) -> tuple[optax.GradientTransformation, TrainableFilter]:
+    """The AdamW transformation for `model`'s trainable params and the filter selecting them.
+
+    `update_masks` multiply the *final* updates (after weight decay and the lr), so a masked entry
+    (e.g. an embedding row that is not a voken) never moves. Use with
+    `nnx.Optimizer(model, tx, wrt=filter)`.
+    """
+    labels = resolve_trainable(model, cfg.trainable)
+    multipliers = tuple((p, m) for p, m in labels.items() if m is not None)
+    if not multipliers:
+        raise ValueError(f"no trainable parameters: the rules {list(cfg.trainable)} match none of "
+                         f"{len(labels)} params (first: {list(labels)[:3]})")
+    wrt = TrainableFilter(multipliers)
+    masks = _resolve_masks(update_masks, nnx.state(model, wrt))
+    schedule = linear_warmup_decay(cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(schedule),
+        _scale_by_path({p: m for p, m in multipliers if m != 1.0}),
+        _scale_by_path(masks),
+    )
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    groups: dict[float, int] = {}
+    for _, m in multipliers:
+        groups[m] = groups.get(m, 0) + 1
+    log.info("optimizer: %d trainable / %d params; lr multiplier groups %s; %d update masks",
+             len(multipliers), len(labels), groups, len(masks))
+    return tx, wrt

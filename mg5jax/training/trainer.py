@@ -1,0 +1,384 @@
+"""The training loop around any model with `model.loss(batch, rng) -> {"loss", "text_loss", ...}`.
+
+The trainer knows nothing of the model beyond that method and its parameter paths. It owns the
+mesh, places the model with its logical shardings, builds the optimizer from the trainable rules,
+and runs one `jax.jit` train step over the split state (trainable params and optimizer state
+donated, frozen params read-only; gradients only for the trainable params). Each step's rng is
+`fold_in(train_key, step)`, so a resumed run is bit-identical to an uninterrupted one.
+
+Around the step: resume from the latest checkpoint, periodic/async checkpoints with the
+data-iterator state, validation, a sample hook, a tqdm bar, JSONL metrics, a NaN/Inf stop that
+keeps the last good checkpoint, and a SIGTERM handler that saves and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from mg5jax import parallel
+from mg5jax.training.checkpoint import Checkpointer
+from mg5jax.training.optimizer import OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one may be -1 (all remaining devices)."""
+
+    data: int = -1  # pure data parallelism (params replicated)
+    fsdp: int = 1  # data parallelism with params sharded on their `embed` axis
+    tensor: int = 1  # tensor parallelism (heads / mlp / vocab)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Everything the loop needs besides the model and the data."""
+
+    workdir: str  # checkpoints/ and metrics.jsonl are written here
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    seed: int = 42  # base key of the per-step rng
+    num_steps: int | None = None  # micro-steps to run; None = optimizer.total_steps × grad_accum_steps
+    log_every: int = 10  # steps per JSONL line (means over the window)
+    save_every: int = 1000  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    async_checkpointing: bool = True  # write checkpoints in the background
+    eval_every: int = 0  # steps between validations (0 = never)
+    sample_every: int = 0  # steps between `on_sample(step)` calls (0 = never)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainerConfig:
+        """Build from a nested mapping (e.g. `ConfigDict.to_dict()`); unknown keys are errors naming them."""
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d).difference(names))
+        if unknown:
+            raise ValueError(f"TrainerConfig: unknown key {unknown[0]!r}; known keys: {sorted(names)}")
+        if isinstance(d.get("optimizer"), Mapping):
+            d["optimizer"] = OptimizerConfig.from_dict(d["optimizer"])
+        if isinstance(d.get("mesh"), Mapping):
+            mesh_names = {f.name for f in dataclasses.fields(MeshConfig)}
+            bad = sorted(set(d["mesh"]).difference(mesh_names))
+            if bad:
+                raise ValueError(f"TrainerConfig.mesh: unknown key {bad[0]!r}; known keys: {sorted(mesh_names)}")
+            d["mesh"] = MeshConfig(**d["mesh"])
+        return cls(**d)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A train step produced a NaN/Inf loss term; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    step: int  # micro-steps completed
+    preempted: bool  # stopped by SIGTERM (after saving)
+    train_metrics: dict[str, float]  # the last step's terms
+    eval_metrics: dict[str, float] | None  # the last validation's means
+
+
+def _shardings(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda x: x.sharding, state)
+
+
+class _MetricsLog:
+    """Appends one JSON object per line to `path`."""
+
+    def __init__(self, path: pathlib.Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Trainer:
+    """Owns mesh, sharded model state, optimizer, jitted steps and checkpoints for one run.
+
+    `model` is placed on the mesh in place; read the current weights through `trainer.model`
+    (the step donates the trainable arrays, so other references to them go stale).
+    """
+
+    def __init__(self, model: nnx.Module, cfg: TrainerConfig, *,
+                 devices: list[jax.Device] | None = None, update_masks: UpdateMasks | None = None,
+                 run_config: dict | None = None):
+        self.cfg = cfg
+        self.workdir = pathlib.Path(cfg.workdir)
+        self.mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._model = parallel.shard_model(model, self.mesh)
+        tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
+        self._optimizer = parallel.shard_model(nnx.Optimizer(model, tx, wrt=self.trainable), self.mesh)
+        self._model_def, self._params, self._frozen = nnx.split(model, self.trainable, ...)
+        self._opt_def, self._opt_state = nnx.split(self._optimizer)
+        self._schedule = linear_warmup_decay(cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps,
+                                             cfg.optimizer.total_steps)
+        self._run_config = run_config if run_config is not None else dataclasses.asdict(cfg)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpointing)
+        self.step = 0
+        self._started = False
+        self._last_saved = None
+        self._stop_signal: int | None = None
+        train_key, eval_key = jax.random.split(jax.random.key(cfg.seed))
+        self._train_step = self._make_train_step(train_key)
+        self._eval_step = self._make_eval_step(eval_key)
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._params))
+        n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.filter_state(self._frozen, nnx.Param)))
+        log.info("trainer: mesh %s; %d trainable / %d frozen parameters", dict(self.mesh.shape), n_train, n_frozen)
+        for line in parallel.describe(self._params):
+            log.info("trainable %s", line)
+
+    # -- jitted steps -------------------------------------------------------------------------
+
+    def _make_train_step(self, train_key: jax.Array):
+        model_def, opt_def, trainable = self._model_def, self._opt_def, self.trainable
+
+        def train_step(params, opt_state, frozen, batch, step):
+            rng = jax.random.fold_in(train_key, step)
+
+            def loss_fn(p):
+                terms = _check_terms(nnx.merge(model_def, p, frozen).loss(batch, rng))
+                return terms["loss"], terms
+
+            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            model = nnx.merge(model_def, params, frozen)
+            optimizer = nnx.merge(opt_def, opt_state)
+            optimizer.update(model, grads)
+            terms = dict(terms, grad_norm=optax.tree.norm(grads))
+            return nnx.state(model, trainable), nnx.state(optimizer), terms
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(train_step, donate_argnums=(0, 1),
+                       out_shardings=(_shardings(self._params), _shardings(self._opt_state), replicated))
+
+    def _make_eval_step(self, eval_key: jax.Array):
+        model_def = self._model_def
+
+        def eval_step(params, frozen, batch, index):
+            rng = jax.random.fold_in(eval_key, index)
+            return _check_terms(nnx.merge(model_def, params, frozen).loss(batch, rng))
+
+        return jax.jit(eval_step, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+
+    def _place_batch(self, batch: Any) -> Any:
+        """Put a host batch on the mesh, its leading (batch) axis split over ('data', 'fsdp')."""
+
+        def put(keypath, x):
+            x = np.asarray(x)
+            name = jax.tree_util.keystr(keypath)
+            if x.dtype.kind not in "biuf":
+                raise ValueError(f"batch leaf {name}: dtype {x.dtype} cannot go to the device")
+            if x.ndim and x.shape[0] % self._batch_shards:
+                raise ValueError(f"batch leaf {name}: batch size {x.shape[0]} is not divisible by "
+                                 f"data × fsdp = {self._batch_shards}")
+            sharding = (parallel.batch_sharding(self.mesh, x.ndim) if x.ndim
+                        else NamedSharding(self.mesh, PartitionSpec()))
+            return jax.make_array_from_process_local_data(sharding, x)
+
+        return jax.tree_util.tree_map_with_path(put, batch)
+
+    # -- public steps -------------------------------------------------------------------------
+
+    @property
+    def model(self) -> nnx.Module:
+        """The model with the current trainable weights."""
+        nnx.update(self._model, self._params)
+        return self._model
+
+    @property
+    def optimizer(self) -> nnx.Optimizer:
+        nnx.update(self._optimizer, self._opt_state)
+        return self._optimizer
+
+    @property
+    def params(self) -> nnx.State:
+        """The current trainable parameters (sharded; donated by the next step)."""
+        return self._params
+
+    @property
+    def opt_state(self) -> nnx.State:
+        """The current optimizer state (sharded; donated by the next step)."""
+        return self._opt_state
+
+    def lr(self, step: int | None = None) -> float:
+        """Base learning rate of the last optimizer update once `step` micro-steps are done (default: now)."""
+        step = self.step if step is None else step
+        updates_before = max(0, step // self.cfg.optimizer.grad_accum_steps - 1)
+        return float(self._schedule(updates_before))
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One micro-step on a host batch; returns its loss terms (and `grad_norm`) as floats.
+
+        Raises `NonFiniteLossError` when a term is NaN/Inf (the state is then unusable).
+        """
+        placed = self._place_batch(batch)
+        with jax.set_mesh(self.mesh):
+            self._params, self._opt_state, terms = self._train_step(
+                self._params, self._opt_state, self._frozen, placed, np.int32(self.step))
+        terms = {k: float(v) for k, v in jax.device_get(terms).items()}
+        self.step += 1
+        bad = sorted(k for k, v in terms.items() if not math.isfinite(v))
+        if bad:
+            last = self.checkpointer.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(bad)} at step {self.step} ({terms}); stopping without saving. "
+                + (f"The last good checkpoint is step {last} in {self.checkpointer.directory}."
+                   if last is not None else f"There is no checkpoint in {self.checkpointer.directory}."))
+        return terms
+
+    def evaluate(self, batches: Iterable) -> dict[str, float]:
+        """Mean loss terms over `batches` (no gradients, deterministic per-batch rng)."""
+        sums: dict[str, jax.Array] = {}
+        n = 0
+        with jax.set_mesh(self.mesh):
+            for index, batch in enumerate(batches):
+                terms = self._eval_step(self._params, self._frozen, self._place_batch(batch), np.int32(index))
+                sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+                n += 1
+        if not n:
+            raise ValueError("evaluate: the validation data yielded no batches")
+        return {k: float(v) / n for k, v in jax.device_get(sums).items()}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save(self, data_iter: Any = None) -> None:
+        """Checkpoint the current step (asynchronously), with `data_iter.get_state()` if given."""
+        data_state = data_iter.get_state() if data_iter is not None else None
+        self.checkpointer.save(self.step, params=self._params, opt_state=self._opt_state,
+                               data_state=data_state, config=self._run_config)
+        self._last_saved = self.step
+
+    def restore_latest(self, data_iter: Any = None) -> int | None:
+        """Resume from the newest checkpoint in the workdir (state, step and `data_iter` position).
+        Returns the restored step, or None when there is no checkpoint."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return None
+        restored = self.checkpointer.restore(self._params, self._opt_state, step)
+        self._params, self._opt_state = restored.params, restored.opt_state
+        if data_iter is not None:
+            if restored.data_state is None:
+                raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
+            data_iter.set_state(restored.data_state)
+        if restored.config is not None and restored.config != json.loads(json.dumps(self._run_config)):
+            log.warning("resuming step %d with a config that differs from the checkpoint's", step)
+        self.step = self._last_saved = step
+        log.info("resumed from step %d", step)
+        return step
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self, train_iter: Iterator, *, eval_data: Callable[[], Iterable] | None = None,
+            on_sample: Callable[[int], None] | None = None, num_steps: int | None = None) -> FitResult:
+        """Train until `num_steps` micro-steps (default from the config) or the data runs out.
+
+        `train_iter` is an iterator of host batches with `get_state()`/`set_state()` (grain's
+        DatasetIterator has both); `eval_data()` returns a fresh iterable of validation batches;
+        `on_sample(step)` may read `trainer.model`. On first use the latest checkpoint in the
+        workdir is restored. Returns after a SIGTERM once the current step is checkpointed.
+        """
+        for method in ("get_state", "set_state"):
+            if not callable(getattr(train_iter, method, None)):
+                raise TypeError(f"fit: the data iterator {type(train_iter).__name__} has no {method}() "
+                                "(needed to checkpoint its position)")
+        if not self._started:
+            self._started = True
+            self.restore_latest(train_iter)
+        cfg = self.cfg
+        self._stop_signal = None
+        total = num_steps or cfg.num_steps or cfg.optimizer.total_steps * cfg.optimizer.grad_accum_steps
+        metrics = _MetricsLog(self.workdir / "metrics.jsonl")
+        previous_handler = self._install_sigterm()
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        window: list[dict[str, float]] = []
+        terms: dict[str, float] = {}
+        eval_terms = None
+        try:
+            while self.step < total and self._stop_signal is None:
+                try:
+                    batch = next(train_iter)
+                except StopIteration:
+                    log.info("training data exhausted at step %d", self.step)
+                    break
+                start = time.perf_counter()
+                terms = self.train_step(batch)
+                elapsed = time.perf_counter() - start
+                batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0])
+                window.append(dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed))
+                bar.update(1)
+                bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
+                                 "step_s": f"{elapsed:.3f}", "samples/s": f"{batch_size / elapsed:.1f}"})
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **means})
+                    window = []
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save(train_iter)
+                if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    eval_terms = self.evaluate(eval_data())
+                    metrics.write({"step": self.step, "split": "eval", **eval_terms})
+                    bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_terms.items()))
+                if on_sample is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                    on_sample(self.step)
+            if self._last_saved != self.step:
+                self.save(train_iter)
+            if self._stop_signal is not None:
+                log.warning("signal %d: saved step %d, stopping", self._stop_signal, self.step)
+        finally:
+            bar.close()
+            metrics.close()
+            self._restore_sigterm(previous_handler)
+            self.checkpointer.wait()
+        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms)
+
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            del frame
+            self._stop_signal = signum
+
+        return signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self, previous) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def close(self) -> None:
+        """Wait for pending checkpoint writes and release the checkpoint manager."""
+        self.checkpointer.close()
+
+
+def _check_terms(terms: Any) -> dict[str, jax.Array]:
+    """The model's loss dict, validated at trace time: scalar floats including 'loss'."""
+    if not isinstance(terms, Mapping) or "loss" not in terms:
+        raise ValueError(f"model.loss(batch, rng) must return a dict with a 'loss' entry, got "
+                         f"{sorted(terms) if isinstance(terms, Mapping) else type(terms).__name__}")
+    for k, v in terms.items():
+        if jnp.shape(v) != ():
+            raise ValueError(f"model.loss(...)[{k!r}] must be a scalar, got shape {jnp.shape(v)}")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}

@@ -1,0 +1,141 @@
+"""The Trainer on a toy model: sharded steps equal single-device steps, bit-exact resume, NaN stop,
+SIGTERM save, validation / sample hooks, metrics file, and clear errors for a corrupt checkpoint."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
+from mg5jax.convert.sources import CheckpointError
+from mg5jax.training.optimizer import OptimizerConfig
+from mg5jax.training.trainer import MeshConfig, NonFiniteLossError, Trainer, TrainerConfig
+
+OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=RULES)
+
+
+def flat(state) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    return nnx.state(ToyModel(rngs=nnx.Rngs(0)))
+
+
+def toy_model(initial_state) -> ToyModel:
+    """A fresh toy model with the shared initial weights (the trainer mutates and donates its model)."""
+    model = nnx.eval_shape(lambda: ToyModel(rngs=nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(lambda x: np.asarray(x).copy(), initial_state))
+    return model
+
+
+def make_trainer(initial_state, workdir, mesh=MeshConfig(data=2, fsdp=4), devices=None, **overrides):
+    cfg = TrainerConfig(workdir=str(workdir), optimizer=OPT, mesh=mesh, log_every=2, **overrides)
+    return Trainer(toy_model(initial_state), cfg, devices=devices, update_masks={"embed": voken_row_mask()})
+
+
+def test_sharded_step_matches_single_device(tmp_path, initial_state):
+    meshes = {
+        "1 device": (MeshConfig(data=1), jax.devices()[:1]),
+        "2 data x 4 fsdp": (MeshConfig(data=2, fsdp=4), None),
+        "2 data x 2 fsdp x 2 tensor": (MeshConfig(data=2, fsdp=2, tensor=2), None),
+    }
+    results = {}
+    for name, (mesh, devices) in meshes.items():
+        trainer = make_trainer(initial_state, tmp_path / name.replace(" ", "_"), mesh, devices)
+        losses = [trainer.train_step(make_batch(i))["loss"] for i in range(2)]  # the 1st update has lr 0
+        results[name] = losses, flat(trainer.params), trainer.model
+        trainer.close()
+    base_losses, base_params, base_model = results["1 device"]
+    initial = flat(initial_state)
+    for name, (losses, params, model) in results.items():
+        np.testing.assert_allclose(losses, base_losses, rtol=0, atol=1e-5, err_msg=name)
+        err = max(float(np.max(np.abs(params[k] - base_params[k]))) for k in base_params)
+        print(f"{name}: loss err {np.max(np.abs(np.subtract(losses, base_losses))):.1e}, params max-abs err {err:.1e}")
+        assert err <= 1e-5, name
+        assert set(params) == {"embed", "head.kernel", "head.bias", "norm.scale", "norm.bias"}
+        full = flat(nnx.state(model))
+        for k in ("backbone.kernel", "backbone.bias"):
+            np.testing.assert_array_equal(full[k], initial[k], err_msg=f"{name}: frozen {k} moved")
+        rows = np.r_[VOKEN_ROWS]
+        np.testing.assert_array_equal(np.delete(full["embed"], rows, 0), np.delete(initial["embed"], rows, 0))
+        assert not np.allclose(full["head.kernel"], initial["head.kernel"])
+    kernel = results["2 data x 2 fsdp x 2 tensor"][2].head.kernel.get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
+    straight = make_trainer(initial_state, tmp_path / "straight", save_every=0)
+    result = straight.fit(ToyIterator(), num_steps=6)
+    assert result.step == 6 and not result.preempted
+    straight.close()
+    first = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
+    first.fit(ToyIterator(), num_steps=3)
+    first.close()  # the "killed" process: nothing but its checkpoint survives
+    data = ToyIterator()
+    second = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
+    result = second.fit(data, num_steps=6)
+    assert result.step == 6 and data.index == 6
+    for name, got, want in (("params", second.params, straight.params), ("opt", second.opt_state, straight.opt_state)):
+        got, want = flat(got), flat(want)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
+    assert second.checkpointer.all_steps() == [3, 6]
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3, 4, 6]
+    assert {"loss", "text_loss", "image_loss", "caption_loss", "lr", "step_time_s", "samples_per_s"} <= lines[-1].keys()
+    second.close()
+
+
+def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_path, initial_state):
+    trainer = make_trainer(initial_state, tmp_path, save_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .*loss.* at step 5 .*last good checkpoint is step 4"):
+        trainer.fit(ToyIterator(nan_at=4), num_steps=10)
+    assert trainer.checkpointer.all_steps() == [2, 4]
+    restored = trainer.checkpointer.restore(trainer.params, trainer.opt_state)
+    assert restored.step == 4 and restored.data_state == {"index": 4}
+    assert set(flat(restored.params)) == {"embed", "head.kernel", "head.bias", "norm.scale", "norm.bias"}  # no frozen
+    assert all(np.isfinite(v).all() for v in flat(restored.params).values())
+    trainer.close()
+    (tmp_path / "checkpoints" / "4" / "opt_state" / "_METADATA").write_text("{truncated")
+    resumed = make_trainer(initial_state, tmp_path)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'checkpoints' / '4'}: cannot restore"):
+        resumed.fit(ToyIterator(), num_steps=10)
+    resumed.close()
+
+
+def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_state):
+    trainer = make_trainer(initial_state, tmp_path, save_every=100, eval_every=2, sample_every=2)
+    samples = []
+
+    def on_sample(step):
+        samples.append(step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    result = trainer.fit(ToyIterator(), eval_data=lambda: [make_batch(100), make_batch(101)],
+                         on_sample=on_sample, num_steps=10)
+    assert result.preempted and result.step == 4 and samples == [2, 4]
+    assert trainer.checkpointer.latest_step() == 4
+    assert set(result.eval_metrics) == {"loss", "text_loss", "image_loss", "caption_loss"}
+    again = trainer.evaluate([make_batch(100), make_batch(101)])
+    assert again == result.eval_metrics  # deterministic validation rng
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    with pytest.raises(ValueError, match=r"batch leaf \['\w+'\]: batch size 6 is not divisible by data × fsdp = 8"):
+        trainer.train_step(make_batch(0, batch_size=6))
+    trainer.close()
+
+
+def test_config_from_nested_dict():
+    cfg = TrainerConfig.from_dict({"workdir": "/tmp/x", "mesh": {"data": 2, "fsdp": 4},
+                                   "optimizer": {"learning_rate": 1e-4, "trainable": [[r"mapper\..*", 10.0]]}})
+    assert cfg.mesh == MeshConfig(data=2, fsdp=4) and cfg.optimizer.trainable == ((r"mapper\..*", 10.0),)
+    with pytest.raises(ValueError, match="TrainerConfig.mesh: unknown key 'model'"):
+        TrainerConfig.from_dict({"workdir": "/tmp/x", "mesh": {"model": 2}})
