@@ -1,0 +1,163 @@
+"""The SD VAE against diffusers: encoder moments, decoder output, posterior semantics, conversion."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from _fixtures_sd import TINY_SD2_VAE, tiny_sd_dir  # noqa: F401
+from flax import nnx
+
+from mg5jax.convert import keymap as km
+from mg5jax.convert.diffusers import vae_keymap
+from mg5jax.convert.sources import CheckpointError, open_weights, write_safetensors
+from mg5jax.models.unet import abstract_rngs
+from mg5jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+
+pytestmark = pytest.mark.xdist_group("sd")
+
+# stabilityai/stable-diffusion-2-1-base vae/config.json
+SD21_BASE_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=768,
+    up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215, force_upcast=True,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vae_pair(tiny_sd_dir):
+    from diffusers import AutoencoderKL as TorchVAE
+
+    ours = AutoencoderKL.from_pretrained(tiny_sd_dir / "vae", param_dtype=jnp.float32)
+    return ours, TorchVAE.from_pretrained(str(tiny_sd_dir / "vae")).eval()
+
+
+@nnx.jit
+def _moments(vae, x):
+    return vae.encode(x).moments
+
+
+@nnx.jit
+def _decode(vae, z):
+    return vae.decode(z)
+
+
+def test_encoder_moments_parity(vae_pair):
+    ours, theirs = vae_pair
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, 32, 32)).astype(np.float32)
+    moments = _moments(ours, x)
+    chex.assert_shape(moments, (2, 8, 4, 4))
+    chex.assert_type(moments, jnp.float32)
+    with torch.no_grad():
+        ref = theirs.encode(torch.from_numpy(x)).latent_dist.parameters.numpy()
+    err = float(np.abs(np.asarray(moments) - ref).max())
+    print(f"VAE encoder max|Δmoments| = {err:.2e} (max {np.abs(ref).max():.2f})")
+    assert err <= 1e-4
+
+
+def test_decoder_parity(vae_pair):
+    ours, theirs = vae_pair
+    z = np.random.default_rng(1).normal(size=(2, 4, 4, 4)).astype(np.float32)
+    image = _decode(ours, z)
+    chex.assert_shape(image, (2, 3, 32, 32))
+    with torch.no_grad():
+        ref = theirs.decode(torch.from_numpy(z)).sample.numpy()
+    err = float(np.abs(np.asarray(image) - ref).max())
+    print(f"VAE decoder max|Δx| = {err:.2e} (max {np.abs(ref).max():.2f})")
+    assert err <= 1e-4
+
+
+def test_diagonal_gaussian_semantics():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    rng = np.random.default_rng(2)
+    moments = rng.normal(size=(2, 8, 4, 4)).astype(np.float32)
+    moments[0, 4, 0, :2] = [35.0, -45.0]  # logvar outside [-30, 20] is clamped
+    post = DiagonalGaussian.from_moments(moments)
+    ref = DiagonalGaussianDistribution(torch.from_numpy(moments))
+    for name in ("mean", "logvar", "std", "var"):
+        np.testing.assert_allclose(getattr(post, name), getattr(ref, name).numpy(), rtol=1e-6, err_msg=name)
+    assert float(post.logvar[0, 0, 0, 0]) == 20.0 and float(post.logvar[0, 0, 0, 1]) == -30.0
+    np.testing.assert_array_equal(post.mode(), moments[:, :4])
+    key = jax.random.key(0)
+    sample = post.sample(key)
+    chex.assert_shape(sample, (2, 4, 4, 4))
+    np.testing.assert_allclose(sample, post.mean + post.std * jax.random.normal(key, (2, 4, 4, 4)), rtol=1e-6)
+    np.testing.assert_array_equal(sample, post.sample(key))
+    assert not np.array_equal(sample, post.sample(jax.random.key(1)))
+    assert jax.tree.leaves(jax.jit(lambda p: p)(post))[0].shape == moments.shape  # a pytree, jit-able
+    with pytest.raises(ValueError, match=r"\[B, 2C, h, w\]"):
+        DiagonalGaussian.from_moments(moments[:, :7])
+
+
+def test_config_and_save_pretrained_round_trip(tiny_sd_dir, vae_pair, tmp_path):
+    ours, _ = vae_pair
+    cfg = ours.config
+    assert cfg.scaling_factor == TINY_SD2_VAE["scaling_factor"] and cfg.downsample_factor == 8
+    ours.save_pretrained(tmp_path)
+    original, saved = open_weights(tiny_sd_dir / "vae"), open_weights(tmp_path)
+    assert sorted(saved) == sorted(original)
+    for key in original:
+        np.testing.assert_array_equal(saved[key], original[key], err_msg=key)
+    assert VAEConfig.from_json(tmp_path / "config.json") == cfg
+    assert VAEConfig.from_hf(SD21_BASE_VAE) == VAEConfig(sample_size=768)
+
+
+def test_loads_pre_0_15_attention_names(tiny_sd_dir, vae_pair, tmp_path):
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    tensors = {}
+    for key, value in open_weights(tiny_sd_dir / "vae").items():
+        for new, old in renames.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        tensors[key] = np.array(value)
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in tensors
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", tensors)
+    (tmp_path / "config.json").write_text((tiny_sd_dir / "vae" / "config.json").read_text())
+    old = AutoencoderKL.from_pretrained(tmp_path, param_dtype=jnp.float32)
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), nnx.state(old),
+                        nnx.state(vae_pair[0]))
+    assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("variant", [{}, {"use_quant_conv": False, "use_post_quant_conv": False,
+                                          "mid_block_add_attention": False}], ids=["sd2.1-base", "no-quant-no-attn"])
+def test_real_config_maps_every_diffusers_tensor(variant):
+    from diffusers import AutoencoderKL as TorchVAE
+
+    hf = dict(SD21_BASE_VAE, **variant)
+    cfg = VAEConfig.from_hf(hf)
+    _, abstract = km.abstract_model(lambda: AutoencoderKL(cfg, rngs=abstract_rngs()))
+    ours = km.flat_params(abstract)
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in TorchVAE(**hf).state_dict().items()}
+    bound = vae_keymap().bind(ours)
+    assert sorted(b.theirs for b in bound) == sorted(theirs)
+    for b in bound:
+        (arr,) = b.to_ours(np.broadcast_to(np.float32(0), theirs[b.theirs]))
+        assert arr.shape == ours[b.ours[0]].shape, b.theirs
+
+
+def test_conversion_errors_name_the_key_and_file(tiny_sd_dir, tmp_path):
+    tensors = {k: np.array(v) for k, v in open_weights(tiny_sd_dir / "vae").items()}
+    key = "decoder.up_blocks.1.resnets.1.conv2.weight"
+    tensors[key] = tensors[key][:, :, :1]
+    write_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", tensors)
+    config = json.loads((tiny_sd_dir / "vae" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"key '{key}' in {tmp_path}/diffusion_pytorch_model.safetensors"):
+        AutoencoderKL.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, shift_factor=0.1159)))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config.json: unsupported VAE config shift_factor=0.1159"):
+        AutoencoderKL.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("down_block_types", ["AttnDownEncoderBlock2D"] * 4), ("up_block_types", ["UpDecoderBlock2D"] * 3),
+    ("latents_mean", [0.0] * 4), ("latents_std", [1.0] * 4), ("norm_type", "spatial"),
+])  # fmt: skip
+def test_unsupported_config_values_name_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        VAEConfig.from_hf(dict(SD21_BASE_VAE, **{key: value}), where="vae/config.json")
