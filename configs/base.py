@@ -1,0 +1,93 @@
+"""Settings shared by every MiniGPT-5 run; each stage config starts from `get_config()` here.
+
+Values are the original's (REFERENCE §1, §4, §5) unless a comment says otherwise.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 42  # data order, template choice, initialisation and per-step rng
+
+    # --- the model: where the pretrained parts live and how they are held -------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.llm_path = "weights/vicuna-7b"  # hub-layout LLaMA dir (config.json, safetensors/.bin, tokenizer.model)
+    c.model.sd_path = "weights/stable-diffusion-2-1-base"  # diffusers dir: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    c.model.vision = ml_collections.ConfigDict()
+    c.model.vision.kind = "lavis"  # "lavis" (the three .pth files), "blip2" (transformers dir) or "none" (features only)
+    c.model.vision.vit_path = "weights/eva_vit_g.pth"  # LAVIS EVA ViT-g state dict
+    c.model.vision.qformer_path = "weights/blip2_pretrained_flant5xxl.pth"  # BLIP-2 stage checkpoint (ln_vision, Q-Former)
+    c.model.vision.proj_path = "weights/prerained_minigpt4_7b.pth"  # MiniGPT-4 checkpoint (llama_proj)
+    c.model.vision.blip2_dir = ""  # transformers BLIP-2 directory, for kind="blip2"
+    c.model.num_vokens = 8  # generative vokens [IMG0]…[IMG7]
+    c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen weights (LLM body, U-Net, VAE, ViT, CLIP text)
+    c.model.compute_dtype = "bfloat16"  # matmul/conv dtype of the frozen parts; norms and softmax stay fp32
+    c.model.attn_impl = "reference"  # "reference" (einsum) or "fused" (jax.nn.dot_product_attention)
+    c.model.remat_llm = True  # recompute LLM layers in the backward pass (saves activation memory)
+    c.model.remat_unet = True  # recompute U-Net blocks in the backward pass
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.enabled = False  # stage 2 turns LoRA on
+    c.model.lora.targets = r"(^|\.)(q_proj|v_proj)$"  # LLM projections that get adapters
+    c.model.lora.rank = 8  # r
+    c.model.lora.alpha = 16  # scale = alpha / r
+    c.model.lora.dropout = 0.05  # dropout on the adapter input during training
+    c.model.mapper = ml_collections.ConfigDict()
+    c.model.mapper.enc_layers = 4  # nn.Transformer encoder layers
+    c.model.mapper.dec_layers = 4  # nn.Transformer decoder layers
+    c.model.mapper.heads = 8  # attention heads (torch default)
+    c.model.mapper.ff = 4096  # feed-forward width
+    c.model.init_from = ""  # our checkpoint dir whose trainable params seed this run (stage 2: the stage-1 run)
+
+    # --- the objective -----------------------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.text_weight = 0.01  # × LLM cross-entropy
+    c.loss.image_weight = 1.0  # × latent-diffusion loss
+    c.loss.caption_weight = 0.1  # × caption MSE (stage 1 only; 0 disables it)
+    c.loss.cfg_drop = 0.1  # probability of zeroing a voken group (classifier-free guidance)
+    c.loss.snr_gamma = 5.0  # min-SNR-γ weighting of the latent loss (None: plain MSE)
+    c.loss.groups_per_sample = 1  # voken groups read per sample (the original uses one)
+
+    # --- data --------------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "vist"  # "cc3m", "vist" or "mmdialog"
+    c.data.train_path = ""  # the reader's file: cc3m *.tsv, VIST *_cleaned.json, MMDialog *.jsonl / .txt
+    c.data.val_path = ""  # same format; "" = no validation
+    c.data.per_device_batch_size = 2  # examples per device per micro-step
+    c.data.effective_batch_size = 48  # per_device × devices × accumulation (accumulation is derived)
+    c.data.length_buckets = (256, 512, 1024)  # text-token buckets (source + target, no BOS)
+    c.data.max_input_images = 5  # <ImageHere> slots per example
+    c.data.input_image_size = 224  # ViT input
+    c.data.output_image_size = 512  # SD target images
+    c.data.shuffle = True  # the original does not shuffle; set False to reproduce its order
+    c.data.strict = False  # True: a bad row or image is an error instead of a logged skip
+    c.data.fix_img7_mask = False  # True: also mask [IMG7] from the text loss (the original supervises it)
+    c.data.input_features_dir = ""  # precomputed [32, D_llm] .npy per input image (skips the ViT)
+    c.data.output_moments_dir = ""  # precomputed VAE moments [8, 64, 64] .npy per target image
+
+    # --- the loop ----------------------------------------------------------------------------------
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.workdir = "runs/minigpt5"  # checkpoints/ and metrics.jsonl go here
+    c.trainer.seed = c.get_ref("seed")
+    c.trainer.num_steps = ml_collections.config_dict.placeholder(int)  # micro-steps; None = from num_epochs
+    c.trainer.log_every = 10  # steps per metrics line
+    c.trainer.save_every = 500  # steps between checkpoints
+    c.trainer.keep_checkpoints = 2  # newest checkpoints kept
+    c.trainer.async_checkpointing = True  # write checkpoints in the background
+    c.trainer.eval_every = 500  # steps between validation passes (0 = never)
+    c.trainer.sample_every = 0  # steps between sample generations (0 = never)
+    c.trainer.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 takes the remaining devices
+    c.trainer.optimizer = ml_collections.ConfigDict()
+    c.trainer.optimizer.learning_rate = 2e-5  # base lr
+    c.trainer.optimizer.b1 = 0.9
+    c.trainer.optimizer.b2 = 0.999
+    c.trainer.optimizer.eps = 1e-8
+    c.trainer.optimizer.weight_decay = 0.01  # on trainable params only (never on the old vocab rows)
+    c.trainer.optimizer.warmup_steps = 1000  # linear warmup from 0, then linear decay to 0
+    c.trainer.optimizer.total_steps = ml_collections.config_dict.placeholder(int)  # None = from num_epochs
+    c.trainer.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # None = no clipping
+    c.trainer.optimizer.grad_accum_steps = ml_collections.config_dict.placeholder(int)  # None = derived
+    c.trainer.optimizer.trainable = ()  # ordered (regex over param paths, lr multiplier | None)
+    c.num_epochs = 2  # passes over the training data when num_steps is None
+    c.val_batches = 8  # batches per validation pass
+    return c

@@ -1,0 +1,27 @@
+"""Stage 2 on VIST stories: LoRA on q/v, the voken rows and the mapper transformer; fc and the
+decoder queries stay as stage 1 left them (REFERENCE §5.1).
+
+    python train.py --config configs/stage2_vist.py --config.model.init_from=runs/stage1_cc3m
+"""
+
+from configs import base
+
+
+def get_config():
+    c = base.get_config()
+    c.data.kind = "vist"
+    c.data.train_path = "datasets/VIST/train_cleaned.json"
+    c.data.val_path = "datasets/VIST/val_cleaned.json"
+    c.model.lora.enabled = True
+    c.model.init_from = "runs/stage1_cc3m"  # stage-1 checkpoint: voken rows, fc, mapper, queries
+    c.loss.caption_weight = 0.0  # VIST samples have no caption
+    c.trainer.workdir = "runs/stage2_vist"
+    c.trainer.eval_every = 1000  # the original validates 2× per epoch
+    c.trainer.optimizer.trainable = (
+        (r"llm\..*\.lora_[ab]", 1.0),  # LoRA adapters
+        (r"llm\.model\.embed_tokens\..*", 1.0),  # only the 9 new rows move (update mask)
+        (r"llm\.lm_head\..*", 1.0),
+        (r"mapper\.(encoder|decoder)\..*", 1.0),  # llm_to_t2i_mapping at 1× lr
+        (r"mapper\..*", None),  # fc and the decoder queries are frozen
+    )
+    return c

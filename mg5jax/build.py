@@ -1,0 +1,262 @@
+"""From a run config to the objects a run needs: the MiniGPT-5 model with its tokenizers, and the data.
+
+Entry points (train.py, infer.py) call these; nothing here knows about the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from transformers import CLIPTokenizer
+
+from mg5jax.convert import keymap as km
+from mg5jax.convert.sources import CheckpointError
+from mg5jax.data import datasets, pipeline
+from mg5jax.data.tokenization import MiniGPT5Tokenizer
+from mg5jax.diffusion import schedulers
+from mg5jax.models import lora as lora_lib
+from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
+from mg5jax.models.llama import VOCAB_PARAMS, LlamaForCausalLM, add_voken_rows
+from mg5jax.models.mapper import MapperConfig, VokenMapper
+from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
+from mg5jax.models.unet import UNet2DConditionModel
+from mg5jax.models.vae import AutoencoderKL
+from mg5jax.models.vision import VisionEncoder
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Built:
+    """A model ready to train or run, with the tokenizers that feed it."""
+
+    model: MiniGPT5
+    tokenizer: MiniGPT5Tokenizer
+    caption_tokenizer: CLIPTokenizer
+    num_new_rows: int  # vocab rows added for the vokens and <ImageHere> (the only rows that train)
+
+
+def _dtype(name: str, field: str):
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _require_dir(path: str, field: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{field}: directory not found: {p}")
+    return p
+
+
+def _require_file(path: str, field: str) -> pathlib.Path:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{field}: file not found: {p}")
+    return p
+
+
+def build_model(cfg, *, train: bool = True) -> Built:
+    """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
+
+    Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
+    in fp32. With `model.init_from` set, the trainable params of that checkpoint are loaded.
+    """
+    m = cfg.model
+    frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
+    compute = _dtype(m.compute_dtype, "model.compute_dtype")
+    llm_dir = _require_dir(m.llm_path, "model.llm_path")
+    sd_dir = _require_dir(m.sd_path, "model.sd_path")
+    rngs = nnx.Rngs(cfg.seed)
+
+    tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
+    llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
+                                           remat=bool(m.remat_llm and train))
+    num_new = m.num_vokens + 1
+    add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32)
+    if m.lora.enabled:
+        wrapped = lora_lib.apply_lora(llm, targets=m.lora.targets, rank=m.lora.rank, alpha=m.lora.alpha,
+                                      dropout=m.lora.dropout, param_dtype=jnp.float32, rngs=rngs)
+        log.info("LoRA r=%d on %d projections", m.lora.rank, len(wrapped))
+
+    vision = _build_vision(m, frozen, compute)
+    unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", dtype=compute, param_dtype=frozen,
+                                                remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
+    vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen)
+    caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
+    schedule_cfg = json.loads(_require_file(str(sd_dir / "scheduler" / "scheduler_config.json"),
+                                            "model.sd_path").read_text())
+    noise_schedule = schedulers.NoiseSchedule.from_config(schedule_cfg)
+
+    text_encoder, empty = None, None
+    text_width = unet.config.cross_attention_dim
+    if cfg.loss.caption_weight > 0:
+        text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
+        ids, mask = encode_prompts(caption_tokenizer, [""])
+        empty = np.asarray(text_encoder(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)[0]
+
+    mapper_cfg = MapperConfig(llm_dim=llm.config.hidden_size, num_vokens=m.num_vokens, hidden=text_width,
+                              num_queries=caption_tokenizer.model_max_length, enc_layers=m.mapper.enc_layers,
+                              dec_layers=m.mapper.dec_layers, heads=m.mapper.heads, ff=m.mapper.ff)
+    mapper = VokenMapper(mapper_cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+    ids = tokenizer.ids
+    config = MiniGPT5Config(
+        voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id, bos_id=ids.bos_id,
+        num_query_tokens=_num_query_tokens(vision, cfg),
+        groups_per_sample=cfg.loss.groups_per_sample,
+        text_loss_weight=cfg.loss.text_weight, image_loss_weight=cfg.loss.image_weight,
+        caption_loss_weight=cfg.loss.caption_weight, cfg_drop=cfg.loss.cfg_drop, snr_gamma=cfg.loss.snr_gamma)
+    model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
+                     vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
+    if m.init_from:
+        load_trainable(model, m.init_from)
+    return Built(model, tokenizer, caption_tokenizer, num_new)
+
+
+def _build_vision(m, frozen, compute) -> VisionEncoder | None:
+    v = m.vision
+    if v.kind == "none":
+        return None
+    if v.kind == "lavis":
+        return VisionEncoder.from_lavis(_require_file(v.vit_path, "model.vision.vit_path"),
+                                        _require_file(v.qformer_path, "model.vision.qformer_path"),
+                                        _require_file(v.proj_path, "model.vision.proj_path"),
+                                        dtype=compute, param_dtype=frozen)
+    if v.kind == "blip2":
+        proj = _require_file(v.proj_path, "model.vision.proj_path") if v.proj_path else None
+        return VisionEncoder.from_pretrained(_require_dir(v.blip2_dir, "model.vision.blip2_dir"), proj=proj,
+                                             dtype=compute, param_dtype=frozen)
+    raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
+
+
+def _num_query_tokens(vision: VisionEncoder | None, cfg) -> int:
+    if vision is not None:
+        return vision.config.qformer.num_query_tokens
+    return 32
+
+
+def voken_row_masks(model: MiniGPT5, num_new: int) -> dict[str, jax.Array]:
+    """Update masks `{param path: 0/1 mask}` letting only the last `num_new` vocab rows move."""
+    import re
+
+    masks = {}
+    for path, var in km.flat_params(nnx.state(model, nnx.Param)).items():
+        if re.search(VOCAB_PARAMS, path):
+            names = tuple(var.get_metadata().get("out_sharding") or ())
+            axis = names.index("vocab")
+            n = var.shape[axis]
+            shape = [n if i == axis else 1 for i in range(len(var.shape))]
+            masks[path] = (jnp.arange(n) >= n - num_new).astype(jnp.float32).reshape(shape)
+    return masks
+
+
+def load_trainable(model: MiniGPT5, run_dir: str) -> list[str]:
+    """Load the trainable params saved by an earlier run of ours (its newest checkpoint) into `model`.
+
+    Only params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper
+    and queries; its fresh LoRA stays). Returns the loaded paths; a shape mismatch is an error.
+    """
+    ckpt_dir = pathlib.Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"model.init_from: no checkpoints/ directory in {run_dir}")
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    if not steps:
+        raise CheckpointError(f"model.init_from: no complete checkpoint in {ckpt_dir}")
+    params_dir = ckpt_dir / str(steps[-1]) / "params"
+    try:
+        stored = ocp.StandardCheckpointer().restore(params_dir)
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
+        raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({type(e).__name__}: {e})") from e
+    flat_stored = _flatten(stored)
+    state = nnx.state(model, nnx.Param)
+    flat = km.flat_params(state)
+    loaded = []
+    for path, value in flat_stored.items():
+        if path not in flat:
+            continue
+        if tuple(value.shape) != tuple(flat[path].shape):
+            raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(flat[path].shape)}")
+        flat[path].set_value(jnp.asarray(value, flat[path].dtype))
+        loaded.append(path)
+    if not loaded:
+        raise CheckpointError(f"{params_dir}: none of its params belong to this model")
+    log.info("init_from %s: loaded %d trainable params", params_dir, len(loaded))
+    return loaded
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if set(v) == {"value"}:
+                out[key] = v["value"]
+            else:
+                out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
+                 tokenizer: MiniGPT5Tokenizer | None = None) -> list[datasets.Sample]:
+    """Read one dataset file with the reader of its kind (REFERENCE §6)."""
+    file = _require_file(path, "data path")
+    if kind == "cc3m":
+        samples, report = datasets.read_cc3m(str(file), test=test, seed=seed, strict=strict)
+    elif kind == "vist":
+        samples, report = datasets.read_vist(str(file), test=test, seed=seed, strict=strict)
+    elif kind == "mmdialog":
+        len_fn = tokenizer.count_tokens if tokenizer is not None else None
+        samples, report = datasets.read_mmdialog(str(file), tokenizer_len_fn=len_fn, test=test, strict=strict)
+    else:
+        raise ValueError(f"data.kind={kind!r}: expected 'cc3m', 'vist' or 'mmdialog'")
+    log.info("%s: %d samples from %s (%d skipped)", kind, len(samples), file, report.skipped)
+    return samples
+
+
+def batch_spec(cfg, built: Built, batch_size: int) -> pipeline.BatchSpec:
+    d = cfg.data
+    vae_factor = 2 ** (len(built.model.vae.config.block_out_channels) - 1)
+    return pipeline.BatchSpec(
+        batch_size=batch_size, length_buckets=tuple(d.length_buckets), max_input_images=d.max_input_images,
+        max_output_images=cfg.loss.groups_per_sample, input_image_size=d.input_image_size,
+        output_image_size=d.output_image_size, num_query_tokens=built.model.config.num_query_tokens,
+        llm_dim=built.model.llm.config.hidden_size, latent_size=d.output_image_size // vae_factor)
+
+
+def caption_fn(tokenizer: CLIPTokenizer):
+    """A caption → (ids [77], mask [77]) function for the example builder."""
+    def fn(text: str):
+        ids, mask = encode_prompts(tokenizer, [text])
+        return ids[0], mask[0]
+    return fn
+
+
+def make_builder(cfg, built: Built, batch_size: int, *, train: bool) -> pipeline.ExampleBuilder:
+    d = cfg.data
+    return pipeline.ExampleBuilder(
+        built.tokenizer, batch_spec(cfg, built, batch_size),
+        caption_tokenizer=caption_fn(built.caption_tokenizer) if cfg.loss.caption_weight > 0 else None,
+        train=train, fix_img7_mask=d.fix_img7_mask, input_features_dir=d.input_features_dir or None,
+        output_moments_dir=d.output_moments_dir or None, strict=d.strict)
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    return max(1, math.floor(num_samples / global_batch))

@@ -1,0 +1,96 @@
+"""Train MiniGPT-5: `python train.py --config configs/stage2_vist.py [--config.a.b=value ...]`.
+
+Reads the config, builds the model and the data, and runs the trainer; resumes from the newest
+checkpoint in `trainer.workdir` automatically. Errors in the config, paths or data end the run with
+one line that names the culprit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
+                                          lock_config=True)
+log = logging.getLogger("mg5jax.train")
+
+
+def run(cfg) -> int:
+    import itertools
+
+    import jax
+
+    from mg5jax import build
+    from mg5jax.data import pipeline
+    from mg5jax.training.trainer import Trainer, TrainerConfig
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
+        jax.distributed.initialize()
+    built = build.build_model(cfg, train=True)
+    d = cfg.data
+    train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
+                                       tokenizer=built.tokenizer)
+    per_process = d.per_device_batch_size * jax.local_device_count()
+    global_batch = d.per_device_batch_size * jax.device_count()
+    t = cfg.trainer.to_dict()
+    opt = t["optimizer"]
+    if opt["grad_accum_steps"] is None:
+        opt["grad_accum_steps"] = max(1, d.effective_batch_size // global_batch)
+    if opt["total_steps"] is None:
+        per_epoch = build.steps_per_epoch(len(train_samples), global_batch)
+        opt["total_steps"] = max(1, cfg.num_epochs * per_epoch // opt["grad_accum_steps"])
+    trainer_cfg = TrainerConfig.from_dict(t)
+    log.info("batch: %d per device × %d devices × %d accumulation = %d per update; %d updates",
+             d.per_device_batch_size, jax.device_count(), opt["grad_accum_steps"],
+             global_batch * opt["grad_accum_steps"], opt["total_steps"])
+
+    train_ds = pipeline.make_dataset(train_samples, build.make_builder(cfg, built, per_process, train=True),
+                                     seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
+    eval_data = None
+    if d.val_path:
+        val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
+                                         tokenizer=built.tokenizer)
+        val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
+                                       seed=cfg.seed, shuffle=False, num_epochs=1, drop_remainder=False)
+        eval_data = lambda: itertools.islice(iter(val_ds), cfg.val_batches)  # noqa: E731
+
+    trainer = Trainer(built.model, trainer_cfg, update_masks=build.voken_row_masks(built.model, built.num_new_rows),
+                      run_config=cfg.to_dict())
+    try:
+        result = trainer.fit(iter(train_ds), eval_data=eval_data)
+    finally:
+        trainer.close()
+    if result.preempted:
+        print(f"preempted at step {result.step}: checkpoint saved in {trainer_cfg.workdir}/checkpoints")
+        return 0
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items())
+    print(f"finished at step {result.step}: {summary}")
+    print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl")
+    return 0
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _CONFIG.value
+    if cfg is None:
+        sys.exit("train.py: --config is required, e.g. --config configs/stage2_vist.py")
+    from mg5jax.convert.sources import CheckpointError
+    from mg5jax.data.datasets import DataError
+
+    try:
+        sys.exit(run(cfg))
+    except (FileNotFoundError, CheckpointError, DataError, ValueError) as e:
+        sys.exit(f"train.py: {e}")
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except flags.Error as e:
+        sys.exit(f"train.py: {e}")
