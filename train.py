@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
@@ -76,7 +77,8 @@ def run(cfg) -> int:
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
+    logging.getLogger("mg5jax").setLevel(logging.INFO)  # what was loaded, with shapes and shardings
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("train.py: --config is required, e.g. --config configs/stage2_vist.py")

@@ -100,7 +100,8 @@ def build_model(cfg, *, train: bool = True) -> Built:
     noise_schedule = schedulers.NoiseSchedule.from_config(schedule_cfg)
 
     text_encoder, empty = None, None
-    text_width = unet.config.cross_attention_dim
+    cross = unet.config.cross_attention_dim  # an int, or one per block (all equal for SD)
+    text_width = cross if isinstance(cross, int) else cross[0]
     if cfg.loss.caption_weight > 0:
         text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
         ids, mask = encode_prompts(caption_tokenizer, [""])
