@@ -60,8 +60,8 @@ def run(cfg) -> int:
                                        seed=cfg.seed, shuffle=False, num_epochs=1, drop_remainder=False)
         eval_data = lambda: itertools.islice(iter(val_ds), cfg.val_batches)  # noqa: E731
 
-    trainer = Trainer(built.model, trainer_cfg, update_masks=build.voken_row_masks(built.model, built.num_new_rows),
-                      run_config=cfg.to_dict())
+    masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
+    trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config=cfg.to_dict())
     try:
         result = trainer.fit(iter(train_ds), eval_data=eval_data)
     finally:

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mapper.dec_layers = 4  # nn.Transformer decoder layers
     c.model.mapper.heads = 8  # attention heads (torch default)
     c.model.mapper.ff = 4096  # feed-forward width
+    c.model.train_new_rows_only = True  # embed_tokens / lm_head: only the added voken rows may change
     c.model.init_from = ""  # our checkpoint dir whose trainable params seed this run (stage 2: the stage-1 run)
 
     # --- the objective -----------------------------------------------------------------------------

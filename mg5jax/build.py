@@ -169,7 +169,7 @@ def load_trainable(model: MiniGPT5, run_dir: str) -> list[str]:
     Only params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper
     and queries; its fresh LoRA stays). Returns the loaded paths; a shape mismatch is an error.
     """
-    ckpt_dir = pathlib.Path(run_dir) / "checkpoints"
+    ckpt_dir = pathlib.Path(run_dir).absolute() / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"model.init_from: no checkpoints/ directory in {run_dir}")
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())

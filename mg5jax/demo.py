@@ -6,6 +6,7 @@ runs exactly what a user runs: `python -m mg5jax.tiny`, `python train.py`, `pyth
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -18,13 +19,26 @@ def _run(*args: str) -> None:
     subprocess.run([sys.executable, *args], check=True)
 
 
+def write_prompts(path: pathlib.Path, limit: int = 6) -> pathlib.Path:
+    """Story-continuation prompts ("Tell me the next scene with image.") from the validation stories."""
+    from mg5jax.data.datasets import read_vist
+
+    samples, _ = read_vist(str(ROOT / "data" / "VIST" / "val_cleaned.json"), test=False, seed=0)
+    picked = [s for s in samples if s.task_name.endswith("-multimodal")][:limit]
+    rows = [{"text": s.source, "images": [p for p in s.input_images if p is not None], "seed": i}
+            for i, s in enumerate(picked)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def main() -> None:
     _run("-m", "mg5jax.tiny", "--root", str(ROOT))
     _run("train.py", "--config", "configs/demo.py")
-    if pathlib.Path("infer.py").is_file():
-        _run("infer.py", "--config", "configs/demo.py", "--out", str(ROOT / "stories"))
-        print(f"\nopen {(ROOT / 'stories' / 'index.html').absolute()} to read the generated stories")
-    print(f"training run: {(ROOT / 'run').absolute()} (checkpoints/, metrics.jsonl)")
+    prompts = write_prompts(ROOT / "prompts.jsonl")
+    _run("infer.py", "--config", "configs/demo.py", "--prompts", str(prompts), "--out", str(ROOT / "stories"),
+         "--steps", "25", "--max_new_tokens", "96")
+    print(f"\ntraining run: {(ROOT / 'run').absolute()} (checkpoints/, metrics.jsonl)")
+    print(f"open {(ROOT / 'stories' / 'index.html').absolute()} to read the generated stories")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Generate stories and dialogues with images: `python infer.py --config configs/stage2_vist.py ...`.
+
+Prompts come from `--prompt` (+ `--image`, repeatable), a JSON / JSONL file of
+`{"text": ..., "images": [...], "seed": ...}` (`--prompts`), or — by default — the generation
+tasks of the config's validation file (VIST / MMDialog / CC3M test samples, REFERENCE §6). Weights:
+the newest checkpoint of `--checkpoint` (default: the config's `trainer.workdir`), or the official
+Lightning files (`--official_stage1`, `--official_stage2`). Writes PNGs, one JSON record per prompt
+and an `index.html` under `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).", lock_config=True)
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) for --prompt, in order.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts.")
+_LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's validation file.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir).")
+_STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
+_STAGE2 = flags.DEFINE_string("official_stage2", None, "Official stage2_*.ckpt on top of --official_stage1.")
+_OUT = flags.DEFINE_string("out", "outputs/stories", "Output directory.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the first prompt (prompt i uses seed + i unless it names one).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
+_STREAM = flags.DEFINE_bool("stream", False, "Print text as it is generated.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Sampled tokens per response.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 2, "Images per response.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance scale.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Denoising steps.")
+_SCHEDULER = flags.DEFINE_enum("scheduler", "pndm", ["pndm", "ddim", "dpm++2m", "euler"], "Sampler.")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of the original's sampling.")
+
+log = logging.getLogger("mg5jax.infer")
+
+
+def load_prompts(cfg, tokenizer):
+    """The prompts to run, from the flags or the config's validation file."""
+    from mg5jax import build
+    from mg5jax.generation.interleaved import Prompt
+
+    seed = _SEED.value
+    if _PROMPT.value is not None:
+        return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)]
+    if _PROMPTS.value is not None:
+        path = pathlib.Path(_PROMPTS.value)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts: file not found: {path}")
+        text = path.read_text()
+        try:
+            rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+        prompts = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or "text" not in row:
+                raise ValueError(f"--prompts {path}: entry {i} has no 'text'")
+            images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p)
+                           for p in row.get("images", []))
+            prompts.append(Prompt(row["text"], images, int(row.get("seed", seed + i))))
+        return prompts
+    d = cfg.data
+    if not d.val_path:
+        raise ValueError("no prompts: give --prompt, --prompts, or set data.val_path in the config")
+    samples = build.read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer)
+    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i)
+            for i, s in enumerate(samples[: _LIMIT.value])]
+
+
+def run(cfg) -> int:
+    import jax
+
+    from mg5jax import build
+    from mg5jax.convert.minigpt5 import import_official
+    from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
+    from mg5jax.generation.report import write_outputs
+
+    built = build.build_model(cfg, train=False)
+    if _STAGE1.value:
+        import_official(built.model, _STAGE1.value, _STAGE2.value)
+    elif _STAGE2.value:
+        raise ValueError("--official_stage2 needs --official_stage1 (stage 2 has no fc or decoder queries)")
+    else:
+        run_dir = _CHECKPOINT.value or cfg.trainer.workdir
+        build.load_trainable(built.model, run_dir)
+    settings = GenerationSettings(
+        do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
+        guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
+        image_size=cfg.data.output_image_size)
+    scheduler_cfg = json.loads((pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json").read_text())
+    generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
+                                     input_image_size=cfg.data.input_image_size,
+                                     max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
+    prompts = load_prompts(cfg, built.tokenizer)
+    key = jax.random.key(_SEED.value)
+    responses = []
+    for start in range(0, len(prompts), _BATCH.value):
+        batch = prompts[start : start + _BATCH.value]
+        if _STREAM.value:
+            for item in generator.stream(batch, key=key):
+                if isinstance(item, list):
+                    responses.extend(item)
+                else:
+                    row, text = item
+                    print(f"[{start + row}] {text}", flush=True)
+        else:
+            responses.extend(generator(batch, key=key))
+    index = write_outputs(responses, _OUT.value)
+    for i, r in enumerate(responses):
+        print(f"[{i}] {r.text}")
+    print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {index}")
+    return 0
+
+
+def main(argv) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("mg5jax").setLevel(logging.INFO)
+    cfg = _CONFIG.value
+    if cfg is None:
+        sys.exit("infer.py: --config is required, e.g. --config configs/stage2_vist.py")
+    from mg5jax.convert.sources import CheckpointError
+    from mg5jax.data.datasets import DataError
+    from mg5jax.data.images import ImageLoadError
+
+    try:
+        sys.exit(run(cfg))
+    except (FileNotFoundError, CheckpointError, DataError, ImageLoadError, ValueError) as e:
+        sys.exit(f"infer.py: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

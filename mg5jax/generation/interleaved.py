@@ -1,0 +1,233 @@
+"""Interleaved generation: a batch of prompts (text with `<Img><ImageHere></Img>` slots and their
+images) → responses of text with images in them.
+
+One jitted decode loop runs the whole batch (prefill with spliced image embeddings, then sampling
+with the original's settings). Whenever a row samples `[IMG0]`, `[IMG1]…[IMG7]` are fed at the next
+positions and the voken window — the hidden state that predicted `[IMG0]` and those at
+`[IMG0]…[IMG6]` (REFERENCE §7.4) — is kept; decoding continues, so one response may hold several
+images. Every window of the batch then goes through the mapper and all images are rendered together
+by one jitted guided sampler (negative = the mapped all-zero window).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mg5jax.data import images as image_ops
+from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
+from mg5jax.diffusion.sampler import GuidedSampler
+from mg5jax.diffusion.schedulers import make_scheduler
+from mg5jax.generation.decode import ForcedInsertion, GenerationOutput, generate, generate_stream
+from mg5jax.generation.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One request: the text (with one `<ImageHere>` per input image) and its image files."""
+
+    text: str
+    images: tuple[str, ...] = ()
+    seed: int = 0  # sampling and image noise of this row depend only on it
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding and rendering settings; defaults are the original's (REFERENCE §7)."""
+
+    do_sample: bool = True
+    top_p: float = 0.9
+    top_k: int = 50  # transformers 4.31's default, active in the original
+    temperature: float = 1.0
+    repetition_penalty: float = 2.0
+    max_new_tokens: int = 256
+    max_images: int = 2  # images per response (the original turns only the first group into one)
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 50
+    scheduler: str = "pndm"  # "pndm", "ddim", "dpm++2m" or "euler"
+    image_size: int | None = None  # output pixels; default: the U-Net's sample size × the VAE factor
+    length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt text tokens, padded to a bucket
+
+
+@dataclasses.dataclass
+class Response:
+    """One generated response: text pieces and images in reading order."""
+
+    prompt: Prompt
+    segments: list[str | int]  # text, or the index of an image in `images`
+    images: list[np.ndarray]  # [H, W, 3] uint8
+    token_ids: list[int]  # every id the LLM chose or was fed (vokens included)
+    raw_text: str  # tokenizer.decode of token_ids, as the original prints it
+
+    @property
+    def text(self) -> str:
+        """The response with `[image k]` markers (k from 1) where images appear."""
+        return "".join(s if isinstance(s, str) else f" [image {s + 1}] " for s in self.segments).strip()
+
+
+def stop_sequences(tokenizer: MiniGPT5Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """The id sequences of "###" that end a response (the original: [835] and [2277, 29937])."""
+    seqs = {tuple(tokenizer.encode("###"))}
+    sp = tokenizer.sp_model
+    if sp is not None and sp.piece_to_id("##") != sp.unk_id() and sp.piece_to_id("#") != sp.unk_id():
+        seqs.add((sp.piece_to_id("##"), sp.piece_to_id("#")))
+    return tuple(sorted(seqs))
+
+
+def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, llm_dir=None) -> SamplingConfig:
+    """The decode loop's settings. EOS and the initial "seen" id come from the LLM's
+    `generation_config.json` when present (Vicuna v0: eos 1, bos 0, so "</s>" does not stop it —
+    REFERENCE §10.9), else from the tokenizer."""
+    eos, seen = (tokenizer.ids.eos_id,), ()
+    gen_file = pathlib.Path(llm_dir) / "generation_config.json" if llm_dir else None
+    if gen_file is not None and gen_file.is_file():
+        gen = json.loads(gen_file.read_text())
+        if gen.get("eos_token_id") is not None:
+            ids = gen["eos_token_id"]
+            eos = tuple(ids) if isinstance(ids, list) else (ids,)
+        if gen.get("bos_token_id") is not None:
+            seen = (gen["bos_token_id"],)
+    return SamplingConfig(
+        do_sample=settings.do_sample, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+        repetition_penalty=settings.repetition_penalty, seen_ids=seen, max_new_tokens=settings.max_new_tokens,
+        eos_ids=eos, stop_sequences=stop_sequences(tokenizer), pad_id=tokenizer.ids.pad_id)
+
+
+class InterleavedGenerator:
+    """Generates text-and-image responses with a `MiniGPT5` model."""
+
+    def __init__(self, model, tokenizer: MiniGPT5Tokenizer, scheduler_config: dict, *,
+                 settings: GenerationSettings = GenerationSettings(), input_image_size: int = 224,
+                 max_input_images: int = 5, llm_dir=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.input_image_size = input_image_size
+        self.max_input_images = max_input_images
+        self.sampling = sampling_config(tokenizer, settings, llm_dir)
+        vokens = tokenizer.ids.voken_ids
+        self.insertion = ForcedInsertion(trigger_id=vokens[0], tokens=tuple(vokens[1:]),
+                                         max_insertions=settings.max_images, keep_tokens=True)
+        self.scheduler = make_scheduler(settings.scheduler, scheduler_config)
+        self.sampler = GuidedSampler(model.unet, model.vae)
+        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        size = settings.image_size or model.unet.config.sample_size * vae_factor
+        self.latent_size = (size // vae_factor, size // vae_factor)
+
+    # ----------------------------------------------------------------------------------------- prompts
+
+    def prepare(self, prompts: Sequence[Prompt]) -> dict:
+        """Token ids (padded to a bucket) and input images of a batch of prompts (no labels)."""
+        ids = [self.tokenizer.encode(p.text) for p in prompts]
+        slot_id = self.tokenizer.ids.image_placeholder_id
+        for p, row in zip(prompts, ids):
+            if row.count(slot_id) != len(p.images):
+                raise ValueError(f"prompt has {row.count(slot_id)} <ImageHere> slots but {len(p.images)} images: "
+                                 f"{p.text[:80]!r}")
+            if len(p.images) > self.max_input_images:
+                raise ValueError(f"prompt has {len(p.images)} images, more than max_input_images="
+                                 f"{self.max_input_images}")
+        longest = max(len(r) for r in ids)
+        buckets = [b for b in self.settings.length_buckets if b >= longest]
+        if not buckets:
+            raise ValueError(f"a prompt has {longest} tokens, more than the largest length bucket "
+                             f"{self.settings.length_buckets[-1]}")
+        t, b, s, m = buckets[0], len(prompts), self.input_image_size, self.max_input_images
+        batch = {
+            "input_ids": np.full((b, t), self.tokenizer.ids.pad_id, np.int32),
+            "attention_mask": np.zeros((b, t), np.int32),
+            "labels": np.full((b, t), IGNORE_INDEX, np.int32),
+            "input_images": np.zeros((b, m, 3, s, s), np.float32),
+            "input_image_mask": np.zeros((b, m), bool),
+        }
+        for i, (p, row) in enumerate(zip(prompts, ids)):
+            batch["input_ids"][i, : len(row)] = row
+            batch["attention_mask"][i, : len(row)] = 1
+            for k, path in enumerate(p.images):
+                batch["input_images"][i, k] = image_ops.input_image_transform(image_ops.load_image(path), size=s)
+                batch["input_image_mask"][i, k] = True
+        if self.model.vision is None:
+            if any(p.images for p in prompts):
+                raise ValueError("these prompts have input images but the model has no vision encoder")
+            del batch["input_images"]
+            batch["input_image_features"] = np.zeros(
+                (b, m, self.model.config.num_query_tokens, self.model.llm.config.hidden_size), np.float32)
+        return batch
+
+    def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
+        embeds, mask, _ = self.model.splice(jax.tree.map(jnp.asarray, self.prepare(prompts)))
+        return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
+                    key=key, row_seeds=jnp.asarray([p.seed for p in prompts], jnp.uint32))
+
+    # -------------------------------------------------------------------------------------- generation
+
+    def __call__(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None) -> list[Response]:
+        """Generate a response for every prompt (text, then all images of the batch at once)."""
+        key = jax.random.key(0) if key is None else key
+        out = generate(self.model.llm, **self._decode_args(prompts, key))
+        return self.finish(prompts, out, key)
+
+    def stream(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None,
+               chunk_steps: int = 8) -> Iterator[tuple[int, str] | list[Response]]:
+        """Yield `(row, new text)` as tokens are generated, then the list of finished responses."""
+        key = jax.random.key(0) if key is None else key
+        for chunk in generate_stream(self.model.llm, **self._decode_args(prompts, key), chunk_steps=chunk_steps):
+            for row, ids in enumerate(chunk.new_ids):
+                if len(ids):
+                    yield row, self.tokenizer.decode([int(i) for i in ids])
+            if chunk.output is not None:
+                yield self.finish(prompts, chunk.output, key)
+
+    def finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array) -> list[Response]:
+        """Map every voken window to conditioning, render the images, split the text around them."""
+        counts = np.asarray(out.insertion_counts)
+        windows = out.insertion_hidden  # [B, K, W, D]
+        b, k = counts.shape[0], windows.shape[1]
+        rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
+        images: dict[tuple[int, int], np.ndarray] = {}
+        if rows:
+            n = 1 << (len(rows) - 1).bit_length()  # a power-of-two bucket: few compiled shapes
+            flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
+            picked = np.stack([flat[r * k + j] for r, j in rows] + [flat[0]] * (n - len(rows)))
+            cond = self.model.conditioning(jnp.asarray(picked))
+            uncond = self.model.uncond_conditioning(n)
+            seeds = np.asarray([prompts[r].seed * k + j for r, j in rows] + [0] * (n - len(rows)), np.uint32)
+            pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
+                                  self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),
+                                  latent_size=self.latent_size)
+            pixels = (np.asarray(pixels)[: len(rows)] * 255).round().astype(np.uint8)
+            images = {rj: img for rj, img in zip(rows, pixels)}
+            log.info("rendered %d images (%s)", len(rows), self.sampler.timings)
+        ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
+        positions = np.asarray(out.insertion_positions)
+        return [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),
+                               [images[(r, j)] for j in range(int(counts[r]))]) for r in range(b)]
+
+    def _response(self, prompt: Prompt, ids: list[int], positions: list[int], images: list[np.ndarray]) -> Response:
+        window = len(self.tokenizer.ids.voken_ids)
+        segments: list[str | int] = []
+        start = 0
+        for j, pos in enumerate(positions):
+            segments.append(self._text(ids[start:pos]))
+            segments.append(j)
+            start = pos + window
+        segments.append(self._text(ids[start:]))
+        segments = [s for s in segments if s != ""]
+        return Response(prompt, segments, images, ids, self.tokenizer.decode(ids))
+
+    def _text(self, ids: list[int]) -> str:
+        """Readable text of some ids: stop sequences, EOS and vokens removed."""
+        for seq in self.sampling.stop_sequences:
+            if len(ids) >= len(seq) and tuple(ids[-len(seq):]) == seq:
+                ids = ids[: -len(seq)]
+        drop = set(self.sampling.eos_ids) | set(self.tokenizer.ids.voken_ids)
+        return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()

@@ -1,0 +1,76 @@
+"""Writing generated responses to disk: PNGs, one JSON record per prompt, and an `index.html` that
+shows each story as a person reads it (input images marked, generated images in place)."""
+
+from __future__ import annotations
+
+import html
+import json
+import pathlib
+import re
+from collections.abc import Sequence
+
+from PIL import Image
+
+from mg5jax.data import images as image_ops
+from mg5jax.generation.interleaved import Response
+
+_SLOT = re.compile(r"<Img><ImageHere></Img>|<ImageHere>")
+
+_STYLE = """
+body { font-family: Georgia, serif; max-width: 52rem; margin: 2rem auto; color: #222; background: #fafafa; }
+article { background: white; border: 1px solid #ddd; border-radius: 6px; padding: 1rem 1.5rem; margin-bottom: 2rem; }
+h2 { font-size: 1rem; color: #666; font-family: sans-serif; }
+.prompt { color: #555; white-space: pre-wrap; }
+.response { font-size: 1.1rem; white-space: pre-wrap; }
+figure { display: inline-block; margin: 0.5rem; vertical-align: top; text-align: center; }
+figure img { width: 192px; height: 192px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ccc; }
+figure.input img { border: 3px dashed #4a7; }
+figure.generated img { border: 3px solid #47a; }
+figcaption { font-family: sans-serif; font-size: 0.8rem; color: #666; }
+"""
+
+
+def _figure(src: str, caption: str, kind: str) -> str:
+    return (f'<figure class="{kind}"><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5") -> pathlib.Path:
+    """Write every response under `out_dir/NNN/` and the `index.html` that shows them; returns its path."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    articles = []
+    for n, r in enumerate(responses):
+        d = out / f"{n:03d}"
+        d.mkdir(exist_ok=True)
+        inputs = []
+        for k, path in enumerate(r.prompt.images):
+            name = f"input_{k + 1}.png"
+            image_ops.load_image(path).save(d / name)
+            inputs.append(name)
+        generated = []
+        for k, img in enumerate(r.images):
+            name = f"image_{k + 1}.png"
+            Image.fromarray(img).save(d / name)
+            generated.append(name)
+        record = {"prompt": r.prompt.text, "input_images": [str(p) for p in r.prompt.images], "seed": r.prompt.seed,
+                  "text": r.text, "raw_text": r.raw_text, "images": generated, "token_ids": r.token_ids}
+        (d / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+
+        pieces, slots = _SLOT.split(r.prompt.text), iter(range(len(inputs)))
+        prompt_html = html.escape(pieces[0])
+        for piece in pieces[1:]:
+            k = next(slots)
+            prompt_html += _figure(f"{d.name}/{inputs[k]}", f"input image {k + 1}", "input") + html.escape(piece)
+        response_html = "".join(
+            html.escape(s) if isinstance(s, str) else _figure(f"{d.name}/{generated[s]}", f"generated image {s + 1}",
+                                                               "generated")
+            for s in r.segments)
+        articles.append(f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
+                        f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
+                        f'<div class="response">{response_html}</div></article>')
+    index = out / "index.html"
+    index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                     f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(articles)}"
+                     "</body></html>", encoding="utf-8")
+    return index
