@@ -1,0 +1,172 @@
+"""Interleaved generation: several voken groups per response in a batch, batch-independence, the
+inference voken window equal to the teacher-forced training window, and the HTML report."""
+
+import json
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _fixtures_sd import tiny_sd_dir  # noqa: F401  (session fixture)
+from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401  (session fixture)
+from flax import nnx
+
+from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
+from mg5jax.diffusion import schedulers
+from mg5jax.generation.decode import ForcedInsertion, generate
+from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
+from mg5jax.generation.report import write_outputs
+from mg5jax.generation.sampling import SamplingConfig
+from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
+from mg5jax.models.mapper import MapperConfig, VokenMapper
+from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
+from mg5jax.models.unet import UNet2DConditionModel
+from mg5jax.models.vae import AutoencoderKL
+
+D = 512
+PROMPTS = ["###Human: tell me a story ###Assistant:", "###Human: the sister arrived ###Assistant:",
+           "###Human: fireworks at night and food on the grill ###Assistant:"]
+
+
+def bigram_llm(tokenizer: MiniGPT5Tokenizer, transitions: dict[int, dict[int, float]]) -> LlamaForCausalLM:
+    """A LLaMA whose layers add nothing, so the next-token distribution depends on the last token only:
+    one-hot embeddings, lm_head = log-probabilities (0 = allowed, -30 elsewhere)."""
+    v = tokenizer.ids.vocab_size
+    cfg = LlamaConfig(vocab_size=v, hidden_size=D, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, tie_word_embeddings=False)
+    llm = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    layer = llm.model.layers[0]
+    layer.self_attn.o_proj.kernel.set_value(jnp.zeros_like(layer.self_attn.o_proj.kernel[...]))
+    layer.mlp.down_proj.kernel.set_value(jnp.zeros_like(layer.mlp.down_proj.kernel[...]))
+    llm.model.embed_tokens.embedding.set_value(jnp.eye(v, D))
+    table = np.full((D, v), -30.0, np.float32)
+    for src, nexts in transitions.items():
+        table[src] = -30.0
+        for dst, logit in nexts.items():
+            table[src, dst] = logit
+    llm.lm_head.kernel.set_value(jnp.asarray(table / np.sqrt(D)))
+    return llm
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sd_dir, tiny_tokenizer_dir):  # noqa: F811
+    tokenizer = MiniGPT5Tokenizer.from_pretrained(tiny_tokenizer_dir)
+    schedule_cfg = json.loads((tiny_sd_dir / "scheduler" / "scheduler_config.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet", param_dtype=jnp.float32)
+    vae = AutoencoderKL.from_pretrained(tiny_sd_dir / "vae", param_dtype=jnp.float32)
+    mapper = VokenMapper(MapperConfig(llm_dim=D, hidden=32, num_queries=77, enc_layers=1, dec_layers=1, heads=4,
+                                      ff=64), rngs=nnx.Rngs(1))
+    return tokenizer, schedule_cfg, unet, vae, mapper
+
+
+def make_model(parts, llm) -> MiniGPT5:
+    tokenizer, schedule_cfg, unet, vae, mapper = parts
+    ids = tokenizer.ids
+    config = MiniGPT5Config(voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id, bos_id=ids.bos_id,
+                            groups_per_sample=2)
+    return MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae,
+                    noise_schedule=schedulers.NoiseSchedule.from_config(schedule_cfg))
+
+
+def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
+    tokenizer = parts[0]
+    ids = tokenizer.ids
+    img0, img7 = ids.voken_ids[0], ids.voken_ids[-1]
+    last = tokenizer.encode(PROMPTS[0])[-1]  # every prompt ends with "###Assistant:"
+    (stop,) = tokenizer.encode("###")
+    (w1,), (w2,) = tokenizer.encode("sister"), tokenizer.encode("day")  # single pieces
+    llm = bigram_llm(tokenizer, {last: {w1: 0.0}, w1: {img0: 0.0, stop: 0.0}, img7: {w2: 0.0},
+                                 w2: {img0: 0.0, stop: 0.0}})
+    model = make_model(parts, llm)
+    settings = GenerationSettings(max_new_tokens=12, max_images=2, num_inference_steps=3, guidance_scale=7.5,
+                                  length_buckets=(16, 32))
+    gen = InterleavedGenerator(model, tokenizer, parts[1], settings=settings, max_input_images=1)
+
+    # find seeds whose (batch-1) responses hold 0, 1 and 2 images: the model is seeded, not scripted
+    by_count: dict[int, list] = {}
+    for seed in range(12):
+        (r,) = gen([Prompt(PROMPTS[seed % 3], seed=seed)])
+        by_count.setdefault(len(r.images), []).append(r)
+        if all(k in by_count for k in (0, 1, 2)):
+            break
+    singles = [by_count[k][0] for k in (0, 1, 2)]
+    batch = gen([r.prompt for r in singles])
+    for k, (single, batched) in enumerate(zip(singles, batch)):
+        assert len(batched.images) == k
+        assert batched.token_ids == single.token_ids
+        for a, b in zip(batched.images, single.images):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        # images sit where [IMG0] was sampled: after w1 (and after w2 for the second)
+        assert [s for s in batched.segments if isinstance(s, int)] == list(range(k))
+        expected = {0: ["sister"], 1: ["sister", 0, "day"], 2: ["sister", 0, "day", 1, "day"]}[k]
+        assert batched.segments == expected, batched.segments
+        assert batched.token_ids.count(img0) == k and batched.token_ids[-1] == stop
+    assert batch[2].text == "sister [image 1] day [image 2] day"
+    assert not np.array_equal(batch[2].images[0], batch[2].images[1])
+
+    index = write_outputs(batch, tmp_path / "out")
+    html = index.read_text()
+    assert html.count('class="generated"') == 3 and "000/record.json" not in html
+    record = json.loads((tmp_path / "out" / "002" / "record.json").read_text())
+    assert record["images"] == ["image_1.png", "image_2.png"] and record["text"] == batch[2].text
+    _check_renders(index)
+
+
+def _check_renders(index):
+    """Open the page in headless Chromium and count images that loaded (skipped without Chromium)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed; .ci/run installs it")
+    probe = index.with_name("probe.html")
+    probe.write_text(index.read_text().replace(
+        "</body>", "<script>window.addEventListener('load', () => { const n = [...document.images].filter("
+                   "i => i.complete && i.naturalWidth > 0).length; document.body.setAttribute('data-loaded', n);"
+                   " document.body.setAttribute('data-total', document.images.length); });</script></body>"))
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--no-first-run", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert 'data-loaded="3"' in dom and 'data-total="3"' in dom, dom[-500:]
+
+
+def test_inference_window_equals_teacher_forced_window(parts):
+    """A random LLM forced (by a logit bias) to start with [IMG0] twice: the windows kept by the decode
+    loop equal the training windows of MiniGPT5.voken_windows over the same sequence."""
+    tokenizer = parts[0]
+    ids = tokenizer.ids
+    cfg = LlamaConfig(vocab_size=ids.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = make_model(parts, LlamaForCausalLM(cfg, rngs=nnx.Rngs(7)))
+    model.mapper = VokenMapper(MapperConfig(llm_dim=64, hidden=32, num_queries=77, enc_layers=1, dec_layers=1,
+                                            heads=4, ff=64), rngs=nnx.Rngs(2))
+    gen = InterleavedGenerator(model, tokenizer, parts[1], settings=GenerationSettings(length_buckets=(16, 32)),
+                               max_input_images=1)
+    prompts = [Prompt(PROMPTS[0]), Prompt(PROMPTS[2])]
+    batch = gen.prepare(prompts)
+    embeds, mask, _ = model.splice(jax.tree.map(jnp.asarray, batch))
+    config = SamplingConfig(do_sample=False, max_new_tokens=6, logit_bias=((ids.voken_ids[0], 30.0),),
+                            pad_id=ids.pad_id)
+    insertion = ForcedInsertion(trigger_id=ids.voken_ids[0], tokens=tuple(ids.voken_ids[1:]), max_insertions=2)
+    out = generate(model.llm, inputs_embeds=embeds, prompt_mask=mask, config=config, insertion=insertion)
+    np.testing.assert_array_equal(np.asarray(out.insertion_counts), [2, 2])
+
+    # teacher forcing: prompt as source, the generated ids as target, through the training path
+    n = int(np.asarray(out.lengths).max())
+    t = batch["input_ids"].shape[1] + n
+    train = {k: v for k, v in batch.items()}
+    train["input_ids"] = np.full((2, t), ids.pad_id, np.int32)
+    train["labels"] = np.full((2, t), IGNORE_INDEX, np.int32)
+    train["attention_mask"] = np.zeros((2, t), np.int32)
+    for r in range(2):
+        src = [i for i, m in zip(batch["input_ids"][r], batch["attention_mask"][r]) if m]
+        tgt = np.asarray(out.ids)[r, : int(out.lengths[r])].tolist()
+        train["input_ids"][r, : len(src) + len(tgt)] = src + tgt
+        train["labels"][r, len(src) : len(src) + len(tgt)] = tgt
+        train["attention_mask"][r, : len(src) + len(tgt)] = 1
+    e, m, labels = model.splice(jax.tree.map(jnp.asarray, train))
+    hidden = model.llm(inputs_embeds=e, attention_mask=m).hidden_states
+    windows, found = model.voken_windows(hidden, labels)
+    assert bool(jnp.all(found))
+    err = np.abs(np.asarray(windows) - np.asarray(out.insertion_hidden)).max()
+    assert err <= 1e-5, err
