@@ -1,0 +1,75 @@
+"""Interleaved generation throughput on the demo model: batch 1 vs batch 8, and the cold start.
+
+    python benchmarks/generate.py [--steps 25] [--max_new_tokens 96]
+
+Needs the demo assets and run (`make demo`). Prints JSON: tokens/s and images/s per batch size,
+the batch-8 / batch-1 throughput ratio, and cold start (compile + first response) against one
+steady-state response. The persistent compilation cache (.cache/jax) is used, as in a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def main() -> None:
+    from configs import demo
+    from mg5jax import build
+    from mg5jax.demo import ROOT, write_prompts
+    from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--max_new_tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if not (ROOT / "run" / "checkpoints").is_dir():
+        sys.exit(f"no demo run in {ROOT}: run `make demo` first")
+    cfg = demo.get_config()
+    built = build.build_model(cfg, train=False)
+    build.load_trainable(built.model, cfg.trainer.workdir)
+    rows = [json.loads(line) for line in write_prompts(ROOT / "prompts.jsonl", limit=8).read_text().splitlines()]
+    prompts = [Prompt(r["text"], tuple(r["images"]), seed=i) for i, r in enumerate(rows)]
+    prompts = (prompts * 8)[:8]
+    schedule = json.loads((pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json").read_text())
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
+                                  image_size=cfg.data.output_image_size, max_images=1)
+    gen = InterleavedGenerator(built.model, built.tokenizer, schedule, settings=settings,
+                               input_image_size=cfg.data.input_image_size, llm_dir=cfg.model.llm_path)
+
+    def timed(batch):
+        start = time.perf_counter()
+        out = gen(batch)
+        return time.perf_counter() - start, out
+
+    cold_s, _ = timed(prompts[:1])
+    result = {"steps": args.steps, "max_new_tokens": args.max_new_tokens, "backend": jax.default_backend()}
+    for b in (1, 8):
+        timed(prompts[:b])  # compile this batch shape
+        runs = [timed(prompts[:b]) for _ in range(args.repeats)]
+        seconds = min(s for s, _ in runs)
+        out = runs[0][1]
+        tokens = sum(len(r.token_ids) for r in out)
+        images = sum(len(r.images) for r in out)
+        result[f"batch{b}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                               "images_per_s": round(images / seconds, 2), "images": images, "tokens": tokens}
+    b1, b8 = result["batch1"], result["batch8"]
+    result["throughput_ratio_b8_vs_b1"] = round(b1["seconds"] * 8 / b8["seconds"], 2)
+    result["cold_start_s"] = round(cold_s, 2)
+    result["cold_vs_steady_response"] = round(cold_s / b1["seconds"], 2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
