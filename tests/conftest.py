@@ -10,11 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the configs/ package, as train.py sees it
 SAMPLES = REPO.parent / "shared" / "data" / "minigpt5-samples"
 
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".cache" / "jax"))
