@@ -167,7 +167,8 @@ def attention(
         k = jnp.repeat(k, h // hkv, axis=2)
         v = jnp.repeat(v, h // hkv, axis=2)
     compute = jnp.float32 if upcast else q.dtype
-    scores = jnp.einsum("bthd,bshd->bhts", q.astype(compute), k.astype(compute)) * scale
+    # scale q (T·d values), not the scores (T·S): XLA:CPU would materialise the broadcast scale
+    scores = jnp.einsum("bthd,bshd->bhts", q.astype(compute) * scale, k.astype(compute))
     scores = scores.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
