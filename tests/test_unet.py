@@ -18,7 +18,8 @@ from mg5jax import parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert.diffusers import unet_keymap
 from mg5jax.convert.sources import CheckpointError, SafetensorsSource, open_weights, write_safetensors
-from mg5jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_rngs
+from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
+from mg5jax.convert.keymap import abstract_rngs
 
 pytestmark = pytest.mark.xdist_group("sd")
 

@@ -14,7 +14,7 @@ from flax import nnx
 from mg5jax.convert import keymap as km
 from mg5jax.convert.diffusers import vae_keymap
 from mg5jax.convert.sources import CheckpointError, open_weights, write_safetensors
-from mg5jax.models.unet import abstract_rngs
+from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 pytestmark = pytest.mark.xdist_group("sd")

@@ -156,7 +156,7 @@ class CLIPTextModel(nnx.Module):
         directory = pathlib.Path(text_encoder_dir)
         cfg = CLIPTextConfig.from_json(directory / "config.json")
         graphdef, abstract = km.abstract_model(
-            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, rngs=km.abstract_rngs()))
         source = open_weights(directory)
         state = km.load_params(abstract, source, clip_text_keymap(source.keys()), mesh=mesh,
                                what=f"CLIP text encoder {directory}")

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mg5jax.convert import keymap as km
+from mg5jax.convert.keymap import abstract_rngs  # noqa: F401  (re-exported for callers of this module)
 from mg5jax.convert.diffusers import unet_keymap
 from mg5jax.convert.sources import open_weights, write_sharded_safetensors
 from mg5jax.models import layers
@@ -468,18 +469,6 @@ def _run(block: nnx.Module, *args):
     return block(*args)
 
 
-def abstract_rngs(seed: int = 0) -> nnx.Rngs:
-    """Rngs for building a model under `nnx.eval_shape` (weights loaded afterwards).
-
-    The params stream counts in numpy, so each draw stays a constant: with a traced count, flax's
-    update compares the tracer's sharding, whose error message walks the whole trace (a U-Net's
-    abstract build then takes 10-15 s instead of 2 s).
-    """
-    rngs = nnx.Rngs(seed)
-    rngs.params.count.set_value(np.zeros((), np.uint32))
-    return rngs
-
-
 class UNet2DConditionModel(nnx.Module):
     """ε-prediction U-Net: `sample [B, C, h, w]`, `timesteps [B] or scalar`, `encoder_hidden_states
     [B, L, D]` -> `[B, C, h, w]` (h, w multiples of 2**(levels-1))."""
@@ -537,7 +526,7 @@ class UNet2DConditionModel(nnx.Module):
         cfg = dataclasses.replace(UNetConfig.from_json(path / "config.json"), remat=remat,
                                   attention_impl=attention_impl)  # fmt: skip
         graphdef, abstract = km.abstract_model(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                           rngs=abstract_rngs()))
+                                                           rngs=km.abstract_rngs()))
         source = open_weights(path, stems=(WEIGHTS_STEM,))
         state = km.load_params(abstract, source, unet_keymap(cfg.use_linear_projection), mesh=mesh,
                                what=f"U-Net {path}")  # fmt: skip

@@ -27,7 +27,7 @@ from mg5jax.convert.diffusers import VAE_DEPRECATED_ATTENTION_NAMES, vae_keymap
 from mg5jax.convert.sources import open_weights
 from mg5jax.models import layers
 from mg5jax.models.unet import (
-    WEIGHTS_STEM, Attention, Downsample2D, ResnetBlock2D, Upsample2D, abstract_rngs, check_fixed, check_known,
+    WEIGHTS_STEM, Attention, Downsample2D, ResnetBlock2D, Upsample2D, check_fixed, check_known,
     save_diffusers,
 )  # fmt: skip
 
@@ -287,7 +287,7 @@ class AutoencoderKL(nnx.Module):
         path = pathlib.Path(path)
         cfg = VAEConfig.from_json(path / "config.json")
         graphdef, abstract = km.abstract_model(lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                           rngs=abstract_rngs()))  # fmt: skip
+                                                           rngs=km.abstract_rngs()))  # fmt: skip
         source = open_weights(path, stems=(WEIGHTS_STEM,))
         deprecated = any(k.endswith(f".attentions.0.{VAE_DEPRECATED_ATTENTION_NAMES[0]}.weight") for k in source)
         state = km.load_params(abstract, source, vae_keymap(deprecated), mesh=mesh, what=f"VAE {path}")

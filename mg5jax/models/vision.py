@@ -373,7 +373,7 @@ class VisionEncoder(nnx.Module):
 
         cfg = config or VisionEncoderConfig(proj_dim=convert.minigpt4_proj_dim(proj_path))
         graphdef, abstract = km.abstract_model(
-            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=km.abstract_rngs()))
         state = convert.load_lavis(abstract, vit_path, qformer_path, proj_path, depth=cfg.vision.depth, mesh=mesh)
         return km.materialize(graphdef, state)
 
@@ -391,6 +391,6 @@ class VisionEncoder(nnx.Module):
         proj_dim = convert.minigpt4_proj_dim(proj) if proj is not None else None
         cfg = VisionEncoderConfig.from_json(directory / "config.json", proj_dim=proj_dim)
         graphdef, abstract = km.abstract_model(
-            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)))
+            lambda: cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=km.abstract_rngs()))
         state = convert.load_hf(abstract, directory, proj_path=proj, mesh=mesh)
         return km.materialize(graphdef, state)
