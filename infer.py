@@ -82,6 +82,7 @@ def run(cfg) -> int:
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import write_outputs
 
+    build.enable_compile_cache()
     built = build.build_model(cfg, train=False)
     if _STAGE1.value:
         import_official(built.model, _STAGE1.value, _STAGE2.value)

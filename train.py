@@ -32,6 +32,7 @@ def run(cfg) -> int:
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
+    build.enable_compile_cache()
     built = build.build_model(cfg, train=True)
     d = cfg.data
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,

@@ -47,6 +47,16 @@ class Built:
     num_new_rows: int  # vocab rows added for the vokens and <ImageHere> (the only rows that train)
 
 
+def enable_compile_cache(directory: str | None = None) -> None:
+    """Keep compiled programs on disk (default `.cache/jax`, or $MG5JAX_COMPILE_CACHE) so a second
+    run of the same config skips XLA compilation."""
+    import os
+
+    directory = directory or os.environ.get("MG5JAX_COMPILE_CACHE", ".cache/jax")
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(directory).absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _dtype(name: str, field: str):
     if name not in DTYPES:
         raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
