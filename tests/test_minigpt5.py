@@ -140,23 +140,23 @@ def torch_objective(p, batch, drop, noise, timesteps, posterior_noise):
     logits, hidden = out.logits, out.hidden_states[-1]
     text_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                   labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    windows, images, captions, cap_masks = [], [], [], []
+    windows, images, captions, cap_masks, groups = [], [], [], [], []
     for b in range(2):
         for g, pos in enumerate(torch.nonzero(labels[b] == VOKENS[0])[:, 0].tolist()):
             if batch["output_image_mask"][b, g]:
+                groups.append(2 * b + g)  # the draws are per group in place: [B·G]
                 windows.append(hidden[b, pos - 1 : pos + 7])
                 images.append(torch.tensor(batch["output_images"][b, g]))
                 captions.append(torch.tensor(batch["caption_ids"][b]).long())
                 cap_masks.append(torch.tensor(batch["caption_mask"][b]).long())
-    n = len(windows)
-    drop_t = torch.tensor(drop[:n])
+    drop_t = torch.tensor(drop[groups])
     feats = torch.stack(windows)
     feats = torch.where(drop_t[:, None, None], torch.zeros_like(feats), feats)
     cond = p["mapper"](feats)
     dist = p["vae"].encode(torch.stack(images)).latent_dist
-    latents = (dist.mean + dist.std * torch.tensor(posterior_noise[:n])) * p["vae"].config.scaling_factor
-    t = torch.tensor(timesteps[:n]).long()
-    eps = torch.tensor(noise[:n])
+    latents = (dist.mean + dist.std * torch.tensor(posterior_noise[groups])) * p["vae"].config.scaling_factor
+    t = torch.tensor(timesteps[groups]).long()
+    eps = torch.tensor(noise[groups])
     abar = p["alphas_cumprod"][t][:, None, None, None]
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * eps
     pred = p["unet"](noisy, t, encoder_hidden_states=cond).sample
@@ -175,7 +175,7 @@ def test_objective_and_gradients_match_torch(setup):
     rng = np.random.default_rng(0)
     batch = make_batch(rng)
     s = 4
-    drop = np.array([False, True, False, False])
+    drop = np.array([False, False, True, False])  # per group in place; group 1 has no target image
     noise = rng.normal(size=(s, 4, 8, 8)).astype(np.float32)
     post = rng.normal(size=(s, 4, 8, 8)).astype(np.float32)
     timesteps = np.array([10, 500, 999, 0], np.int32)

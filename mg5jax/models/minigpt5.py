@@ -2,7 +2,7 @@
 the frozen Stable Diffusion parts, composed into the training objective.
 
 Shapes: B batch, T text bucket, M input-image slots, Q image tokens per input image (32),
-L = 1 + T + (Q-1)·M spliced length, D LLM width, G voken groups per sample, S voken groups per batch
+L = 1 + T + (Q-1)·M spliced length, D LLM width, G voken groups per sample, S = B·G voken groups per batch
 sent to the U-Net (static), W voken window (8), C conditioning width (1024), N conditioning tokens (77).
 """
 
@@ -39,7 +39,6 @@ class MiniGPT5Config:
     bos_id: int = 1  # the tokenizer's <s>, embedded first in every sequence
     num_query_tokens: int = 32  # LLM positions per input image
     groups_per_sample: int = 1  # G: voken groups searched per sample
-    groups_per_batch: int | None = None  # S: groups sent to the U-Net per batch (default B·G)
     text_loss_weight: float = 0.01
     image_loss_weight: float = 1.0
     caption_loss_weight: float = 0.1  # 0 disables the caption loss (stage 2)
@@ -190,16 +189,17 @@ class MiniGPT5(nnx.Module):
 
         windows, found = self.voken_windows(out.hidden_states, labels)  # [B,G,W,D], [B,G]
         b, g = found.shape
-        s = cfg.groups_per_batch or b * g
-        valid = found & batch["output_image_mask"][:, :g]
-        sel, sel_valid = _first_positions(valid.reshape(-1), s)  # [S]
-        n_valid = sel_valid.sum()
-        windows = windows.reshape(b * g, *windows.shape[2:])[sel]
+        # every group goes to the U-Net in place (S = B·G, group s is sample s // G); groups without a
+        # target image are masked out of the means. No gather: S stays split like the batch
+        s = b * g
+        valid = (found & batch["output_image_mask"][:, :g]).reshape(s)  # [S]
+        n_valid = valid.sum()
+        windows = windows.reshape(s, *windows.shape[2:])
         if cfg_drop is None:
             cfg_drop = self.draw_cfg_drop(k_drop, s)
         cond = self.conditioning(windows, cfg_drop)  # [S, N, C]
 
-        latents = self._target_latents(batch, sel, g, k_post, posterior_noise)  # [S, 4, h, w]
+        latents = self._target_latents(batch, g, k_post, posterior_noise)  # [S, 4, h, w]
         if noise is None:
             noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
         if timesteps is None:
@@ -210,16 +210,16 @@ class MiniGPT5(nnx.Module):
         if cfg.snr_gamma is not None:
             per_group = per_group * schedulers.min_snr_weights(self.alphas_cumprod[...], timesteps, cfg.snr_gamma)
         denom = jnp.maximum(n_valid, 1)
-        image_loss = jnp.sum(jnp.where(sel_valid, per_group, 0.0)) / denom
+        image_loss = jnp.sum(jnp.where(valid, per_group, 0.0)) / denom
 
         result = {"text_loss": text_loss, "image_loss": image_loss}
         voken_terms = cfg.image_loss_weight * image_loss
         if cfg.caption_loss_weight > 0:
-            rows = sel // g
-            target = self.encode_captions(batch["caption_ids"][rows], batch["caption_mask"][rows])
+            ids, mask = (jnp.repeat(batch[k], g, axis=0) for k in ("caption_ids", "caption_mask"))
+            target = self.encode_captions(ids, mask)
             target = jnp.where(cfg_drop[:, None, None], self.empty_text_feature[...][None], target)
             per_group_mse = jnp.mean(jnp.square(cond - target), axis=(1, 2))
-            caption_loss = jnp.sum(jnp.where(sel_valid, per_group_mse, 0.0)) / denom
+            caption_loss = jnp.sum(jnp.where(valid, per_group_mse, 0.0)) / denom
             use_caption = jnp.all(batch["has_caption"])
             caption_loss = jnp.where(use_caption, caption_loss, 0.0)
             result["caption_loss"] = caption_loss
@@ -228,15 +228,15 @@ class MiniGPT5(nnx.Module):
         result["loss"] = jnp.where(n_valid > 0, text_term + voken_terms, text_term)
         return result
 
-    def _target_latents(self, batch, sel, g, key, posterior_noise) -> jax.Array:
-        """Scaled VAE latents of the selected target images `[S,4,h,w]` (posterior samples)."""
+    def _target_latents(self, batch, g, key, posterior_noise) -> jax.Array:
+        """Scaled VAE latents of the first G target images of every sample `[B·G,4,h,w]` (posterior samples)."""
         if "output_moments" in batch:
             moments = batch["output_moments"]
-            moments = moments.reshape(-1, *moments.shape[2:])[sel]
+            moments = moments[:, :g].reshape(-1, *moments.shape[2:])
             dist = DiagonalGaussian.from_moments(moments.astype(jnp.float32))
         else:
             images = batch["output_images"]
-            images = images.reshape(-1, *images.shape[2:])[sel]
+            images = images[:, :g].reshape(-1, *images.shape[2:])
             dist = self.vae.encode(images)
         if posterior_noise is None:
             latents = dist.sample(key)
