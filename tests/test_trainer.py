@@ -43,7 +43,7 @@ def test_sharded_step_matches_single_device(tmp_path, initial_state):
     meshes = {
         "1 device": (MeshConfig(data=1), jax.devices()[:1]),
         "2 data x 4 fsdp": (MeshConfig(data=2, fsdp=4), None),
-        "2 data x 2 fsdp x 2 tensor": (MeshConfig(data=2, fsdp=2, tensor=2), None),
+        "4 fsdp x 2 tensor": (MeshConfig(data=1, fsdp=4, tensor=2), None),
     }
     results = {}
     for name, (mesh, devices) in meshes.items():
@@ -65,7 +65,7 @@ def test_sharded_step_matches_single_device(tmp_path, initial_state):
         rows = np.r_[VOKEN_ROWS]
         np.testing.assert_array_equal(np.delete(full["embed"], rows, 0), np.delete(initial["embed"], rows, 0))
         assert not np.allclose(full["head.kernel"], initial["head.kernel"])
-    kernel = results["2 data x 2 fsdp x 2 tensor"][2].head.kernel.get_value()
+    kernel = results["4 fsdp x 2 tensor"][2].head.kernel.get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 

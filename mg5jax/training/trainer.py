@@ -127,6 +127,12 @@ class Trainer:
         self.cfg = cfg
         self.workdir = pathlib.Path(cfg.workdir)
         self.mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        if all(self.mesh.shape[a] > 1 for a in parallel.MESH_AXES):
+            # measured with jax/jaxlib 0.10.2 on CPU: the batch over data×fsdp replicated over tensor gives
+            # wrong U-Net/mapper gradients (the forward is right) with both partitioners (Shardy and GSPMD)
+            raise ValueError(f"TrainerConfig.mesh {dict(self.mesh.shape)}: data, fsdp and tensor all > 1 is "
+                             "not supported (XLA mis-partitions the diffusion backward on such meshes); "
+                             "use two of the three axes")
         self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._model = parallel.shard_model(model, self.mesh)
         tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
@@ -154,25 +160,9 @@ class Trainer:
     # -- jitted steps -------------------------------------------------------------------------
 
     def _make_train_step(self, train_key: jax.Array):
-        model_def, opt_def, trainable = self._model_def, self._opt_def, self.trainable
-
-        def train_step(params, opt_state, frozen, batch, step):
-            rng = jax.random.fold_in(train_key, step)
-
-            def loss_fn(p):
-                terms = _check_terms(nnx.merge(model_def, p, frozen).loss(batch, rng))
-                return terms["loss"], terms
-
-            (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-            model = nnx.merge(model_def, params, frozen)
-            optimizer = nnx.merge(opt_def, opt_state)
-            optimizer.update(model, grads)
-            terms = dict(terms, grad_norm=optax.tree.norm(grads))
-            return nnx.state(model, trainable), nnx.state(optimizer), terms
-
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(train_step, donate_argnums=(0, 1),
-                       out_shardings=(_shardings(self._params), _shardings(self._opt_state), replicated))
+        return make_train_step(self._model_def, self._opt_def, self.trainable, train_key,
+                               param_shardings=_shardings(self._params),
+                               opt_shardings=_shardings(self._opt_state), mesh=self.mesh)
 
     def _make_eval_step(self, eval_key: jax.Array):
         model_def = self._model_def
@@ -371,6 +361,35 @@ class Trainer:
     def close(self) -> None:
         """Wait for pending checkpoint writes and release the checkpoint manager."""
         self.checkpointer.close()
+
+
+def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, train_key: jax.Array, *,
+                    param_shardings, opt_shardings, mesh: jax.sharding.Mesh):
+    """The jitted train step `(params, opt_state, frozen, batch, step) -> (params, opt_state, terms)`.
+
+    `params` are the trainable variables (`trainable` filter), `frozen` the rest of the model,
+    `opt_state` the split `nnx.Optimizer`; the step's rng is `fold_in(train_key, step)`. Params and
+    optimizer state are donated and kept on `param_shardings` / `opt_shardings`; `terms` (the
+    model's loss terms and `grad_norm`) are replicated. Call it, or `.lower()` it on
+    `jax.ShapeDtypeStruct`s for an ahead-of-time compile, inside `jax.set_mesh(mesh)`.
+    """
+
+    def train_step(params, opt_state, frozen, batch, step):
+        rng = jax.random.fold_in(train_key, step)
+
+        def loss_fn(p):
+            terms = _check_terms(nnx.merge(model_def, p, frozen).loss(batch, rng))
+            return terms["loss"], terms
+
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        model = nnx.merge(model_def, params, frozen)
+        optimizer = nnx.merge(opt_def, opt_state)
+        optimizer.update(model, grads)
+        terms = dict(terms, grad_norm=optax.tree.norm(grads))
+        return nnx.state(model, trainable), nnx.state(optimizer), terms
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_shardings, opt_shardings, replicated))
 
 
 def _check_terms(terms: Any) -> dict[str, jax.Array]:
