@@ -356,7 +356,10 @@ class LlamaForCausalLM(nnx.Module):
             kv_k, kv_v = cache.k, cache.v
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = mask[:, None]
-        call = nnx.remat(_call_layer, policy=_remat_policy(self.remat)) if self.remat else _call_layer
+        # layers hold only parameters, so remat has nothing to write back (and works under jax.grad of
+        # a closure over the model, as the trainer's step takes it)
+        call = (nnx.remat(_call_layer, policy=_remat_policy(self.remat), graph_updates=False) if self.remat
+                else _call_layer)
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (kv_k[i], kv_v[i])
             x, kv = call(layer, x, cos, sin, mask, kv, slots)
