@@ -81,7 +81,8 @@ def build_model(cfg, *, train: bool = True) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
 
     Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
-    in fp32. With `model.init_from` set, the trainable params of that checkpoint are loaded.
+    in fp32. With `model.init_from` set, the trainable params of that checkpoint are loaded. For
+    inference (`train=False`) no remat and no caption text encoder.
     """
     m = cfg.model
     frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
@@ -112,7 +113,7 @@ def build_model(cfg, *, train: bool = True) -> Built:
     text_encoder, empty = None, None
     cross = unet.config.cross_attention_dim  # an int, or one per block (all equal for SD)
     text_width = cross if isinstance(cross, int) else cross[0]
-    if cfg.loss.caption_weight > 0:
+    if cfg.loss.caption_weight > 0 and train:  # the caption loss's targets; generation does not need it
         text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
         ids, mask = encode_prompts(caption_tokenizer, [""])
         empty = np.asarray(text_encoder(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)[0]
