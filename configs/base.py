@@ -24,6 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen weights (LLM body, U-Net, VAE, ViT, CLIP text)
     c.model.compute_dtype = "bfloat16"  # matmul/conv dtype of the frozen parts; norms and softmax stay fp32
     c.model.attn_impl = "reference"  # "reference" (einsum) or "fused" (jax.nn.dot_product_attention)
+    c.model.llm_int8 = False  # inference: LLM layer projections in int8 with per-column scales (half of bf16;
+    #                             lets generation fit one 16 GiB chip); training always uses frozen_dtype
     c.model.remat_llm = True  # recompute LLM layers in the backward pass (saves activation memory)
     c.model.remat_unet = True  # recompute U-Net blocks in the backward pass
     c.model.lora = ml_collections.ConfigDict()
@@ -54,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.kind = "vist"  # "cc3m", "vist" or "mmdialog"
     c.data.train_path = ""  # the reader's file: cc3m *.tsv, VIST *_cleaned.json, MMDialog *.jsonl / .txt
     c.data.val_path = ""  # same format; "" = no validation
-    c.data.per_device_batch_size = 2  # examples per device per micro-step
+    c.data.per_device_batch_size = 6  # examples per device per micro-step: 6 x 8 v5e chips = 48, the original's
+    #                                   effective batch with no accumulation (`python -m mg5jax.plan` checks the fit)
     c.data.effective_batch_size = 48  # per_device × devices × accumulation (accumulation is derived)
     c.data.length_buckets = (256, 512, 1024)  # text-token buckets (source + target, no BOS)
     c.data.max_input_images = 5  # <ImageHere> slots per example
@@ -77,7 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.async_checkpointing = True  # write checkpoints in the background
     c.trainer.eval_every = 500  # steps between validation passes (0 = never)
     c.trainer.sample_every = 0  # steps between sample generations (0 = never)
-    c.trainer.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1 takes the remaining devices
+    # -1 takes the remaining devices. FSDP over all of them: the 7B LLM, SD and the ViT-g do not fit replicated
+    # in a 16 GiB chip; sharded 8 ways they take 2.3 GiB per chip
+    c.trainer.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.trainer.optimizer = ml_collections.ConfigDict()
     c.trainer.optimizer.learning_rate = 2e-5  # base lr
     c.trainer.optimizer.b1 = 0.9

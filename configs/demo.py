@@ -42,6 +42,7 @@ def get_config():
     c.trainer.save_every = 150
     c.trainer.eval_every = 150
     c.trainer.mesh.data = -1
+    c.trainer.mesh.fsdp = 1  # tiny models: plain data parallelism
     c.trainer.optimizer.learning_rate = 3e-3  # tiny models learn fast; the original uses 2e-5
     c.trainer.optimizer.warmup_steps = 20
     c.trainer.optimizer.total_steps = 300
