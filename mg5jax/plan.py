@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import pathlib
 import re
 import sys
@@ -228,19 +227,11 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
 # ------------------------------------------------------------------------------------ topology
 
 
-def topology_devices(name: str, *, compile_hbm_gib: float | None = None) -> list:
-    """The devices of a TPU topology (compile-only, no TPU needed), or the local ones for "cpu".
-
-    `compile_hbm_gib` makes XLA compile as if each device had that much HBM, so that programs too big
-    for the real one can still be measured; it takes effect only before the process's first TPU topology.
-    """
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology (compile-only, no TPU needed), or the local ones for "cpu"."""
     if name == "cpu":
         return jax.devices("cpu")
     from jax.experimental import topologies
-
-    if compile_hbm_gib is not None:
-        flag = f"--xla_tpu_max_hbm_size_mib={int(compile_hbm_gib * 1024)}"
-        os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {flag}".strip()
 
     kwargs = {"chips_per_host_bounds": CHIPS_PER_HOST[name]} if name in CHIPS_PER_HOST else {}
     try:
@@ -606,12 +597,12 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
 
 def plan(cfg, topology: str, *, generate: bool = False, batch_per_device: int | None = None,
          text_length: int | None = None, prompts: int = 8, effort: float = QUICK_EFFORT,
-         compile_hbm_gib: float | None = None, config_path: str = "") -> dict:
+         config_path: str = "") -> dict:
     """The JSON report of `python -m mg5jax.plan` for a run config on a topology.
 
     `effort` is XLA's execution-time optimization effort for these compiles (-1 … 1; runs use 0).
     """
-    devices = topology_devices(topology, compile_hbm_gib=compile_hbm_gib)
+    devices = topology_devices(topology)
     sizes = model_sizes(cfg)
     mesh = mesh_for(cfg, devices)
     previous = jax.config.jax_exec_time_optimization_effort
@@ -630,7 +621,6 @@ def plan(cfg, topology: str, *, generate: bool = False, batch_per_device: int | 
         "devices": len(devices),
         "device_kind": devices[0].device_kind,
         "hbm_per_device_bytes": device_hbm(devices),
-        "compile_hbm_gib": compile_hbm_gib,
         "exec_time_optimization_effort": effort,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "rules": _rules_json(parallel.DEFAULT_RULES),
@@ -658,8 +648,6 @@ def _flags(argv: Sequence[str]):
     flags.DEFINE_integer("prompts", 8, "prompts per generation batch", flag_values=fv)
     flags.DEFINE_float("effort", QUICK_EFFORT, "XLA exec-time optimization effort of the compiles (-1 … 1; "
                        "training and inference compile with 0)", flag_values=fv)
-    flags.DEFINE_float("compile_hbm_gib", None, "compile as if each TPU device had this much HBM (to measure "
-                       "programs that do not fit; 'fits' still compares with the real HBM)", flag_values=fv)
     flags.DEFINE_string("out", "", "also write the JSON report to this file", flag_values=fv)
     return fv
 
@@ -671,8 +659,7 @@ def cli(argv: Sequence[str]) -> dict:
     if fv.config is None:
         raise ValueError("--config is required, e.g. --config configs/stage2_vist.py")
     report = plan(fv.config, fv.topology, generate=fv.generate, batch_per_device=fv.batch_per_device,
-                  text_length=fv.text_length, prompts=fv.prompts, effort=fv.effort, compile_hbm_gib=fv.compile_hbm_gib,
-                  config_path=fv["config"].config_filename)
+                  text_length=fv.text_length, prompts=fv.prompts, effort=fv.effort, config_path=fv["config"].config_filename)
     text = json.dumps(report, indent=2)
     if fv.out:
         pathlib.Path(fv.out).parent.mkdir(parents=True, exist_ok=True)
