@@ -91,10 +91,8 @@ def run(cfg) -> int:
     else:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         build.load_trainable(built.model, run_dir)
-    if cfg.model.llm_int8:
-        from mg5jax.models.quantize import quantize_int8
-
-        print(f"int8 weights for {len(quantize_int8(built.model.llm))} LLM projections", flush=True)
+    if cfg.model.int8_weights:
+        print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
     settings = GenerationSettings(
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,

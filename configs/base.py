@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen weights (LLM body, U-Net, VAE, ViT, CLIP text)
     c.model.compute_dtype = "bfloat16"  # matmul/conv dtype of the frozen parts; norms and softmax stay fp32
     c.model.attn_impl = "reference"  # "reference" (einsum) or "fused" (jax.nn.dot_product_attention)
-    c.model.llm_int8 = False  # inference: LLM layer projections in int8 with per-column scales (half of bf16;
-    #                             lets generation fit one 16 GiB chip); training always uses frozen_dtype
+    c.model.int8_weights = False  # inference: the LLM's and the ViT's layer projections in int8 with per-column
+    #                               scales (half of bf16; lets generation fit one 16 GiB chip); training ignores it
     c.model.remat_llm = True  # recompute LLM layers in the backward pass (saves activation memory)
     c.model.remat_unet = True  # recompute U-Net blocks in the backward pass
     c.model.lora = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
 from mg5jax.models.llama import VOCAB_PARAMS, LlamaForCausalLM, add_voken_rows
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
+from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
@@ -82,7 +83,7 @@ def build_model(cfg, *, train: bool = True) -> Built:
 
     Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
     in fp32. With `model.init_from` set, the trainable params of that checkpoint are loaded. For
-    inference (`train=False`) no remat and no caption text encoder.
+    inference (`train=False`) no remat, no caption text encoder, and the voken rows in the frozen dtype.
     """
     m = cfg.model
     frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
@@ -95,7 +96,8 @@ def build_model(cfg, *, train: bool = True) -> Built:
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            remat=bool(m.remat_llm and train))
     num_new = m.num_vokens + 1
-    add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32)
+    # trainable rows in fp32; for inference the whole matrices are frozen like the rest
+    add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32 if train else frozen)
     if m.lora.enabled:
         wrapped = lora_lib.apply_lora(llm, targets=m.lora.targets, rank=m.lora.rank, alpha=m.lora.alpha,
                                       dropout=m.lora.dropout, param_dtype=jnp.float32, rngs=rngs)
@@ -172,6 +174,16 @@ def voken_row_masks(model: MiniGPT5, num_new: int) -> dict[str, jax.Array]:
             shape = [n if i == axis else 1 for i in range(len(var.shape))]
             masks[path] = (jnp.arange(n) >= n - num_new).astype(jnp.float32).reshape(shape)
     return masks
+
+
+def quantize_for_inference(model: MiniGPT5) -> list[str]:
+    """Int8 weights (`model.int8_weights`) for the LLM's and the ViT's layer projections, in place, after
+    every checkpoint is loaded (LoRA adapters are folded in). Returns the dotted paths replaced."""
+    paths = [f"llm.{p}" for p in quantize_int8(model.llm, LLAMA_TARGETS)]
+    if model.vision is not None:
+        paths += [f"vision.vit.{p}" for p in quantize_int8(model.vision.vit, VIT_TARGETS)]
+    log.info("int8 weights: %d projections", len(paths))
+    return paths
 
 
 def load_trainable(model: MiniGPT5, run_dir: str) -> list[str]:

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
-from mg5jax.build import DTYPES, voken_row_masks
+from mg5jax.build import DTYPES, quantize_for_inference, voken_row_masks
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
 from mg5jax.generation import decode
@@ -47,7 +47,6 @@ from mg5jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM, add_voken_rows
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
-from mg5jax.models.quantize import quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_rngs
 from mg5jax.models.vae import AutoencoderKL, VAEConfig
 from mg5jax.models.vision import VisionEncoder, VisionEncoderConfig
@@ -180,8 +179,8 @@ def _dtype(name: str, field: str):
 def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
     """The run's MiniGPT-5 with every weight a `jax.ShapeDtypeStruct`, in the dtypes `build.build_model`
     gives them (frozen parts in `model.frozen_dtype`; voken rows, LoRA and mapper in fp32). For
-    inference (`train=False`) without the caption text encoder, and with `model.llm_int8` the LLM's
-    projections int8 as `infer.py` makes them."""
+    inference (`train=False`) as `infer.py` builds it: no caption text encoder, voken rows in the
+    frozen dtype and, with `model.int8_weights`, int8 LLM and ViT projections."""
     m = cfg.model
     frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
     compute = _dtype(m.compute_dtype, "model.compute_dtype")
@@ -194,12 +193,10 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
         rngs = abstract_rngs(cfg.seed)
         llm = LlamaForCausalLM(sizes.llm, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                remat=m.remat_llm if train else False, rngs=rngs)
-        add_voken_rows(llm, num_new, vocab_size=vocab, param_dtype=jnp.float32)
+        add_voken_rows(llm, num_new, vocab_size=vocab, param_dtype=jnp.float32 if train else frozen)
         if m.lora.enabled:
             lora_lib.apply_lora(llm, targets=m.lora.targets, rank=m.lora.rank, alpha=m.lora.alpha,
                                 dropout=m.lora.dropout, param_dtype=jnp.float32, rngs=rngs)
-        if not train and m.llm_int8:
-            quantize_int8(llm)
         vision = None
         if sizes.vision is not None:
             vision = VisionEncoder(sizes.vision, dtype=compute, param_dtype=frozen, rngs=rngs)
@@ -218,8 +215,11 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
             groups_per_sample=cfg.loss.groups_per_sample, text_loss_weight=cfg.loss.text_weight,
             image_loss_weight=cfg.loss.image_weight, caption_loss_weight=cfg.loss.caption_weight,
             cfg_drop=cfg.loss.cfg_drop, snr_gamma=cfg.loss.snr_gamma)
-        return MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=schedule,
-                        vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
+        model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=schedule,
+                         vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
+        if not train and m.int8_weights:
+            quantize_for_inference(model)
+        return model
 
     return nnx.eval_shape(build)
 
@@ -492,7 +492,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
 
     Programs: `splice` (vision encoder + embedding of the prompts), `prefill` and `decode` (the
     KV-cache loop of `generation.decode`), `render` (mapper-conditioned guided sampler with CFG and
-    VAE decode for `prompts × max_images` images). `resident` is the peak while a program runs with
+    VAE decode for `prompts × max_images` images, `render_batch` per call). `resident` is the peak while a program runs with
     the whole model on the devices: all weights + that program's other inputs, outputs and temps.
     """
     sizes = sizes or model_sizes(cfg)
@@ -555,7 +555,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
 
     # 4. render: the guided sampler's program (PNDM with CFG, then VAE decode) on every voken window's
     # conditioning (the mapper runs apart from it and is tiny)
-    n_images = prompts * settings.max_images
+    n_images = min(prompts * settings.max_images, settings.render_batch)  # images per sampler call
     factor = sizes.vae.downsample_factor
     size = settings.image_size or sizes.unet.sample_size * factor
     latent_shape = (sizes.unet.in_channels, size // factor, size // factor)
@@ -579,7 +579,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
         "program": "generation",
         "settings": {"prompts": prompts, "text_tokens": text_length, "input_images": cfg.data.max_input_images,
                      "prompt_length": int(embeds.shape[1]), "max_new_tokens": settings.max_new_tokens,
-                     "max_images_per_prompt": settings.max_images, "images_rendered": n_images,
+                     "max_images_per_prompt": settings.max_images, "images_per_render_call": n_images,
                      "image_size": size, "scheduler": settings.scheduler,
                      "steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
                      "kv_cache_slots": int(cache.k.shape[2])},

@@ -1,6 +1,7 @@
 """Interleaved generation: several voken groups per response in a batch, batch-independence, the
 inference voken window equal to the teacher-forced training window, and the HTML report."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -105,6 +106,13 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
         assert batched.token_ids.count(img0) == k and batched.token_ids[-1] == stop
     assert batch[2].text == "sister [image 1] day [image 2] day"
     assert not np.array_equal(batch[2].images[0], batch[2].images[1])
+    # at most 2 images per sampler call: the 3 images come from two calls, and are the same pictures
+    chunked = InterleavedGenerator(model, tokenizer, parts[1], settings=dataclasses.replace(settings, render_batch=2),
+                                   max_input_images=1)([r.prompt for r in singles])
+    for one, other in zip(chunked, batch):
+        assert one.token_ids == other.token_ids and len(one.images) == len(other.images)
+        for a, b in zip(one.images, other.images):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
     index = write_outputs(batch, tmp_path / "out")
     html = index.read_text()

@@ -109,7 +109,7 @@ def test_generation_plan(tiny_dirs):
     from ml_collections import config_flags
 
     argv = ["plan", *[f for f in tiny_flags(tiny_dirs, "stage1_cc3m.py") if f.startswith("--config")],
-            "--config.model.llm_int8=True"]
+            "--config.model.int8_weights=True"]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
     fv(argv)
@@ -118,7 +118,7 @@ def test_generation_plan(tiny_dirs):
 
     s = report["settings"]
     assert (s["prompts"], s["max_new_tokens"], s["steps"], s["scheduler"]) == (DEVICES, 256, 50, "pndm")
-    assert s["images_rendered"] == DEVICES * s["max_images_per_prompt"]
+    assert s["images_per_render_call"] == min(DEVICES * s["max_images_per_prompt"], 8)  # render_batch
     assert s["prompt_length"] == 1 + 16 + 31 * 2  # stage 1 has no vision encoder: 32 feature tokens per slot
     assert set(report["programs"]) == {"splice", "prefill", "decode", "render"}
     for name, p in report["programs"].items():

@@ -79,3 +79,16 @@ def test_quantized_llama_shards_by_its_rules(llama_gqa):
     assert mlp.up_proj.scale.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor")
     with pytest.raises(ValueError, match="no linear module path matches"):
         quantize_int8(model, targets=r"nothing_here$")
+
+
+def test_quantized_vit_stays_close():
+    from mg5jax.models.quantize import VIT_TARGETS
+    from mg5jax.models.vision import EvaViT, VisionConfig
+
+    vit = EvaViT(VisionConfig(image_size=28, patch_size=14, width=48, depth=3, heads=4, mlp_dim=96), rngs=nnx.Rngs(0))
+    pixels = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 28, 28)), jnp.float32)
+    want = np.asarray(vit(pixels))
+    paths = quantize_int8(vit, VIT_TARGETS)
+    assert sorted(paths) == sorted(f"blocks.{i}.{p}" for i in range(3) for p in ("attn.qkv", "attn.proj", "fc1", "fc2"))
+    got = np.asarray(vit(pixels))
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.05

@@ -55,6 +55,7 @@ class GenerationSettings:
     num_inference_steps: int = 50
     scheduler: str = "pndm"  # "pndm", "ddim", "dpm++2m" or "euler"
     image_size: int | None = None  # output pixels; default: the U-Net's sample size × the VAE factor
+    render_batch: int = 8  # images per sampler call at most (bounds the sampler's memory)
     length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt text tokens, padded to a bucket
 
 
@@ -194,19 +195,20 @@ class InterleavedGenerator:
         b, k = counts.shape[0], windows.shape[1]
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
         images: dict[tuple[int, int], np.ndarray] = {}
-        if rows:
-            n = 1 << (len(rows) - 1).bit_length()  # a power-of-two bucket: few compiled shapes
-            flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
-            picked = np.stack([flat[r * k + j] for r, j in rows] + [flat[0]] * (n - len(rows)))
+        flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
+        per_call = self.settings.render_batch
+        for chunk in (rows[i : i + per_call] for i in range(0, len(rows), per_call)):
+            n = min(1 << (len(chunk) - 1).bit_length(), per_call)  # a power-of-two bucket: few compiled shapes
+            picked = np.stack([flat[r * k + j] for r, j in chunk] + [flat[0]] * (n - len(chunk)))
             cond = self.model.conditioning(jnp.asarray(picked))
             uncond = self.model.uncond_conditioning(n)
-            seeds = np.asarray([prompts[r].seed * k + j for r, j in rows] + [0] * (n - len(rows)), np.uint32)
+            seeds = np.asarray([prompts[r].seed * k + j for r, j in chunk] + [0] * (n - len(chunk)), np.uint32)
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),
                                   latent_size=self.latent_size)
-            pixels = (np.asarray(pixels)[: len(rows)] * 255).round().astype(np.uint8)
-            images = {rj: img for rj, img in zip(rows, pixels)}
-            log.info("rendered %d images (%s)", len(rows), self.sampler.timings)
+            pixels = (np.asarray(pixels)[: len(chunk)] * 255).round().astype(np.uint8)
+            images.update(zip(chunk, pixels))
+            log.info("rendered %d images (%s)", len(chunk), self.sampler.timings)
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
         positions = np.asarray(out.insertion_positions)
         return [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),

@@ -1,11 +1,13 @@
 """Weight-only int8 linear layers for inference: half the bytes of bf16 weights.
 
-`quantize_int8(llm)` replaces (in place) the LLaMA layers' projections — plain `nnx.Linear`s, or
-`LoraLinear`s, whose adapters are folded in first — by `Int8Linear`s: each output column `j` of a
+`quantize_int8(llm)` replaces (in place) the LLaMA layers' projections (with `VIT_TARGETS`, the EVA
+ViT blocks') — plain `nnx.Linear`s, or `LoraLinear`s, whose adapters are folded in first — by
+`Int8Linear`s: each output column `j` of a
 kernel `W [in, out]` is stored as `q[:, j] = round(W[:, j] / s_j)` in int8 with the fp32 scale
 `s_j = max_i |W[i, j]| / 127`, and `y = (x @ q) * s + b`. The int8 kernel keeps the base kernel's
 logical sharding, so a sharded model stays sharded. The Vicuna-7B layers go from 12.9 GB (bf16) to
-6.5 GB, which is what lets generation fit one 16 GiB chip (`python -m mg5jax.plan --generate`).
+6.5 GB and the ViT-g's from 2 GB to 1 GB, which is what lets generation fit one 16 GiB chip
+(`python -m mg5jax.plan --generate`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from mg5jax.models.lora import LoraLinear, _dotted, _set_submodule
 
 # the projections of every decoder layer (q/k/v/o, gate/up/down); embeddings and lm_head stay as they are
 LLAMA_TARGETS = r"(^|\.)layers\.\d+\.(self_attn|mlp)\.\w+_proj$"
+# the EVA ViT blocks' qkv, attention output and MLP projections (patch embedding and Q-Former stay)
+VIT_TARGETS = r"(^|\.)blocks\.\d+\.(attn\.(qkv|proj)|fc1|fc2)$"
 
 
 class Int8Linear(nnx.Module):
