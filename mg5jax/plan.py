@@ -466,12 +466,10 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
 
 
 def _decode_state_sharding(x: jax.ShapeDtypeStruct, batch: int, mesh: Mesh) -> NamedSharding:
-    """A decode-loop state leaf on the batch axes: the KV cache `[L, B, ...]` on its 2nd dim, others on the 1st."""
-    dim = 1 if x.ndim == 5 else 0
-    if x.ndim <= dim or x.shape[dim] != batch:
+    """A decode-loop state leaf (all batch-major, the KV cache included) on the batch axes."""
+    if x.ndim == 0 or x.shape[0] != batch:
         return NamedSharding(mesh, PartitionSpec())
-    spec = parallel.batch_sharding(mesh, x.ndim - dim).spec
-    return NamedSharding(mesh, PartitionSpec(*(None,) * dim, *spec))
+    return parallel.batch_sharding(mesh, x.ndim)
 
 
 def _llm_sampling(settings: GenerationSettings, num_new: int,
@@ -542,16 +540,13 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     shapes = jax.eval_shape(functools.partial(decode._start, llm_def, **static), llm_placed, None, embeds, mask,
                             key, seeds)
     with jax.set_mesh(mesh):
-        prefill = run("prefill", llm_placed, decode._start_jit, llm_def, llm_placed, None, embeds, mask, key, seeds,
-                      **static)
-        # the loop state lies where the prefill put it (or, when that does not compile, on the batch axes)
-        state_sh = (prefill.output_shardings if prefill is not None
-                    else jax.tree.map(lambda x: _decode_state_sharding(x, b, mesh), shapes))
-        decode_state = abstract(shapes, state_sh)
+        run("prefill", llm_placed, decode._start_jit, llm_def, llm_placed, None, embeds, mask, key, seeds, **static)
+        # the loop state (KV cache included) split like the batch
+        decode_state = abstract(shapes, jax.tree.map(lambda x: _decode_state_sharding(x, b, mesh), shapes))
         limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
         run("decode", llm_placed, decode._advance_jit, llm_def, llm_placed, decode_state, limit, **static)
     cache = decode_state.cache
-    kv_bytes = _shard_bytes(cache.k) + _shard_bytes(cache.v)
+    kv_bytes = sum(_shard_bytes(x) for x in (*cache.k, *cache.v))
 
     # 4. render: the guided sampler's program (PNDM with CFG, then VAE decode) on every voken window's
     # conditioning (the mapper runs apart from it and is tiny)
@@ -582,7 +577,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
                      "max_images_per_prompt": settings.max_images, "images_per_render_call": n_images,
                      "image_size": size, "scheduler": settings.scheduler,
                      "steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
-                     "kv_cache_slots": int(cache.k.shape[2])},
+                     "kv_cache_slots": int(cache.k[0].shape[2])},
         "weights_bytes": model_bytes,
         "kv_cache_bytes": kv_bytes,
         "programs": programs,

@@ -151,26 +151,32 @@ def attention(
     scale: float | None = None,
     impl: AttentionImpl = "reference",
     upcast: bool = True,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Multi-head attention core: q `[B,T,H,d]`, k/v `[B,S,Hkv,d]` (H a multiple of Hkv) -> `[B,T,H,d]`.
+    With `kv_heads_first` k/v are `[B,Hkv,S,d]` (a KV cache's layout).
 
     `mask` is boolean, broadcastable to `[B,H,T,S]`, True where a query may attend. Masked scores
     become the fp32 minimum (as transformers does), softmax runs in fp32. `impl="fused"` routes
     through `jax.nn.dot_product_attention` (cuDNN/TPU kernels where available).
     """
     b, t, h, d = q.shape
-    hkv = k.shape[2]
+    head_axis = 1 if kv_heads_first else 2
+    hkv = k.shape[head_axis]
     scale = d**-0.5 if scale is None else scale
     if impl == "fused":
+        if kv_heads_first:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(q.dtype)
     if hkv != h:
-        k = jnp.repeat(k, h // hkv, axis=2)
-        v = jnp.repeat(v, h // hkv, axis=2)
+        k = jnp.repeat(k, h // hkv, axis=head_axis)
+        v = jnp.repeat(v, h // hkv, axis=head_axis)
+    kv_spec = "bhsd" if kv_heads_first else "bshd"
     compute = jnp.float32 if upcast else q.dtype
     # scale q (T·d values), not the scores (T·S): XLA:CPU would materialise the broadcast scale
-    scores = jnp.einsum("bthd,bshd->bhts", q.astype(compute) * scale, k.astype(compute))
+    scores = jnp.einsum(f"bthd,{kv_spec}->bhts", q.astype(compute) * scale, k.astype(compute))
     scores = scores.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    return jnp.einsum(f"bhts,{kv_spec}->bthd", probs, v)

@@ -151,11 +151,13 @@ class LlamaConfig:
 class KVCache:
     """Keys/values of every layer by slot; slot index == position id.
 
-    k, v: `[L, B, S, Hkv, hd]` (keys after RoPE); valid: `[B, S]` bool, slot s holds a real token.
+    k, v: one `[B, Hkv, S, hd]` array per layer (keys after RoPE; head-major, the layout attention
+    reads, and a layer's update touches its own array only); valid: `[B, S]` bool, slot s holds a
+    real token.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
 
 
@@ -219,18 +221,20 @@ class LlamaAttention(nnx.Module):
         self.attn_impl = attn_impl
 
     def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-        """x `[B, T, D]`; mask `[B, 1, T, S]` bool; kv: this layer's cache (k, v) `[B, S, Hkv, hd]` and
+        """x `[B, T, D]`; mask `[B, 1, T, S]` bool; kv: this layer's cache (k, v) `[B, Hkv, S, hd]` and
         slots `[B, T]` (out-of-range slots are not written). Returns (out, updated kv or None)."""
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if kv is not None:
-            rows = jnp.arange(b)[:, None]
-            kv = (kv[0].at[rows, slots].set(k.astype(kv[0].dtype), mode="drop"),
-                  kv[1].at[rows, slots].set(v.astype(kv[1].dtype), mode="drop"))
-            k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
-        out = layers.attention(q, k, v, mask=mask, impl=self.attn_impl)
+        if kv is None:
+            out = layers.attention(q, k, v, mask=mask, impl=self.attn_impl)
+        else:
+            at = (jnp.arange(b)[:, None, None], jnp.arange(self.num_kv_heads)[None, :, None], slots[:, None, :])
+            kv = tuple(c.at[at].set(new.transpose(0, 2, 1, 3).astype(c.dtype), mode="drop")
+                       for c, new in zip(kv, (k, v)))
+            out = layers.attention(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask=mask,
+                                   impl=self.attn_impl, kv_heads_first=True)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
@@ -319,10 +323,10 @@ class LlamaForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of `max_length` slots per row (all invalid)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        shape = (batch_size, c.num_key_value_heads, max_length, c.head_dim)
         dtype = dtype or self.dtype
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                       valid=jnp.zeros((batch_size, max_length), jnp.bool_))
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_hidden_layers))
+        return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, max_length), jnp.bool_))
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
@@ -341,7 +345,7 @@ class LlamaForCausalLM(nnx.Module):
         b, t, _ = x.shape
         real = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         steps = jnp.arange(t)
-        kv_k = kv_v = slots = None
+        new_k, new_v, slots = [], [], None
         if cache is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(steps, (b, t))
@@ -353,7 +357,6 @@ class LlamaForCausalLM(nnx.Module):
             slots = jnp.where(real, position_ids, s)
             valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(True, mode="drop")
             mask = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= position_ids[:, :, None])
-            kv_k, kv_v = cache.k, cache.v
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = mask[:, None]
         # layers hold only parameters, so remat has nothing to write back (and works under jax.grad of
@@ -361,16 +364,17 @@ class LlamaForCausalLM(nnx.Module):
         call = (nnx.remat(_call_layer, policy=_remat_policy(self.remat), graph_updates=False) if self.remat
                 else _call_layer)
         for i, layer in enumerate(self.model.layers):
-            kv = None if cache is None else (kv_k[i], kv_v[i])
+            kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = call(layer, x, cos, sin, mask, kv, slots)
             if cache is not None:
-                kv_k, kv_v = kv_k.at[i].set(kv[0]), kv_v.at[i].set(kv[1])
+                new_k.append(kv[0])
+                new_v.append(kv[1])
         hidden = self.model.norm(x)
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(hidden)
         else:
             logits = self.lm_head(hidden)
-        new_cache = None if cache is None else KVCache(k=kv_k, v=kv_v, valid=valid)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid)
         return LlamaOutput(logits=logits.astype(jnp.float32), hidden_states=hidden, cache=new_cache)
 
     @classmethod
