@@ -90,7 +90,7 @@ def build_model(cfg, *, train: bool = True) -> Built:
     compute = _dtype(m.compute_dtype, "model.compute_dtype")
     llm_dir = _require_dir(m.llm_path, "model.llm_path")
     sd_dir = _require_dir(m.sd_path, "model.sd_path")
-    rngs = nnx.Rngs(cfg.seed)
+    rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
 
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,

@@ -139,3 +139,29 @@ def test_config_from_nested_dict():
     assert cfg.mesh == MeshConfig(data=2, fsdp=4) and cfg.optimizer.trainable == ((r"mapper\..*", 10.0),)
     with pytest.raises(ValueError, match="TrainerConfig.mesh: unknown key 'model'"):
         TrainerConfig.from_dict({"workdir": "/tmp/x", "mesh": {"model": 2}})
+
+
+class DropoutModel(nnx.Module):
+    """loss = mean(dropout(w * x)): exactly mean(w * x) when dropout is off."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(np.ones((64,), np.float32), out_sharding=("embed",))
+        self.drop = nnx.Dropout(0.5, deterministic=True, rngs=rngs)
+
+    def loss(self, batch, rng):
+        return {"loss": jax.numpy.mean(self.drop(self.w[...] * batch["x"]))}
+
+
+def test_train_steps_run_dropout_and_evaluation_does_not(tmp_path):
+    opt = OptimizerConfig(learning_rate=0.0, warmup_steps=0, total_steps=5, trainable=((r"w", 1.0),))
+    cfg = TrainerConfig(workdir=str(tmp_path), optimizer=opt, mesh=MeshConfig(data=1), save_every=0, eval_every=0)
+    trainer = Trainer(DropoutModel(nnx.Rngs(0, dropout=1)), cfg, devices=jax.devices()[:1])
+    batch = {"x": np.ones((4, 64), np.float32)}
+    losses = [trainer.train_step(batch)["loss"] for _ in range(3)]
+    assert all(loss != 1.0 for loss in losses) and len(set(losses)) == 3  # a fresh mask every step
+    assert trainer.evaluate([batch])["loss"] == 1.0
+    trainer.close()
+
+    again = Trainer(DropoutModel(nnx.Rngs(0, dropout=1)), cfg, devices=jax.devices()[:1])
+    assert again.train_step(batch)["loss"] == losses[0]  # masks follow the step, not the process
+    again.close()

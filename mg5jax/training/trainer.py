@@ -4,7 +4,9 @@ The trainer knows nothing of the model beyond that method and its parameter path
 mesh, places the model with its logical shardings, builds the optimizer from the trainable rules,
 and runs one `jax.jit` train step over the split state (trainable params and optimizer state
 donated, frozen params read-only; gradients only for the trainable params). Each step's rng is
-`fold_in(train_key, step)`, so a resumed run is bit-identical to an uninterrupted one.
+`fold_in(train_key, step)`, so a resumed run is bit-identical to an uninterrupted one. Train steps
+run the model in train mode (dropout on, its "dropout" rng stream reseeded from the step's rng);
+validation runs it in eval mode.
 
 Around the step: resume from the latest checkpoint, periodic/async checkpoints with the
 data-iterator state, validation, a sample hook, a tqdm bar, JSONL metrics, a NaN/Inf stop that
@@ -378,7 +380,10 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, t
         rng = jax.random.fold_in(train_key, step)
 
         def loss_fn(p):
-            terms = _check_terms(nnx.merge(model_def, p, frozen).loss(batch, rng))
+            model = nnx.merge(model_def, p, frozen, copy=True)  # its own variables: dropout advances rng counts
+            model.train()  # dropout on (LoRA's 0.05 in stage 2), as the original trains
+            nnx.reseed(model, dropout=jax.random.fold_in(rng, 1))  # fresh masks every step, the same on resume
+            terms = _check_terms(model.loss(batch, rng))
             return terms["loss"], terms
 
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
