@@ -109,6 +109,8 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
     # at most 2 images per sampler call: the 3 images come from two calls, and are the same pictures
     chunked = InterleavedGenerator(model, tokenizer, parts[1], settings=dataclasses.replace(settings, render_batch=2),
                                    max_input_images=1)([r.prompt for r in singles])
+    with pytest.raises(ValueError, match="render_batch=0"):
+        dataclasses.replace(settings, render_batch=0)
     for one, other in zip(chunked, batch):
         assert one.token_ids == other.token_ids and len(one.images) == len(other.images)
         for a, b in zip(one.images, other.images):

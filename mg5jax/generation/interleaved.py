@@ -58,6 +58,10 @@ class GenerationSettings:
     render_batch: int = 8  # images per sampler call at most (bounds the sampler's memory)
     length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt text tokens, padded to a bucket
 
+    def __post_init__(self):
+        if self.render_batch < 1:
+            raise ValueError(f"GenerationSettings.render_batch={self.render_batch}: expected at least 1")
+
 
 @dataclasses.dataclass
 class Response:
