@@ -12,6 +12,7 @@ by one jitted guided sampler (negative = the mapped all-zero window).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -20,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mg5jax.data import images as image_ops
 from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
@@ -38,6 +40,20 @@ class Prompt:
     text: str
     images: tuple[str, ...] = ()
     seed: int = 0  # sampling and image noise of this row depend only on it
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _splice(graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The prompts' LLM input embeddings `[B,L,D]` and mask `[B,L]` (vision encoder included): one program."""
+    embeds, mask, _ = nnx.merge(graphdef, state).splice(batch)
+    return embeds, mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _conditioning(graphdef, state, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative for as many images: one program."""
+    model = nnx.merge(graphdef, state)
+    return model.conditioning(windows), model.uncond_conditioning(windows.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +124,8 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
 
 
 class InterleavedGenerator:
-    """Generates text-and-image responses with a `MiniGPT5` model."""
+    """Generates text-and-image responses with a `MiniGPT5` model (its weights as they are when the
+    generator is made: load checkpoints and quantize first)."""
 
     def __init__(self, model, tokenizer: MiniGPT5Tokenizer, scheduler_config: dict, *,
                  settings: GenerationSettings = GenerationSettings(), input_image_size: int = 224,
@@ -124,6 +141,7 @@ class InterleavedGenerator:
                                          max_insertions=settings.max_images, keep_tokens=True)
         self.scheduler = make_scheduler(settings.scheduler, scheduler_config)
         self.sampler = GuidedSampler(model.unet, model.vae)
+        self._split = nnx.split(model)  # (graphdef, state) for the jitted splice and conditioning
         vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         size = settings.image_size or model.unet.config.sample_size * vae_factor
         self.latent_size = (size // vae_factor, size // vae_factor)
@@ -169,7 +187,7 @@ class InterleavedGenerator:
         return batch
 
     def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
-        embeds, mask, _ = self.model.splice(jax.tree.map(jnp.asarray, self.prepare(prompts)))
+        embeds, mask = _splice(*self._split, jax.tree.map(jnp.asarray, self.prepare(prompts)))
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
                     key=key, row_seeds=jnp.asarray([p.seed for p in prompts], jnp.uint32))
 
@@ -204,8 +222,7 @@ class InterleavedGenerator:
         for chunk in (rows[i : i + per_call] for i in range(0, len(rows), per_call)):
             n = min(1 << (len(chunk) - 1).bit_length(), per_call)  # a power-of-two bucket: few compiled shapes
             picked = np.stack([flat[r * k + j] for r, j in chunk] + [flat[0]] * (n - len(chunk)))
-            cond = self.model.conditioning(jnp.asarray(picked))
-            uncond = self.model.uncond_conditioning(n)
+            cond, uncond = _conditioning(*self._split, jnp.asarray(picked))
             seeds = np.asarray([prompts[r].seed * k + j for r, j in chunk] + [0] * (n - len(chunk)), np.uint32)
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),
