@@ -37,9 +37,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
 from mg5jax.build import DTYPES, quantize_for_inference, voken_row_masks
+from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
 from mg5jax.generation import decode
+from mg5jax.generation import interleaved
 from mg5jax.generation.interleaved import GenerationSettings
 from mg5jax.generation.sampling import SamplingConfig
 from mg5jax.models import lora as lora_lib
@@ -47,7 +49,7 @@ from mg5jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM, add_voken_rows
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
-from mg5jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_rngs
+from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
 from mg5jax.models.vae import AutoencoderKL, VAEConfig
 from mg5jax.models.vision import VisionEncoder, VisionEncoderConfig
 from mg5jax.training.optimizer import OptimizerConfig, build_optimizer
@@ -520,13 +522,9 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh(v.ndim)) for k, v in batch.items()
              if k in ("input_ids", "attention_mask", "labels", "input_images", "input_image_features")}
 
-    def splice(state, batch):
-        embeds, mask, _ = nnx.merge(graphdef, state).splice(batch)
-        return embeds, mask
-
-    with jax.set_mesh(mesh):
-        run("splice", placed, jax.jit(splice), placed, batch)
-    embeds, mask = jax.eval_shape(splice, placed, batch)
+    with jax.set_mesh(mesh):  # the jitted splice `InterleavedGenerator` runs
+        run("splice", placed, interleaved._splice, graphdef, placed, batch)
+    embeds, mask = jax.eval_shape(interleaved._splice, graphdef, placed, batch)
 
     # 2-3. prefill and the decode loop: the jitted functions `generation.decode.generate` runs
     sampling, insertion = _llm_sampling(settings, cfg.model.num_vokens + 1, sizes.vocab_size)

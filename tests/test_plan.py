@@ -3,7 +3,6 @@ the generation programs compile from abstract state, and the report's numbers ha
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest

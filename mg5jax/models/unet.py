@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from mg5jax.convert import keymap as km
-from mg5jax.convert.keymap import abstract_rngs  # noqa: F401  (re-exported for callers of this module)
 from mg5jax.convert.diffusers import unet_keymap
 from mg5jax.convert.sources import open_weights, write_sharded_safetensors
 from mg5jax.models import layers
