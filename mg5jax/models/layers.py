@@ -102,13 +102,18 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((channels,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        *lead, c = x.shape
-        g = x.astype(jnp.float32).reshape(lead[0], -1, self.num_groups, c // self.num_groups)
-        mean = g.mean((1, 3), keepdims=True)
-        var = jnp.square(g - mean).mean((1, 3), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        b, c = x.shape[0], x.shape[-1]
+        groups, per_group = self.num_groups, c // self.num_groups
+        xf = x.astype(jnp.float32).reshape(b, -1, c)
+        n = xf.shape[1] * per_group
+        # Reduce over the spatial axis per channel, then over each group's channels ([B, C] values):
+        # XLA:CPU runs these ~3x faster than one reduction over a [B, HW, G, C/G] view.
+        mean = xf.sum(1).reshape(b, groups, per_group).sum(-1) / n  # [B, G]
+        centered = xf - jnp.repeat(mean, per_group, axis=1)[:, None]
+        var = jnp.square(centered).sum(1).reshape(b, groups, per_group).sum(-1) / n
+        inv = jnp.repeat(jax.lax.rsqrt(var + self.eps), per_group, axis=1)[:, None]  # [B, 1, C]
+        y = centered * (inv * self.scale[...].astype(jnp.float32)) + self.bias[...].astype(jnp.float32)
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -168,15 +173,18 @@ def attention(
         if kv_heads_first:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(q.dtype)
+    # head-major [B,H,·,d] operands: plain batched matmuls (XLA:CPU runs the [B,T,H,d] einsum
+    # several times slower once B·H·T is large, e.g. 4.5x for the U-Net's 32x32 self-attention at B=8)
+    if not kv_heads_first:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if hkv != h:
-        k = jnp.repeat(k, h // hkv, axis=head_axis)
-        v = jnp.repeat(v, h // hkv, axis=head_axis)
-    kv_spec = "bhsd" if kv_heads_first else "bshd"
+        k = jnp.repeat(k, h // hkv, axis=1)
+        v = jnp.repeat(v, h // hkv, axis=1)
     compute = jnp.float32 if upcast else q.dtype
     # scale q (T·d values), not the scores (T·S): XLA:CPU would materialise the broadcast scale
-    scores = jnp.einsum(f"bthd,{kv_spec}->bhts", q.astype(compute) * scale, k.astype(compute))
-    scores = scores.astype(jnp.float32)
+    q = q.transpose(0, 2, 1, 3).astype(compute) * scale
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(compute)).astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bhts,{kv_spec}->bthd", probs, v)
+    return jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3)
