@@ -1,12 +1,13 @@
-"""Greedy KV-cache decoding: mg5jax's jitted loop vs transformers `generate` (torch) on the same CPU.
+"""Greedy KV-cache decoding: mg5jax's jitted loop vs transformers `generate` (torch) on the same CPU (or GPU).
 
 A small random LLaMA (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000) is built and
 saved in a temporary directory (no downloads); both sides load the same fp32 weights. Every row
 decodes exactly `--max-new` tokens (no EOS). Compile time (first call minus a warm call) is kept
 apart from run time; tokens/s counts generated tokens over the whole batch; each timing is the best
-of `--repeats` runs, and torch's is the best over 1 thread and all cores. Prints one JSON object.
+of `--repeats` runs, and torch's is the best over 1 thread and all cores. With `--device cuda` both
+run on the first GPU (fp32, TF32 matrix units allowed on both sides). Prints one JSON object.
 
-    .venv/bin/python benchmarks/decode.py [--batch 1 8] [--max-new 128] [--prompt-len 32]
+    .venv/bin/python benchmarks/decode.py [--batch 1 8] [--max-new 128] [--prompt-len 32] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ def _best_time(fn, repeats: int) -> tuple[float, object]:
 
 def bench_torch(model, ids: np.ndarray, max_new: int, repeats: int, threads: int) -> tuple[float, np.ndarray]:
     torch.set_num_threads(threads)
-    x = torch.from_numpy(ids.astype(np.int64))
+    x = torch.from_numpy(ids.astype(np.int64)).to(model.device)
     kw = dict(attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
         model.generate(x, max_new_tokens=4, **kw)  # warm-up
         seconds, out = _best_time(lambda: model.generate(x, max_new_tokens=max_new, **kw), repeats)
-    return seconds, out[:, ids.shape[1]:].numpy()
+    return seconds, out[:, ids.shape[1]:].cpu().numpy()
 
 
 def bench_jax(model, ids: np.ndarray, max_new: int, repeats: int) -> tuple[float, float, np.ndarray]:
@@ -72,7 +73,12 @@ def main():
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--attn-impl", choices=["reference", "fused"], default="reference")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     torch.manual_seed(0)
     torch_model = TorchLlama(LlamaConfig(**SHAPE, bos_token_id=1, eos_token_id=2)).eval()
@@ -81,7 +87,8 @@ def main():
         model = LlamaForCausalLM.from_pretrained(d, dtype=jnp.float32, param_dtype=jnp.float32,
                                                  attn_impl=args.attn_impl)
 
-    torch_threads = sorted({1, torch.get_num_threads()}, reverse=True)
+    torch_model.to(args.device)
+    torch_threads = sorted({1, torch.get_num_threads()}, reverse=True) if args.device == "cpu" else [1]
     rng = np.random.default_rng(0)
     results = {}
     for b in args.batch:
@@ -110,6 +117,7 @@ def main():
         "prompt_len": args.prompt_len,
         "attn_impl": args.attn_impl,
         "cpu": platform.processor() or platform.machine(),
+        "device": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
         "torch_threads_tried": torch_threads,
         "jax_backend": jax.default_backend(),

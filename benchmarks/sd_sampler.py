@@ -1,13 +1,15 @@
-"""Our jitted guided sampler vs diffusers' PyTorch StableDiffusionPipeline on the same CPU.
+"""Our jitted guided sampler vs diffusers' PyTorch StableDiffusionPipeline on the same CPU (or GPU).
 
 Builds random SD-2.1-shaped models (no downloads) in a temp dir, loads them into both stacks, and
 times text-to-image from given prompt embeddings with CFG on (PNDM, 20 steps, 32×32 latents ->
 256×256 images) at batch 1 and 4. Compile time is reported apart from run time; per-part timings
 (one guided U-Net step, one VAE decode) show where the time goes. PyTorch runs at each of
 `--torch-threads` (on a shared machine OpenMP's spinning threads can make 1 thread faster than 2);
-the ratio uses its fastest. Prints one JSON object.
+the ratio uses its fastest. With `--device cuda` both run on the first GPU, fp32 with TF32 matrix
+units on both sides (JAX's default there; torch is told to allow it). Prints one JSON object.
 
     .venv/bin/python benchmarks/sd_sampler.py [--steps 20] [--batches 1 4] [--repeats 2] [--torch-threads 1 2]
+                                              [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 UNET = dict(
     sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128, 128),
@@ -45,11 +45,12 @@ SCHEDULER = dict(
 CONTEXT = (77, 128)
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, sync=lambda: None) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -67,11 +68,12 @@ def build_torch(directory: pathlib.Path):
                                    requires_safety_checker=False)  # fmt: skip
 
 
-def bench_torch(pipe, steps: int, repeats: int, inputs, threads: int) -> dict:
+def bench_torch(pipe, steps: int, repeats: int, inputs, threads: int, device: str) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    cond, uncond, latents = (torch.from_numpy(x) for x in inputs)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    cond, uncond, latents = (torch.from_numpy(x).to(device) for x in inputs)
     pipe.set_progress_bar_config(disable=True)
     h = w = UNET["sample_size"] * 8
 
@@ -88,8 +90,8 @@ def bench_torch(pipe, steps: int, repeats: int, inputs, threads: int) -> dict:
     context = torch.cat([uncond, cond])
     x2 = torch.cat([latents, latents])
     with torch.no_grad():
-        unet_step = _median_time(lambda: pipe.unet(x2, t, encoder_hidden_states=context), repeats)
-        decode = _median_time(lambda: pipe.vae.decode(latents / VAE["scaling_factor"]), repeats)
+        unet_step = _median_time(lambda: pipe.unet(x2, t, encoder_hidden_states=context), repeats, sync)
+        decode = _median_time(lambda: pipe.vae.decode(latents / VAE["scaling_factor"]), repeats, sync)
     return {"threads": threads, "first_call_s": first, "run_s": total, "unet_step_s": unet_step,
             "vae_decode_s": decode}, images  # fmt: skip
 
@@ -125,7 +127,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    else:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        args.torch_threads = [torch.get_num_threads()]  # host threads barely matter when the GPU computes
 
     from mg5jax.diffusion.sampler import GuidedSampler
     from mg5jax.models.unet import UNet2DConditionModel
@@ -138,7 +148,7 @@ def main() -> None:
               "vae_block_out_channels": VAE["block_out_channels"], "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)
-        torch_pipe = build_torch(directory)
+        torch_pipe = build_torch(directory).to(args.device)
         unet = UNet2DConditionModel.from_pretrained(directory / "unet", dtype=jnp.float32, param_dtype=jnp.float32)
         vae = AutoencoderKL.from_pretrained(directory / "vae", dtype=jnp.float32, param_dtype=jnp.float32)
         sampler = GuidedSampler(unet, vae)
@@ -150,7 +160,7 @@ def main() -> None:
             jax_times, jax_images = bench_jax(args.steps, args.repeats, inputs, sampler)
             torch_runs = []
             for threads in args.torch_threads:
-                times, torch_images = bench_torch(torch_pipe, args.steps, args.repeats, inputs, threads)
+                times, torch_images = bench_torch(torch_pipe, args.steps, args.repeats, inputs, threads, args.device)
                 torch_runs.append(times)
             best = min(torch_runs, key=lambda r: r["run_s"])
             result["runs"].append({
