@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from transformers import CLIPTokenizer
+from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the class, not the package (imports torch)
 
 from mg5jax.convert import keymap as km
 from mg5jax.convert.sources import CheckpointError

@@ -1,10 +1,13 @@
-"""Import-time XLA:CPU defaults of the package."""
+"""Import-time behaviour of the package: XLA:CPU defaults, and no torch in a JAX process."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
+from _fixtures_sd import tiny_sd_dir  # noqa: F401  (session fixture)
+from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401  (session fixture)
 
 import mg5jax
 
@@ -30,3 +33,20 @@ def test_import_routes_only_reductions_to_ynnpack(given, expected):
 
 def test_this_process_runs_with_the_default():
     assert f"{mg5jax.YNN_FLAG}=reduce" in os.environ["XLA_FLAGS"]
+
+
+def test_training_and_generation_code_loads_tokenizers_without_torch(tiny_tokenizer_dir: pathlib.Path,  # noqa: F811
+                                                                     tiny_sd_dir: pathlib.Path):  # noqa: F811
+    """transformers' auto classes import torch (~230 MiB resident) when it is installed; we never need it."""
+    code = (
+        "import sys\n"
+        "import mg5jax.build, mg5jax.training.trainer, mg5jax.generation.interleaved, mg5jax.data.pipeline\n"
+        "from mg5jax.data.tokenization import MiniGPT5Tokenizer\n"
+        "from mg5jax.diffusion import StableDiffusionPipeline\n"
+        f"MiniGPT5Tokenizer.from_pretrained({str(tiny_tokenizer_dir)!r})\n"
+        f"StableDiffusionPipeline.from_pretrained({str(tiny_sd_dir)!r})\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip().splitlines()[-1] == "[]"

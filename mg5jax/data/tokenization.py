@@ -15,7 +15,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 import sentencepiece as spm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+# The class itself, not AutoTokenizer: transformers' auto classes import torch (about 230 MiB and 1 s)
+# whenever it is installed, and a JAX process has no use for it.
+from transformers.models.llama.tokenization_llama import LlamaTokenizer
 
 NUM_VOKENS = 8
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -164,7 +168,7 @@ class MiniGPT5Tokenizer:
     def from_pretrained(cls, llm_dir: str | pathlib.Path, num_vokens: int = NUM_VOKENS) -> MiniGPT5Tokenizer:
         """Load the LLaMA tokenizer of ``llm_dir`` and add the vokens and ``<ImageHere>``."""
         llm_dir = pathlib.Path(llm_dir)
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+        hf_tokenizer = LlamaTokenizer.from_pretrained(str(llm_dir))
         ids = add_voken_tokens(hf_tokenizer, num_vokens)
         spm_file = llm_dir / "tokenizer.model"
         sp_model = spm.SentencePieceProcessor(model_file=str(spm_file)) if spm_file.is_file() else None

@@ -57,7 +57,7 @@ class StableDiffusionPipeline:
                         mesh: jax.sharding.Mesh | None = None) -> StableDiffusionPipeline:
         """Load `unet/ vae/ text_encoder/ tokenizer/ scheduler/` of a local diffusers directory
         (safetensors or .bin weights); `mesh` shards every part's parameters by their logical names."""
-        from transformers import CLIPTokenizer
+        from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the class: no torch
 
         root = pathlib.Path(sd_dir)
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
