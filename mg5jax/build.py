@@ -58,7 +58,8 @@ def enable_compile_cache(directory: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _dtype(name: str, field: str):
+def config_dtype(name: str, field: str):
+    """The jnp dtype a config field names ("float32", "bfloat16", ...); `field` is named in the error."""
     if name not in DTYPES:
         raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
@@ -86,8 +87,8 @@ def build_model(cfg, *, train: bool = True) -> Built:
     inference (`train=False`) no remat, no caption text encoder, and the voken rows in the frozen dtype.
     """
     m = cfg.model
-    frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
-    compute = _dtype(m.compute_dtype, "model.compute_dtype")
+    frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
+    compute = config_dtype(m.compute_dtype, "model.compute_dtype")
     llm_dir = _require_dir(m.llm_path, "model.llm_path")
     sd_dir = _require_dir(m.sd_path, "model.sd_path")
     rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
@@ -126,17 +127,24 @@ def build_model(cfg, *, train: bool = True) -> Built:
     mapper = VokenMapper(mapper_cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
     ids = tokenizer.ids
-    config = MiniGPT5Config(
-        voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id, bos_id=ids.bos_id,
-        num_query_tokens=_num_query_tokens(vision, cfg),
-        groups_per_sample=cfg.loss.groups_per_sample,
-        text_loss_weight=cfg.loss.text_weight, image_loss_weight=cfg.loss.image_weight,
-        caption_loss_weight=cfg.loss.caption_weight, cfg_drop=cfg.loss.cfg_drop, snr_gamma=cfg.loss.snr_gamma)
+    config = minigpt5_config(cfg, voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id,
+                             bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision, cfg))
     model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
                      vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
     if m.init_from:
         load_trainable(model, m.init_from)
     return Built(model, tokenizer, caption_tokenizer, num_new)
+
+
+def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: int, bos_id: int,
+                    num_query_tokens: int) -> MiniGPT5Config:
+    """The model config: token ids and query count as given, loss settings from `cfg.loss`."""
+    loss = cfg.loss
+    return MiniGPT5Config(
+        voken_ids=tuple(voken_ids), image_placeholder_id=image_placeholder_id, bos_id=bos_id,
+        num_query_tokens=num_query_tokens, groups_per_sample=loss.groups_per_sample,
+        text_loss_weight=loss.text_weight, image_loss_weight=loss.image_weight,
+        caption_loss_weight=loss.caption_weight, cfg_drop=loss.cfg_drop, snr_gamma=loss.snr_gamma)
 
 
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:

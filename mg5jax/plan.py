@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
-from mg5jax.build import DTYPES, quantize_for_inference, voken_row_masks
+from mg5jax.build import config_dtype, minigpt5_config, quantize_for_inference, voken_row_masks
 from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
@@ -48,7 +48,7 @@ from mg5jax.models import lora as lora_lib
 from mg5jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM, add_voken_rows
 from mg5jax.models.mapper import MapperConfig, VokenMapper
-from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
+from mg5jax.models.minigpt5 import MiniGPT5
 from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
 from mg5jax.models.vae import AutoencoderKL, VAEConfig
 from mg5jax.models.vision import VisionEncoder, VisionEncoderConfig
@@ -172,20 +172,14 @@ def model_sizes(cfg) -> ModelSizes:
 # ------------------------------------------------------------------------------------- the model
 
 
-def _dtype(name: str, field: str):
-    if name not in DTYPES:
-        raise ValueError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
 def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
     """The run's MiniGPT-5 with every weight a `jax.ShapeDtypeStruct`, in the dtypes `build.build_model`
     gives them (frozen parts in `model.frozen_dtype`; voken rows, LoRA and mapper in fp32). For
     inference (`train=False`) as `infer.py` builds it: no caption text encoder, voken rows in the
     frozen dtype and, with `model.int8_weights`, int8 LLM and ViT projections."""
     m = cfg.model
-    frozen = _dtype(m.frozen_dtype, "model.frozen_dtype")
-    compute = _dtype(m.compute_dtype, "model.compute_dtype")
+    frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
+    compute = config_dtype(m.compute_dtype, "model.compute_dtype")
     num_new = m.num_vokens + 1
     vocab = sizes.vocab_size
     voken_ids = tuple(range(vocab - num_new, vocab - 1))
@@ -211,12 +205,9 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
             text_encoder = CLIPTextModel(sizes.text_encoder, dtype=compute, param_dtype=frozen, rngs=rngs)
             empty = jnp.zeros((sizes.mapper.num_queries, sizes.mapper.hidden), jnp.float32)
         mapper = VokenMapper(sizes.mapper, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-        config = MiniGPT5Config(
-            voken_ids=voken_ids, image_placeholder_id=vocab - 1, bos_id=sizes.llm.bos_token_id or 1,
-            num_query_tokens=sizes.vision.qformer.num_query_tokens if sizes.vision is not None else 32,
-            groups_per_sample=cfg.loss.groups_per_sample, text_loss_weight=cfg.loss.text_weight,
-            image_loss_weight=cfg.loss.image_weight, caption_loss_weight=cfg.loss.caption_weight,
-            cfg_drop=cfg.loss.cfg_drop, snr_gamma=cfg.loss.snr_gamma)
+        config = minigpt5_config(
+            cfg, voken_ids=voken_ids, image_placeholder_id=vocab - 1, bos_id=sizes.llm.bos_token_id or 1,
+            num_query_tokens=sizes.vision.qformer.num_query_tokens if sizes.vision is not None else 32)
         model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=schedule,
                          vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
         if not train and m.int8_weights:
@@ -476,14 +467,10 @@ def _decode_state_sharding(x: jax.ShapeDtypeStruct, batch: int, mesh: Mesh) -> N
 
 def _llm_sampling(settings: GenerationSettings, num_new: int,
                   vocab: int) -> tuple[SamplingConfig, decode.ForcedInsertion]:
-    """The original's decoding settings (REFERENCE §7) and the voken insertion."""
-    sampling = SamplingConfig(do_sample=settings.do_sample, temperature=settings.temperature, top_k=settings.top_k,
-                              top_p=settings.top_p, repetition_penalty=settings.repetition_penalty, seen_ids=(0,),
-                              max_new_tokens=settings.max_new_tokens, eos_ids=(1,),
-                              stop_sequences=((835,), (2277, 29937)), pad_id=0)
-    vokens = tuple(range(vocab - num_new, vocab - 1))
-    insertion = decode.ForcedInsertion(trigger_id=vokens[0], tokens=vokens[1:], max_insertions=settings.max_images)
-    return sampling, insertion
+    """The decode settings and voken insertion `InterleavedGenerator` uses, with Vicuna v0's ids (eos 1,
+    bos 0, "###" as [835] or [2277, 29937]; REFERENCE §7) in place of a tokenizer's."""
+    sampling = settings.sampling(eos_ids=(1,), seen_ids=(0,), stop_sequences=((835,), (2277, 29937)), pad_id=0)
+    return sampling, settings.insertion(range(vocab - num_new, vocab - 1))
 
 
 def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: int | None = None,

@@ -78,6 +78,19 @@ class GenerationSettings:
         if self.render_batch < 1:
             raise ValueError(f"GenerationSettings.render_batch={self.render_batch}: expected at least 1")
 
+    def sampling(self, *, eos_ids: tuple[int, ...], seen_ids: tuple[int, ...],
+                 stop_sequences: tuple[tuple[int, ...], ...], pad_id: int) -> SamplingConfig:
+        """The decode loop's settings for a tokenizer with these ids."""
+        return SamplingConfig(
+            do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, seen_ids=seen_ids, max_new_tokens=self.max_new_tokens,
+            eos_ids=eos_ids, stop_sequences=stop_sequences, pad_id=pad_id)
+
+    def insertion(self, voken_ids: Sequence[int]) -> ForcedInsertion:
+        """Sampling `voken_ids[0]` ([IMG0]) feeds the rest; up to `max_images` times per response."""
+        return ForcedInsertion(trigger_id=voken_ids[0], tokens=tuple(voken_ids[1:]),
+                               max_insertions=self.max_images, keep_tokens=True)
+
 
 @dataclasses.dataclass
 class Response:
@@ -117,10 +130,8 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
             eos = tuple(ids) if isinstance(ids, list) else (ids,)
         if gen.get("bos_token_id") is not None:
             seen = (gen["bos_token_id"],)
-    return SamplingConfig(
-        do_sample=settings.do_sample, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-        repetition_penalty=settings.repetition_penalty, seen_ids=seen, max_new_tokens=settings.max_new_tokens,
-        eos_ids=eos, stop_sequences=stop_sequences(tokenizer), pad_id=tokenizer.ids.pad_id)
+    return settings.sampling(eos_ids=eos, seen_ids=seen, stop_sequences=stop_sequences(tokenizer),
+                             pad_id=tokenizer.ids.pad_id)
 
 
 class InterleavedGenerator:
@@ -136,9 +147,7 @@ class InterleavedGenerator:
         self.input_image_size = input_image_size
         self.max_input_images = max_input_images
         self.sampling = sampling_config(tokenizer, settings, llm_dir)
-        vokens = tokenizer.ids.voken_ids
-        self.insertion = ForcedInsertion(trigger_id=vokens[0], tokens=tuple(vokens[1:]),
-                                         max_insertions=settings.max_images, keep_tokens=True)
+        self.insertion = settings.insertion(tokenizer.ids.voken_ids)
         self.scheduler = make_scheduler(settings.scheduler, scheduler_config)
         self.sampler = GuidedSampler(model.unet, model.vae)
         self._split = nnx.split(model)  # (graphdef, state) for the jitted splice and conditioning

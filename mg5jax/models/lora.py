@@ -65,11 +65,13 @@ class LoraLinear(nnx.Module):
         return (self.kernel[...].astype(jnp.float32) + delta).astype(self.kernel.dtype)
 
 
-def _dotted(path) -> str:
+def dotted_path(path) -> str:
+    """`("model", "layers", 0, "q_proj")` -> "model.layers.0.q_proj"."""
     return ".".join(map(str, path))
 
 
-def _set_submodule(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
+def set_submodule(root: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    """Put `new` at `path` (attribute names and list indices) under `root`, replacing what is there."""
     parent = root
     for key in path[:-1]:
         parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -97,18 +99,18 @@ def apply_lora(
     """
     pattern = re.compile(targets)
     found = [(path, m) for path, m in nnx.iter_modules(model)
-             if type(m) is nnx.Linear and pattern.search(_dotted(path))]
+             if type(m) is nnx.Linear and pattern.search(dotted_path(path))]
     if not found:
         raise ValueError(f"apply_lora: no nnx.Linear module path matches targets={targets!r}")
     for path, base in found:
-        _set_submodule(model, path, LoraLinear(base, rank=rank, alpha=alpha, dropout=dropout,
+        set_submodule(model, path, LoraLinear(base, rank=rank, alpha=alpha, dropout=dropout,
                                                param_dtype=param_dtype, rngs=rngs))
-    return [_dotted(p) for p, _ in found]
+    return [dotted_path(p) for p, _ in found]
 
 
 def lora_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of the `LoraLinear` modules in `model`, in module order."""
-    return [_dotted(p) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
+    return [dotted_path(p) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)]
 
 
 def merge(model: nnx.Module) -> list[str]:
@@ -126,5 +128,5 @@ def merge(model: nnx.Module) -> list[str]:
         plain.kernel = lm.kernel
         plain.bias = lm.bias
         plain.precision = lm.precision
-        _set_submodule(model, path, plain)
-    return [_dotted(p) for p, _ in found]
+        set_submodule(model, path, plain)
+    return [dotted_path(p) for p, _ in found]

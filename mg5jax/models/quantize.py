@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mg5jax.models.lora import LoraLinear, _dotted, _set_submodule
+from mg5jax.models.lora import LoraLinear, dotted_path, set_submodule
 
 # the projections of every decoder layer (q/k/v/o, gate/up/down); embeddings and lm_head stay as they are
 LLAMA_TARGETS = r"(^|\.)layers\.\d+\.(self_attn|mlp)\.\w+_proj$"
@@ -59,9 +59,9 @@ def quantize_int8(model: nnx.Module, targets: str = LLAMA_TARGETS) -> list[str]:
     by an `Int8Linear`. Returns the replaced paths; no match is an error."""
     pattern = re.compile(targets)
     found = [(path, m) for path, m in nnx.iter_modules(model)
-             if type(m) in (nnx.Linear, LoraLinear) and pattern.search(_dotted(path))]
+             if type(m) in (nnx.Linear, LoraLinear) and pattern.search(dotted_path(path))]
     if not found:
         raise ValueError(f"quantize_int8: no linear module path matches targets={targets!r}")
     for path, base in found:
-        _set_submodule(model, path, Int8Linear(base))
-    return [_dotted(p) for p, _ in found]
+        set_submodule(model, path, Int8Linear(base))
+    return [dotted_path(p) for p, _ in found]

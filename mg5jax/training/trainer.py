@@ -151,7 +151,9 @@ class Trainer:
         self._last_saved = None
         self._stop_signal: int | None = None
         train_key, eval_key = jax.random.split(jax.random.key(cfg.seed))
-        self._train_step = self._make_train_step(train_key)
+        self._train_step = make_train_step(self._model_def, self._opt_def, self.trainable, train_key,
+                                           param_shardings=_shardings(self._params),
+                                           opt_shardings=_shardings(self._opt_state), mesh=self.mesh)
         self._eval_step = self._make_eval_step(eval_key)
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._params))
         n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.filter_state(self._frozen, nnx.Param)))
@@ -160,11 +162,6 @@ class Trainer:
             log.info("trainable %s", line)
 
     # -- jitted steps -------------------------------------------------------------------------
-
-    def _make_train_step(self, train_key: jax.Array):
-        return make_train_step(self._model_def, self._opt_def, self.trainable, train_key,
-                               param_shardings=_shardings(self._params),
-                               opt_shardings=_shardings(self._opt_state), mesh=self.mesh)
 
     def _make_eval_step(self, eval_key: jax.Array):
         model_def = self._model_def
