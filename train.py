@@ -7,7 +7,6 @@ one line that names the culprit.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys

@@ -510,8 +510,8 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
              if k in ("input_ids", "attention_mask", "labels", "input_images", "input_image_features")}
 
     with jax.set_mesh(mesh):  # the jitted splice `InterleavedGenerator` runs
-        run("splice", placed, interleaved._splice, graphdef, placed, batch)
-    embeds, mask = jax.eval_shape(interleaved._splice, graphdef, placed, batch)
+        run("splice", placed, interleaved._splice_program.jitted, graphdef, placed, batch)
+    embeds, mask = jax.eval_shape(interleaved._splice_program.jitted, graphdef, placed, batch)
 
     # 2-3. prefill and the decode loop: the jitted functions `generation.decode.generate` runs
     sampling, insertion = _llm_sampling(settings, cfg.model.num_vokens + 1, sizes.vocab_size)
@@ -521,15 +521,16 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     mask = jax.ShapeDtypeStruct(mask.shape, jnp.bool_, sharding=batch_sh(2))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     seeds = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sh(1))
-    static = dict(cfg=sampling, insertion=insertion)
-    shapes = jax.eval_shape(functools.partial(decode._start, llm_def, **static), llm_placed, None, embeds, mask,
-                            key, seeds)
+    shapes = jax.eval_shape(functools.partial(decode._start, llm_def, sampling, insertion), llm_placed, None,
+                            embeds, mask, key, seeds)
     with jax.set_mesh(mesh):
-        run("prefill", llm_placed, decode._start_jit, llm_def, llm_placed, None, embeds, mask, key, seeds, **static)
+        run("prefill", llm_placed, decode._start_program.jitted, llm_def, sampling, insertion, llm_placed, None,
+            embeds, mask, key, seeds)
         # the loop state (KV cache included) split like the batch
         decode_state = abstract(shapes, jax.tree.map(lambda x: _decode_state_sharding(x, b, mesh), shapes))
         limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        run("decode", llm_placed, decode._advance_jit, llm_def, llm_placed, decode_state, limit, **static)
+        run("decode", llm_placed, decode._advance_program.jitted, llm_def, sampling, insertion, llm_placed,
+            decode_state, limit)
     cache = decode_state.cache
     kv_bytes = sum(_shard_bytes(x) for x in (*cache.k, *cache.v))
 
@@ -551,7 +552,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     guidance = jax.ShapeDtypeStruct((n_images,), jnp.float32, sharding=batch_sh(1))
     render_seeds = jax.ShapeDtypeStruct((n_images,), jnp.uint32, sharding=batch_sh(1))
     with jax.set_mesh(mesh):
-        run("render", weights, sampler_lib._jitted_program, unet_def, vae_def, scheduler, True, latent_shape,
+        run("render", weights, sampler_lib._sampler_program.jitted, unet_def, vae_def, scheduler, True, latent_shape,
             *weights, sched_state, context, guidance, None, render_seeds, key)
 
     peak = max(p["resident_bytes"] for p in programs.values())

@@ -1,7 +1,6 @@
 """The conversion core: key maps, strict loading, export round trip, safetensors I/O."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

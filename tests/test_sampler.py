@@ -13,6 +13,7 @@ import pytest
 from _fixtures_sd import tiny_sd_dir  # noqa: F401  (session fixture)
 
 from mg5jax.diffusion import StableDiffusionPipeline
+from mg5jax.diffusion import sampler as sampler_lib
 from mg5jax.diffusion.sampler import initial_latents
 
 pytestmark = pytest.mark.xdist_group("sd")
@@ -92,7 +93,8 @@ def test_no_guidance_runs_the_conditional_batch_only(pipes, inputs):
     ours = pipe(prompt_embeds=cond[1:], seed=1, num_inference_steps=STEPS, guidance_scale=1.0)
     ref = _diffusers(torch_pipe, "pndm", 1.0, latents[1:], prompt_embeds=cond[1:])
     _check(ours, ref, "guidance 1.0 (no CFG), seed 1")
-    use_cfg = {key[1] for key in pipe.sampler._compiled if key[0].name == "pndm" and key[2] == LATENT}
+    compiled = sampler_lib._sampler_program._compiled  # keyed by ((unet, vae, scheduler, use_cfg, latent), …)
+    use_cfg = {static[3] for static, _ in compiled if static[2].name == "pndm" and static[4] == LATENT}
     assert False in use_cfg
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mg5jax import aot
 from mg5jax.diffusion.schedulers import Scheduler, SchedulerState
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,7 @@ def _program(unet_def, vae_def, scheduler, use_cfg, latent_shape, unet_params, v
     return guided_sample(unet, vae, scheduler, state, latents, context, guidance, use_cfg)
 
 
-_jitted_program = jax.jit(_program, static_argnums=(0, 1, 2, 3, 4))
-
-
-def _signature(tree) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+_sampler_program = aot.Program(_program, static_argnums=(0, 1, 2, 3, 4))
 
 
 class GuidedSampler:
@@ -83,7 +79,6 @@ class GuidedSampler:
         self.unet_def, self.unet_params = nnx.split(unet)
         self.vae_def, self.vae_params = nnx.split(vae)
         self.unet_config = unet.config
-        self._compiled: dict = {}
         self.timings: dict[str, float] = {}
 
     def __call__(
@@ -121,23 +116,15 @@ class GuidedSampler:
             if latent_size is None:
                 latent_size = (self.unet_config.sample_size,) * 2
             latent_shape = (channels, *latent_size)
-            seeds = jnp.asarray(np.arange(b) if seeds is None else np.asarray(seeds), jnp.uint32)
+            seeds = np.asarray(np.arange(b) if seeds is None else seeds, np.uint32)
             if seeds.shape != (b,):
                 raise ValueError(f"seeds must have one entry per row ({b}), got shape {tuple(seeds.shape)}")
         key = jax.random.key(0) if key is None else key
         state = scheduler.set_timesteps(num_inference_steps, (b, *latent_shape))
-        args = (self.unet_params, self.vae_params, state, context, jnp.asarray(guidance), latents, seeds, key)
-        signature = (scheduler, use_cfg, latent_shape, _signature(args))
-        compiled = self._compiled.get(signature)
-        compile_s = 0.0
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = _jitted_program.lower(self.unet_def, self.vae_def, scheduler, use_cfg, latent_shape,
-                                             *args).compile()  # fmt: skip
-            compile_s = time.perf_counter() - start
-            self._compiled[signature] = compiled
-            log.info("compiled the %s sampler (B=%d, %d steps, latents %s, cfg=%s) in %.2f s", scheduler.name, b,
-                     len(scheduler.timesteps(state)), latent_shape, use_cfg, compile_s)  # fmt: skip
+        args = (self.unet_params, self.vae_params, state, context, guidance, latents, seeds, key)
+        start = time.perf_counter()
+        compiled = _sampler_program.compile(self.unet_def, self.vae_def, scheduler, use_cfg, latent_shape, *args)
+        compile_s = time.perf_counter() - start
         start = time.perf_counter()
         images = jax.block_until_ready(compiled(*args))
         run_s = time.perf_counter() - start

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mg5jax import aot
 from mg5jax.generation import sampling
 from mg5jax.generation.sampling import SamplingConfig
 
@@ -199,8 +200,8 @@ def _choose(state: DecodeState, cfg: SamplingConfig,
     return state, token
 
 
-def _start(graphdef, params, input_ids, inputs_embeds, prompt_mask, key, row_seeds, *, cfg: SamplingConfig,
-           insertion: ForcedInsertion | None) -> DecodeState:
+def _start(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, params, input_ids, inputs_embeds,
+           prompt_mask, key, row_seeds) -> DecodeState:
     """Prefill the cache with each row's prompt except its last token; the loop's first step feeds that
     one (so the prefill never computes logits, which XLA then drops, lm_head included)."""
     model = nnx.merge(graphdef, params)
@@ -245,8 +246,8 @@ def _start(graphdef, params, input_ids, inputs_embeds, prompt_mask, key, row_see
     )
 
 
-def _advance(graphdef, params, state: DecodeState, limit, *, cfg: SamplingConfig,
-             insertion: ForcedInsertion | None) -> DecodeState:
+def _advance(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, params, state: DecodeState,
+             limit) -> DecodeState:
     """Feed the chosen tokens and choose the next ones until every row is finished or `step == limit`."""
     model = nnx.merge(graphdef, params)
 
@@ -265,9 +266,8 @@ def _advance(graphdef, params, state: DecodeState, limit, *, cfg: SamplingConfig
     return jax.lax.while_loop(cond, body, state)
 
 
-_STATIC = ("graphdef", "cfg", "insertion")
-_start_jit = jax.jit(_start, static_argnames=_STATIC)
-_advance_jit = jax.jit(_advance, static_argnames=_STATIC, donate_argnames=("state",))
+_start_program = aot.Program(_start, static_argnums=(0, 1, 2))
+_advance_program = aot.Program(_advance, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
 
 def _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds):
@@ -276,15 +276,23 @@ def _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds):
     prompt = input_ids if input_ids is not None else inputs_embeds
     b, tp = prompt.shape[:2]
     if prompt_mask is None:
-        prompt_mask = jnp.ones((b, tp), bool)
+        prompt_mask = np.ones((b, tp), bool)
     if prompt_mask.shape != (b, tp):
         raise ValueError(f"generate: prompt_mask has shape {prompt_mask.shape}, expected {(b, tp)}")
     if input_ids is not None:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
+        input_ids = _as(input_ids, np.int32)
     key = jax.random.key(0) if key is None else key
-    row_seeds = jnp.arange(b, dtype=jnp.int32) if row_seeds is None else jnp.asarray(row_seeds, jnp.int32)
+    row_seeds = np.arange(b, dtype=np.int32) if row_seeds is None else _as(row_seeds, np.int32)
     graphdef, params = nnx.split(model)
-    return graphdef, params, (input_ids, inputs_embeds, jnp.asarray(prompt_mask, bool), key, row_seeds)
+    return graphdef, params, (input_ids, inputs_embeds, _as(prompt_mask, np.bool_), key, row_seeds)
+
+
+def _as(x, dtype):
+    """`x` with `dtype`: device arrays converted on the device, host values kept on the host (the
+    programs take them as they are; `jnp.asarray` of a host value runs one more small program)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == dtype else x.astype(dtype)
+    return np.asarray(x, dtype)
 
 
 def generate(model, *, input_ids=None, inputs_embeds=None, prompt_mask=None, config: SamplingConfig,
@@ -297,8 +305,8 @@ def generate(model, *, input_ids=None, inputs_embeds=None, prompt_mask=None, con
     seed each row's sampling. Returns ids `[B, N]` with `N = output_capacity(config, insertion)`.
     """
     graphdef, params, args = _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds)
-    state = _start_jit(graphdef, params, *args, cfg=config, insertion=insertion)
-    state = _advance_jit(graphdef, params, state, jnp.int32(NO_LIMIT), cfg=config, insertion=insertion)
+    state = _start_program(graphdef, config, insertion, params, *args)
+    state = _advance_program(graphdef, config, insertion, params, state, np.int32(NO_LIMIT))
     return state.output()
 
 
@@ -313,12 +321,12 @@ def generate_stream(model, *, input_ids=None, inputs_embeds=None, prompt_mask=No
     if chunk_steps < 1:
         raise ValueError(f"generate_stream: chunk_steps={chunk_steps}, expected >= 1")
     graphdef, params, args = _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds)
-    state = _start_jit(graphdef, params, *args, cfg=config, insertion=insertion)
+    state = _start_program(graphdef, config, insertion, params, *args)
     shown = np.zeros(state.lengths.shape, np.int64)
     done = False
     while not done:
         limit = state.step + jnp.int32(chunk_steps)
-        state = _advance_jit(graphdef, params, state, limit, cfg=config, insertion=insertion)
+        state = _advance_program(graphdef, config, insertion, params, state, limit)
         ids, lengths = np.asarray(state.ids), np.asarray(state.lengths)
         new_ids = tuple(ids[r, shown[r]:lengths[r]] for r in range(ids.shape[0]))
         shown = lengths.astype(np.int64)

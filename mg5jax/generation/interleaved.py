@@ -12,17 +12,16 @@ by one jitted guided sampler (negative = the mapped all-zero window).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import pathlib
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mg5jax import aot
 from mg5jax.data import images as image_ops
 from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
 from mg5jax.diffusion.sampler import GuidedSampler
@@ -42,18 +41,20 @@ class Prompt:
     seed: int = 0  # sampling and image noise of this row depend only on it
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _splice(graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
     """The prompts' LLM input embeddings `[B,L,D]` and mask `[B,L]` (vision encoder included): one program."""
     embeds, mask, _ = nnx.merge(graphdef, state).splice(batch)
-    return embeds, mask
+    return embeds, mask.astype(bool)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _conditioning(graphdef, state, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative for as many images: one program."""
     model = nnx.merge(graphdef, state)
     return model.conditioning(windows), model.uncond_conditioning(windows.shape[0])
+
+
+_splice_program = aot.Program(_splice, static_argnums=(0,))
+_conditioning_program = aot.Program(_conditioning, static_argnums=(0,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,9 +197,9 @@ class InterleavedGenerator:
         return batch
 
     def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
-        embeds, mask = _splice(*self._split, jax.tree.map(jnp.asarray, self.prepare(prompts)))
+        embeds, mask = _splice_program(*self._split, self.prepare(prompts))
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
-                    key=key, row_seeds=jnp.asarray([p.seed for p in prompts], jnp.uint32))
+                    key=key, row_seeds=np.asarray([p.seed for p in prompts], np.int32))
 
     # -------------------------------------------------------------------------------------- generation
 
@@ -231,7 +232,7 @@ class InterleavedGenerator:
         for chunk in (rows[i : i + per_call] for i in range(0, len(rows), per_call)):
             n = min(1 << (len(chunk) - 1).bit_length(), per_call)  # a power-of-two bucket: few compiled shapes
             picked = np.stack([flat[r * k + j] for r, j in chunk] + [flat[0]] * (n - len(chunk)))
-            cond, uncond = _conditioning(*self._split, jnp.asarray(picked))
+            cond, uncond = _conditioning_program(*self._split, picked)
             seeds = np.asarray([prompts[r].seed * k + j for r, j in chunk] + [0] * (n - len(chunk)), np.uint32)
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),

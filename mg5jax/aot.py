@@ -1,0 +1,206 @@
+"""Compiled programs kept across processes, so a second run skips tracing, lowering and compiling.
+
+JAX's persistent compilation cache only saves the XLA compile: every new process still traces the
+function and lowers it to StableHLO to find the cache entry (for the interleaved generator, 1.1 s of
+its 1.6 s cold start on CPU). A `Program` stores the whole serialized executable under
+`<jax_compilation_cache_dir>/programs/`, keyed by everything that determines it: the function's name
+and module source, the mg5jax sources, the jax / jaxlib / flax / optax releases, the backend and its
+devices, XLA_FLAGS, JAX's configuration, the static arguments (pickled) and the dynamic arguments'
+tree, shapes, dtypes and shardings. Any change misses and compiles anew. Only module-level functions
+are stored; closures, lambdas, programs whose static arguments cannot be pickled or that cannot be
+serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no compilation cache
+directory is configured or JAX runs multi-process.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import pathlib
+import pickle
+import re
+import sys
+import time
+
+import jax
+from jax._src import config as jax_config  # trace_context: what jit keys its own caches on
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mg5jax-program-1"
+_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+
+
+@functools.cache
+def _source_digest() -> str:
+    """sha256 over every Python source of the mg5jax package (what a traced program can run)."""
+    root = pathlib.Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _module_digest(fun) -> str | None:
+    """sha256 of the file that defines `fun` (it may live outside mg5jax). None when there is none, or
+    when `fun` is not a module-level function: a closure's or a lambda's name and module do not say
+    what it computes, and the values it closes over may be baked into the program."""
+    if "<" in fun.__qualname__ or getattr(fun, "__closure__", None):
+        return None
+    try:
+        return hashlib.sha256(pathlib.Path(inspect.getsourcefile(fun)).read_bytes()).hexdigest()
+    except (TypeError, OSError):
+        return None
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def _stable_repr(value) -> str:
+    """repr without memory addresses (they differ between processes)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _environment() -> bytes:
+    """What a compiled program depends on besides its arguments, as stable text."""
+    devices = jax.devices()
+    client = devices[0].client
+    parts = [
+        FORMAT, sys.version, _source_digest(), *(f"{p}={_version(p)}" for p in _PACKAGES),
+        client.platform, client.platform_version, jax.process_count(),
+        [(d.id, d.device_kind, d.process_index) for d in devices],
+        os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+        sorted((k, _stable_repr(v)) for k, v in jax.config.values.items()),
+        _stable_repr(jax_config.trace_context()),
+    ]
+    return repr(parts).encode()
+
+
+def _leaf_signature(x) -> tuple:
+    return (x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
+
+
+def _sharding_text(sharding) -> str:
+    if sharding is None:
+        return "-"
+    mesh = getattr(sharding, "mesh", None)
+    ids = [d.id for d in mesh.devices.flat] if mesh is not None and hasattr(mesh, "devices") else \
+        sorted(d.id for d in sharding.device_set)
+    return f"{_stable_repr(sharding)}{ids}"
+
+
+class Program:
+    """`jax.jit(fun, static_argnums=…, donate_argnums=…)` (positional arguments only; the dynamic ones
+    arrays) whose compiled executables persist on disk. `program(*args)` runs it; `program.compile(*args)`
+    returns the `jax.stages.Compiled` to call with the dynamic arguments alone; `program.jitted` is the
+    plain `jax.jit` (for `eval_shape` or an ahead-of-time `lower`)."""
+
+    def __init__(self, fun, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = ()):
+        self.name = f"{fun.__module__}.{fun.__qualname__}"
+        self._module_digest = _module_digest(fun)
+        self.static_argnums = tuple(static_argnums)
+        self.jitted = jax.jit(fun, static_argnums=static_argnums, donate_argnums=donate_argnums)
+        self._compiled: dict = {}
+        self._by_id: dict = {}
+
+    def _split(self, args: tuple) -> tuple[tuple, tuple]:
+        static = tuple(args[i] for i in self.static_argnums)
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self.static_argnums)
+        return static, dynamic
+
+    def __call__(self, *args):
+        return self.compile(*args)(*self._split(args)[1])
+
+    def compile(self, *args) -> jax.stages.Compiled:
+        """The executable for these arguments: from memory, from disk, or traced and compiled now."""
+        static, dynamic = self._split(args)
+        leaves, treedef = jax.tree.flatten(dynamic)
+        dynamic_signature = (treedef, tuple(_leaf_signature(x) for x in leaves))
+        # static arguments (graph definitions: slow to hash) are looked up by identity first
+        by_id = (tuple(map(id, static)), dynamic_signature)
+        held = self._by_id.get(by_id)
+        if held is not None and all(a is b for a, b in zip(held[0], static)):
+            return held[1]
+        signature = (static, dynamic_signature)
+        compiled = self._compiled.get(signature)
+        if compiled is None:
+            start = time.perf_counter()
+            path = self._path(static, treedef, leaves)
+            compiled = self._load(path, jax.tree.structure((dynamic, {}))) if path is not None else None
+            if compiled is not None:
+                log.info("%s: loaded from %s in %.2f s", self.name, path, time.perf_counter() - start)
+            elif path is None:
+                compiled = self.jitted.lower(*args).compile()
+            else:
+                compiled = self._compile_fresh(args)
+                log.info("%s: traced and compiled in %.2f s", self.name, time.perf_counter() - start)
+                self._store(path, compiled)
+            self._compiled[signature] = compiled
+        self._by_id[by_id] = (static, compiled)  # holding `static` keeps its ids from being reused
+        return compiled
+
+    # ----------------------------------------------------------------------------------------- on disk
+
+    def _compile_fresh(self, args: tuple) -> jax.stages.Compiled:
+        """Compile without JAX's persistent cache: an executable that comes from it does not survive being
+        serialized again on XLA:CPU (jaxlib 0.10: running the copy fails with "Function … not found").
+        A compiler option at its default value gives the program a cache key of its own, and the
+        minimum compile time keeps JAX from writing an entry under that key."""
+        with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
+            return self.jitted.lower(*args).compile(compiler_options={"xla_embed_ir_in_executable": False})
+
+    def _path(self, static: tuple, treedef, leaves: list) -> pathlib.Path | None:
+        directory = jax.config.jax_compilation_cache_dir
+        if not directory or jax.process_count() > 1 or self._module_digest is None:
+            return None  # on disk: one process's programs, whose code can be read
+        try:
+            h = hashlib.sha256(_environment())
+            h.update(self.name.encode())
+            h.update(self._module_digest.encode())
+            h.update(pickle.dumps(static, protocol=5))
+        except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
+            log.debug("%s: not kept on disk (%s)", self.name, e)
+            return None
+        h.update(str(treedef).encode())
+        for x in leaves:
+            h.update(repr((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))).encode())
+            h.update(_sharding_text(getattr(x, "sharding", None)).encode())
+        return pathlib.Path(directory) / "programs" / f"{self.name.rsplit('.', 1)[-1]}-{h.hexdigest()[:32]}.bin"
+
+    def _load(self, path: pathlib.Path, in_tree) -> jax.stages.Compiled | None:
+        if not path.is_file():
+            return None
+        try:
+            record = pickle.loads(path.read_bytes())
+            by_id = {d.id: d for d in jax.devices()}
+            devices = [by_id[i] for i in record["devices"]]
+            compiled = serialize_executable.deserialize_and_load(
+                record["payload"], in_tree, record["out_tree"], backend=devices[0].client,
+                execution_devices=devices)
+        except Exception as e:  # a corrupt or foreign file: compile anew and replace it
+            log.warning("%s: ignoring unreadable compiled program %s (%s: %s)", self.name, path,
+                        type(e).__name__, e)
+            return None
+        return compiled
+
+    def _store(self, path: pathlib.Path, compiled: jax.stages.Compiled) -> None:
+        try:
+            payload, _, out_tree = serialize_executable.serialize(compiled)  # in_tree: from the arguments
+            devices = [d.id for d in compiled._executable.xla_executable.local_devices()]
+            data = pickle.dumps(dict(payload=payload, out_tree=out_tree, devices=devices), protocol=5)
+        except Exception as e:  # e.g. closed-over constants: the program stays in memory only
+            log.debug("%s: not kept on disk (%s: %s)", self.name, type(e).__name__, e)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one

@@ -1,0 +1,134 @@
+"""mg5jax.aot: compiled programs stored on disk and loaded by a later process without tracing."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mg5jax import aot
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Run twice in fresh interpreters: a tiny LLaMA decodes greedily and by sampling (the decode loop's two
+# programs, one with a donated state and typed PRNG keys), and a toy program counts its traces.
+SCRIPT = """
+import json, logging, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from mg5jax import aot
+from mg5jax.generation import SamplingConfig, generate
+from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+traces = []
+def scaled(factor, x, y):
+    traces.append(1)
+    return {"out": x * factor + y.sum()}
+program = aot.Program(scaled, static_argnums=(0,), donate_argnums=(1,))
+x = jnp.arange(6.0).reshape(2, 3)
+out = program(2.0, x, jnp.ones(4))
+cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+ids = np.array([[5, 9, 12, 3], [7, 8, 0, 0]], np.int32)
+mask = ids > 0
+greedy = generate(model, input_ids=ids, prompt_mask=mask, config=SamplingConfig(max_new_tokens=6))
+sampled = generate(model, input_ids=ids, prompt_mask=mask, key=jax.random.key(3),
+                   config=SamplingConfig(do_sample=True, top_k=5, max_new_tokens=6))
+print(json.dumps({"traces": len(traces), "donated": x.is_deleted(), "out": np.asarray(out["out"]).tolist(),
+                  "greedy": np.asarray(greedy.ids).tolist(), "sampled": np.asarray(sampled.ids).tolist()}))
+"""
+
+
+def _run(cache: pathlib.Path) -> tuple[dict, str]:
+    script = cache / "script.py"
+    script.write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, cwd=REPO,
+                          env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_a_second_process_loads_the_programs_without_tracing(tmp_path):
+    first, log1 = _run(tmp_path)
+    second, log2 = _run(tmp_path)  # the same script file: the same program keys
+    assert first["traces"] == 1 and second["traces"] == 0
+    assert first == {**second, "traces": 1}
+    assert first["donated"] and second["donated"]  # donation survives serialization
+    assert first["out"] == [[4.0, 6.0, 8.0], [10.0, 12.0, 14.0]]
+    for name in ("scaled", "_start", "_advance"):
+        assert f"{name}: traced and compiled" in log1
+        assert f"{name}: loaded from" in log2
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "programs").iterdir())
+    assert names == ["_advance", "_advance", "_start", "_start", "scaled"]  # greedy and sampling configs
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    yield tmp_path / "programs"
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _double_plus(k, x):
+    return x * 2 + k
+
+
+def _apply(f, x):
+    return f(x)
+
+
+def test_every_static_value_shape_and_dtype_has_its_own_program(cache_dir):
+    program = aot.Program(_double_plus, static_argnums=(0,))
+    for k, x in [(1, np.ones(3, np.float32)), (2, np.ones(3, np.float32)), (1, np.ones(4, np.float32)),
+                 (1, np.ones(3, np.int32)), (1, np.ones(3, np.float32))]:
+        np.testing.assert_array_equal(program(k, x), x * 2 + k)
+    assert len(list(cache_dir.iterdir())) == 4
+    fresh = aot.Program(_double_plus, static_argnums=(0,))  # same function: finds the stored ones
+    np.testing.assert_array_equal(fresh(2, np.ones(3, np.float32)), np.full(3, 4.0))
+    assert len(list(cache_dir.iterdir())) == 4
+
+
+def test_a_corrupt_program_file_is_replaced(cache_dir, caplog):
+    aot.Program(_double_plus, static_argnums=(0,))(3, np.ones(2, np.float32))
+    (path,) = cache_dir.iterdir()
+    path.write_bytes(b"not a program")
+    with caplog.at_level(logging.WARNING, logger="mg5jax.aot"):
+        out = aot.Program(_double_plus, static_argnums=(0,))(3, np.ones(2, np.float32))
+    np.testing.assert_array_equal(out, [5.0, 5.0])
+    assert "ignoring unreadable compiled program" in caplog.text and str(path) in caplog.text
+    fresh = aot.Program(_double_plus, static_argnums=(0,))
+    np.testing.assert_array_equal(fresh(3, np.ones(2, np.float32)), [5.0, 5.0])  # the rewritten file loads
+
+
+def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_dir):
+    program = aot.Program(_apply, static_argnums=(0,))
+    np.testing.assert_array_equal(program(lambda v: v + 1, np.zeros(2, np.float32)), [1.0, 1.0])  # unpicklable
+    table = jnp.arange(3.0)
+
+    def add_table(x):  # its constant would be baked into the program
+        return x + table
+
+    np.testing.assert_array_equal(aot.Program(add_table)(np.ones(3, np.float32)), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(aot.Program(lambda x: x * 3)(np.ones(2, np.float32)), [3.0, 3.0])
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+def test_without_a_cache_directory_nothing_is_written(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        program = aot.Program(_double_plus, static_argnums=(0,))
+        np.testing.assert_array_equal(program(1, np.ones(2, np.float32)), [3.0, 3.0])
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
