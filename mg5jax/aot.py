@@ -36,14 +36,15 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
 @functools.cache
-def _source_digest() -> str:
-    """sha256 over every Python source of the mg5jax package (what a traced program can run)."""
+def _installation() -> str:
+    """Python, the jax / jaxlib / flax / optax releases and a sha256 over every Python source of the
+    mg5jax package (what a traced program can run): fixed for the life of a process."""
     root = pathlib.Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
-    return h.hexdigest()
+    return repr([FORMAT, sys.version, h.hexdigest(), *(f"{p}={_version(p)}" for p in _PACKAGES)])
 
 
 def _module_digest(fun) -> str | None:
@@ -75,7 +76,7 @@ def _environment() -> bytes:
     devices = jax.devices()
     client = devices[0].client
     parts = [
-        FORMAT, sys.version, _source_digest(), *(f"{p}={_version(p)}" for p in _PACKAGES),
+        _installation(),
         client.platform, client.platform_version, jax.process_count(),
         [(d.id, d.device_kind, d.process_index) for d in devices],
         os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
@@ -83,6 +84,17 @@ def _environment() -> bytes:
         _stable_repr(jax_config.trace_context()),
     ]
     return repr(parts).encode()
+
+
+_DIGESTS: dict[int, tuple] = {}  # id -> (object, digest); holding the object keeps its id unique
+
+
+def _pickled_digest(obj) -> bytes:
+    """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms)."""
+    held = _DIGESTS.get(id(obj))
+    if held is None or held[0] is not obj:
+        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(pickle.dumps(obj, protocol=5)).digest())
+    return held[1]
 
 
 def _leaf_signature(x) -> tuple:
@@ -166,7 +178,8 @@ class Program:
             h = hashlib.sha256(_environment())
             h.update(self.name.encode())
             h.update(self._module_digest.encode())
-            h.update(pickle.dumps(static, protocol=5))
+            for obj in static:
+                h.update(_pickled_digest(obj))
         except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
             log.debug("%s: not kept on disk (%s)", self.name, e)
             return None

@@ -17,7 +17,8 @@ from mg5jax import aot
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Run twice in fresh interpreters: a tiny LLaMA decodes greedily and by sampling (the decode loop's two
-# programs, one with a donated state and typed PRNG keys), and a toy program counts its traces.
+# programs, one with a donated state and typed PRNG keys), and a toy program counts its traces and runs
+# on one device and on a 2x4 mesh whose devices are in reverse order.
 SCRIPT = """
 import json, logging, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -43,17 +44,22 @@ mask = ids > 0
 greedy = generate(model, input_ids=ids, prompt_mask=mask, config=SamplingConfig(max_new_tokens=6))
 sampled = generate(model, input_ids=ids, prompt_mask=mask, key=jax.random.key(3),
                    config=SamplingConfig(do_sample=True, top_k=5, max_new_tokens=6))
+mesh = jax.sharding.Mesh(np.array(jax.devices()[::-1]).reshape(2, 4), ("data", "fsdp"))  # devices reversed
+spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "fsdp"))
+grid = jax.device_put(np.arange(32.0).reshape(4, 8), spec)
+placed = program(3.0, grid, jnp.zeros(2))
 print(json.dumps({"traces": len(traces), "donated": x.is_deleted(), "out": np.asarray(out["out"]).tolist(),
-                  "greedy": np.asarray(greedy.ids).tolist(), "sampled": np.asarray(sampled.ids).tolist()}))
+                  "greedy": np.asarray(greedy.ids).tolist(), "sampled": np.asarray(sampled.ids).tolist(),
+                  "sharded": np.asarray(placed["out"]).tolist(), "sharding_kept": placed["out"].sharding == spec}))
 """
 
 
 def _run(cache: pathlib.Path) -> tuple[dict, str]:
     script = cache / "script.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, cwd=REPO,
-                          env={**env, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -61,15 +67,16 @@ def _run(cache: pathlib.Path) -> tuple[dict, str]:
 def test_a_second_process_loads_the_programs_without_tracing(tmp_path):
     first, log1 = _run(tmp_path)
     second, log2 = _run(tmp_path)  # the same script file: the same program keys
-    assert first["traces"] == 1 and second["traces"] == 0
-    assert first == {**second, "traces": 1}
+    assert first["traces"] == 2 and second["traces"] == 0  # one device, then the mesh
+    assert first == {**second, "traces": 2}
     assert first["donated"] and second["donated"]  # donation survives serialization
     assert first["out"] == [[4.0, 6.0, 8.0], [10.0, 12.0, 14.0]]
+    assert first["sharded"] == (np.arange(32.0).reshape(4, 8) * 3).tolist() and second["sharding_kept"]
     for name in ("scaled", "_start", "_advance"):
         assert f"{name}: traced and compiled" in log1
         assert f"{name}: loaded from" in log2
     names = sorted(p.name.split("-")[0] for p in (tmp_path / "programs").iterdir())
-    assert names == ["_advance", "_advance", "_start", "_start", "scaled"]  # greedy and sampling configs
+    assert names == ["_advance", "_advance", "_start", "_start", "scaled", "scaled"]  # greedy/sampling, 1/8 devices
 
 
 @pytest.fixture
