@@ -9,7 +9,8 @@ devices, XLA_FLAGS, JAX's configuration, the static arguments (pickled) and the 
 tree, shapes, dtypes and shardings. Any change misses and compiles anew. Only module-level functions
 are stored; closures, lambdas, programs whose static arguments cannot be pickled or that cannot be
 serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no compilation cache
-directory is configured or JAX runs multi-process.
+directory is configured or JAX runs multi-process. Stored programs are kept to `MAX_BYTES` in all,
+the least recently used removed first.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 FORMAT = "mg5jax-program-1"
+MAX_BYTES = 4 << 30  # stored programs beyond this total are removed, least recently used first
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 
 
@@ -203,6 +205,10 @@ class Program:
             log.warning("%s: ignoring unreadable compiled program %s (%s: %s)", self.name, path,
                         type(e).__name__, e)
             return None
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
         return compiled
 
     def _store(self, path: pathlib.Path, compiled: jax.stages.Compiled) -> None:
@@ -217,3 +223,23 @@ class Program:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+        _evict(path.parent, keep=path)
+
+
+def _evict(directory: pathlib.Path, keep: pathlib.Path) -> None:
+    """Remove the least recently used stored programs while they total more than MAX_BYTES."""
+    files = []
+    for p in directory.glob("*.bin"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    for _, size, p in sorted(files):
+        if total <= MAX_BYTES:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size
+            log.info("removed the least recently used compiled program %s", p)

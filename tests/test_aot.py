@@ -139,3 +139,17 @@ def test_without_a_cache_directory_nothing_is_written(tmp_path):
         np.testing.assert_array_equal(program(1, np.ones(2, np.float32)), [3.0, 3.0])
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_least_recently_used_programs_go_when_the_store_is_full(cache_dir, monkeypatch):
+    program = aot.Program(_double_plus, static_argnums=(0,))
+    program(1, np.ones(2, np.float32))
+    (first,) = cache_dir.iterdir()
+    program(1, np.ones(3, np.float32))
+    (second,) = set(cache_dir.iterdir()) - {first}
+    os.utime(first, (1_000, 1_000))
+    os.utime(second, (2_000, 2_000))
+    aot.Program(_double_plus, static_argnums=(0,))(1, np.ones(2, np.float32))  # loads `first`: now the newest
+    monkeypatch.setattr(aot, "MAX_BYTES", first.stat().st_size + second.stat().st_size + 1024)  # room for two
+    program(1, np.ones(4, np.float32))  # a third program: the store is over its limit
+    assert first.exists() and not second.exists() and len(list(cache_dir.iterdir())) == 2
