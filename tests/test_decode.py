@@ -49,6 +49,33 @@ def test_processors_match_transformers(seed):
     _assert_same_scores(sampling.process_logits(logits, seen, cfg), chain(t_ids, t_logits.clone()))
 
 
+def _tie_cases(seed, b=4, v=3000):
+    rng = np.random.default_rng(seed)
+    normal = (rng.normal(size=(b, v)) * 3).astype(np.float32)
+    zeros = np.where(rng.random((b, v)) < 0.5, np.float32(-0.0), np.float32(0.0))
+    return {
+        "distinct values": normal,
+        "bf16-rounded (some ties)": np.asarray(jnp.asarray(normal, jnp.bfloat16).astype(jnp.float32)),
+        "even integers (ties beyond 2k: the full-sort path)": (2 * np.round(normal / 2)).astype(np.float32),
+        "fewer finite values than k": np.where(rng.random((b, v)) < 0.99, -np.inf, normal).astype(np.float32),
+        "signed zeros": np.where(rng.random((b, v)) < 0.95, zeros, normal).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 50, 5000])
+def test_sort_free_top_k_and_top_p_equal_the_sorting_reference(k):
+    """top-k by bisection over the float bits, and top-p on what top-k keeps, give exactly what a sort gives."""
+    top_k = jax.jit(sampling.top_k, static_argnums=1)
+    top_k_top_p = jax.jit(sampling.top_k_top_p, static_argnums=(1, 2))
+    top_p = jax.jit(sampling.top_p, static_argnums=1)
+    for name, logits in _tie_cases(k).items():
+        kth = np.sort(logits, axis=-1)[:, -min(k, logits.shape[1])][:, None]
+        reference = np.where(logits < kth, -np.inf, logits)
+        np.testing.assert_array_equal(top_k(logits, k), reference, err_msg=name)
+        for p in (0.9, 0.3):
+            np.testing.assert_array_equal(top_k_top_p(logits, k, p), top_p(reference, p), err_msg=f"{name}, p={p}")
+
+
 def test_sampling_config_rejects_bad_values():
     with pytest.raises(ValueError, match="SamplingConfig.top_p"):
         SamplingConfig(top_p=0.0)

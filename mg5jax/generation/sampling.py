@@ -84,11 +84,36 @@ def temperature(logits: jax.Array, value: float) -> jax.Array:
     return logits / value
 
 
+def _order_keys(logits: jax.Array) -> jax.Array:
+    """uint32 keys whose unsigned order is the float order of `logits` (-0.0 and +0.0 equal)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(logits == 0, 0.0, logits), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_largest_key(keys: jax.Array, k: int) -> jax.Array:
+    """The k-th largest of each row of `keys [B, V]` (counting repeats): `[B]`. A bisection over the
+    32 key bits, each step one count over the row: XLA:CPU sorts a 32000-wide row ~50x slower."""
+
+    def step(_, bounds):
+        lo, hi = bounds  # invariant: at least k keys >= lo; fewer than k keys > hi
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        enough = jnp.sum(keys >= mid[:, None], axis=-1) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    b = keys.shape[0]
+    bounds = (jnp.zeros((b,), jnp.uint32), jnp.full((b,), 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, step, bounds)[0]
+
+
+def _top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """`[B, V]` bool: the logits at least as large as the k-th largest of their row."""
+    keys = _order_keys(logits)
+    return keys >= _kth_largest_key(keys, min(k, logits.shape[-1]))[:, None]
+
+
 def top_k(logits: jax.Array, k: int) -> jax.Array:
     """transformers TopKLogitsWarper: logits below the k-th largest of their row become -inf."""
-    k = min(k, logits.shape[-1])
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return jnp.where(logits < kth, NEG_INF, logits)
+    return jnp.where(_top_k_mask(logits, k), logits, NEG_INF)
 
 
 def top_p(logits: jax.Array, p: float, min_tokens_to_keep: int = 1) -> jax.Array:
@@ -104,6 +129,41 @@ def top_p(logits: jax.Array, p: float, min_tokens_to_keep: int = 1) -> jax.Array
     return jnp.where(remove, NEG_INF, logits)
 
 
+MAX_TOP_K_SLOTS = 512  # top_k_top_p orders at most this many kept logits pairwise (top_k <= 256)
+
+
+def top_k_top_p(logits: jax.Array, k: int, p: float, min_tokens_to_keep: int = 1) -> jax.Array:
+    """`top_p(top_k(logits, k), p)` without sorting the vocabulary: top-p runs on the logits top-k
+    keeps (k, or more on ties at the k-th value, up to 2k; beyond that, or for k > 256, on the whole
+    row). Exactly the same result, 10-25x faster on XLA:CPU at a 32000-token vocabulary."""
+    v = logits.shape[-1]
+    k = min(k, v)
+    cap = min(2 * k, v)
+    if cap > MAX_TOP_K_SLOTS:  # the pairwise order of the kept logits would outgrow a sort
+        return top_p(top_k(logits, k), p, min_tokens_to_keep)
+    keep = _top_k_mask(logits, k)
+    filtered = jnp.where(keep, logits, NEG_INF)
+
+    def among_kept():
+        b = logits.shape[0]
+        rows = jnp.arange(b)[:, None]
+        slot = jnp.where(keep, jnp.cumsum(keep, axis=-1) - 1, cap)  # kept ids packed in order; others dropped
+        ids = jnp.full((b, cap), v, jnp.int32).at[rows, slot].set(
+            jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v)), mode="drop")  # empty slots: id v
+        vals = jnp.take_along_axis(logits, ids, axis=-1, mode="fill", fill_value=NEG_INF)
+        # slot j comes at or before slot i in top_p's ascending stable sort (empty slots first)
+        before = (vals[:, None, :] < vals[:, :, None]) | (
+            (vals[:, None, :] == vals[:, :, None]) & (ids[:, None, :] <= ids[:, :, None]))
+        probs = jax.nn.softmax(vals, axis=-1)
+        cumulative = jnp.sum(jnp.where(before, probs[:, None, :], 0.0), axis=-1)
+        rank = jnp.sum(before, axis=-1) - 1
+        remove = (cumulative <= 1 - p) & (rank < cap - min_tokens_to_keep)
+        return jnp.full_like(logits, NEG_INF).at[rows, ids].set(jnp.where(remove, NEG_INF, vals), mode="drop")
+
+    fits = jnp.all(jnp.sum(keep, axis=-1) <= cap)
+    return jax.lax.cond(fits, among_kept, lambda: top_p(filtered, p, min_tokens_to_keep))
+
+
 def process_logits(logits: jax.Array, seen: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """All of `cfg`'s processors (and, when sampling, warpers) in transformers order: `[B, V] -> [B, V]`."""
     logits = add_logit_bias(logits.astype(jnp.float32), cfg.logit_bias)
@@ -112,9 +172,11 @@ def process_logits(logits: jax.Array, seen: jax.Array, cfg: SamplingConfig) -> j
     if cfg.do_sample:
         if cfg.temperature != 1.0:
             logits = temperature(logits, cfg.temperature)
-        if cfg.top_k > 0:
+        if cfg.top_k > 0 and cfg.top_p < 1.0:
+            logits = top_k_top_p(logits, cfg.top_k, cfg.top_p)
+        elif cfg.top_k > 0:
             logits = top_k(logits, cfg.top_k)
-        if cfg.top_p < 1.0:
+        elif cfg.top_p < 1.0:
             logits = top_p(logits, cfg.top_p)
     return logits
 
