@@ -12,6 +12,7 @@ serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no
 directory is configured or JAX runs multi-process. Stored programs are kept to `MAX_BYTES` in all,
 the least recently used removed first.
 """
+
 from __future__ import annotations
 
 import functools
