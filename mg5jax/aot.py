@@ -9,8 +9,8 @@ devices, XLA_FLAGS, JAX's configuration, the static arguments (pickled) and the 
 tree, shapes, dtypes and shardings. Any change misses and compiles anew. Only module-level functions
 are stored; closures, lambdas, programs whose static arguments cannot be pickled or that cannot be
 serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no compilation cache
-directory is configured or JAX runs multi-process. Stored programs are kept to `MAX_BYTES` in all,
-the least recently used removed first.
+directory is configured, JAX runs multi-process, or MG5JAX_AOT=0. Stored programs are kept to
+`MAX_BYTES` in all, the least recently used removed first.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class Program:
 
     def _path(self, static: tuple, treedef, leaves: list) -> pathlib.Path | None:
         directory = jax.config.jax_compilation_cache_dir
-        if not directory or jax.process_count() > 1 or self._module_digest is None:
+        if not directory or os.environ.get("MG5JAX_AOT") == "0" or jax.process_count() > 1 \
+                or self._module_digest is None:
             return None  # on disk: one process's programs, whose code can be read
         try:
             h = hashlib.sha256(_environment())

@@ -131,6 +131,12 @@ def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
 
 
+def test_mg5jax_aot_0_keeps_programs_in_memory(cache_dir, monkeypatch):
+    monkeypatch.setenv("MG5JAX_AOT", "0")
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,))(1, np.ones(2, np.float32)), [3, 3])
+    assert not cache_dir.exists()
+
+
 def test_without_a_cache_directory_nothing_is_written(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
