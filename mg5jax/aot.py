@@ -149,7 +149,7 @@ class Program:
         compiled = self._compiled.get(signature)
         if compiled is None:
             start = time.perf_counter()
-            path = self._path(static, treedef, leaves)
+            path = self._path(static, dynamic_signature)
             compiled = self._load(path, jax.tree.structure((dynamic, {}))) if path is not None else None
             if compiled is not None:
                 log.info("%s: loaded from %s in %.2f s", self.name, path, time.perf_counter() - start)
@@ -173,7 +173,7 @@ class Program:
         with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
             return self.jitted.lower(*args).compile(compiler_options={"xla_embed_ir_in_executable": False})
 
-    def _path(self, static: tuple, treedef, leaves: list) -> pathlib.Path | None:
+    def _path(self, static: tuple, dynamic_signature: tuple) -> pathlib.Path | None:
         directory = jax.config.jax_compilation_cache_dir
         if not directory or os.environ.get("MG5JAX_AOT") == "0" or jax.process_count() > 1 \
                 or self._module_digest is None:
@@ -187,10 +187,10 @@ class Program:
         except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
             log.debug("%s: not kept on disk (%s)", self.name, e)
             return None
+        treedef, leaves = dynamic_signature
         h.update(str(treedef).encode())
-        for x in leaves:
-            h.update(repr((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)))).encode())
-            h.update(_sharding_text(getattr(x, "sharding", None)).encode())
+        for shape, dtype, weak_type, sharding in leaves:
+            h.update(f"{tuple(shape)}{dtype}{bool(weak_type)}{_sharding_text(sharding)}".encode())
         return pathlib.Path(directory) / "programs" / f"{self.name.rsplit('.', 1)[-1]}-{h.hexdigest()[:32]}.bin"
 
     def _load(self, path: pathlib.Path, in_tree) -> jax.stages.Compiled | None:

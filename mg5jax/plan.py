@@ -40,8 +40,7 @@ from mg5jax.build import config_dtype, minigpt5_config, quantize_for_inference, 
 from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
-from mg5jax.generation import decode
-from mg5jax.generation import interleaved
+from mg5jax.generation import decode, interleaved
 from mg5jax.generation.interleaved import GenerationSettings
 from mg5jax.generation.sampling import SamplingConfig
 from mg5jax.models import lora as lora_lib
