@@ -10,6 +10,7 @@ and an `index.html` under `--out`.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import pathlib
@@ -102,6 +103,8 @@ def run(cfg) -> int:
                                      input_image_size=cfg.data.input_image_size,
                                      max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
     prompts = load_prompts(cfg, built.tokenizer)
+    gc.collect()
+    gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
     key = jax.random.key(_SEED.value)
     responses = []
     for start in range(0, len(prompts), _BATCH.value):

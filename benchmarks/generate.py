@@ -12,6 +12,7 @@ second run the generation programs load from `.cache/jax/programs` (mg5jax.aot) 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import pathlib
 import sys
@@ -49,6 +50,9 @@ def main() -> None:
                                   image_size=cfg.data.output_image_size, max_images=1)
     gen = InterleavedGenerator(built.model, built.tokenizer, schedule, settings=settings,
                                input_image_size=cfg.data.input_image_size, llm_dir=cfg.model.llm_path)
+
+    gc.collect()
+    gc.freeze()  # as infer.py does once the model is loaded
 
     def timed(batch):
         start = time.perf_counter()

@@ -546,13 +546,13 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     unet_def, unet_state = nnx.split(model.unet)
     vae_def, vae_state = nnx.split(model.vae)
     weights = tuple(abstract(w, parallel.state_shardings(w, mesh)) for w in (unet_state, vae_state))
-    context = jax.ShapeDtypeStruct((2 * n_images, sizes.mapper.num_queries, sizes.mapper.hidden), jnp.float32,
-                                   sharding=batch_sh(3))
+    cond = jax.ShapeDtypeStruct((n_images, sizes.mapper.num_queries, sizes.mapper.hidden), jnp.float32,
+                                sharding=batch_sh(3))
     guidance = jax.ShapeDtypeStruct((n_images,), jnp.float32, sharding=batch_sh(1))
     render_seeds = jax.ShapeDtypeStruct((n_images,), jnp.uint32, sharding=batch_sh(1))
     with jax.set_mesh(mesh):
         run("render", weights, sampler_lib._sampler_program.jitted, unet_def, vae_def, scheduler, True, latent_shape,
-            *weights, sched_state, context, guidance, None, render_seeds, key)
+            *weights, sched_state, cond, cond, guidance, None, render_seeds, key)
 
     peak = max(p["resident_bytes"] for p in programs.values())
     return {

@@ -61,11 +61,12 @@ def guided_sample(unet, vae, scheduler: Scheduler, state: SchedulerState, latent
     return jnp.transpose(jnp.clip(images / 2 + 0.5, 0.0, 1.0), (0, 2, 3, 1))
 
 
-def _program(unet_def, vae_def, scheduler, use_cfg, latent_shape, unet_params, vae_params, state, context, guidance,
-             latents, seeds, key):
+def _program(unet_def, vae_def, scheduler, use_cfg, latent_shape, unet_params, vae_params, state, cond, uncond,
+             guidance, latents, seeds, key):
     unet, vae = nnx.merge(unet_def, unet_params), nnx.merge(vae_def, vae_params)
     if latents is None:
         latents = initial_latents(key, seeds, latent_shape)
+    context = jnp.concatenate([uncond, cond]) if use_cfg else cond
     return guided_sample(unet, vae, scheduler, state, latents, context, guidance, use_cfg)
 
 
@@ -100,15 +101,12 @@ class GuidedSampler:
         b = cond.shape[0]
         guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (b,)).copy()
         use_cfg = bool((guidance > 1).any())
-        if use_cfg:
-            if uncond is None:
-                raise ValueError("guidance_scale > 1 needs the unconditional conditioning (uncond)")
-            context = jnp.concatenate([jnp.asarray(uncond), jnp.asarray(cond)])
-        else:
-            context = jnp.asarray(cond)
+        if use_cfg and uncond is None:
+            raise ValueError("guidance_scale > 1 needs the unconditional conditioning (uncond)")
+        uncond = uncond if use_cfg else None
         channels = self.unet_config.in_channels
         if latents is not None:
-            latents = jnp.asarray(latents, jnp.float32)
+            latents = latents if isinstance(latents, jax.Array) else np.asarray(latents, np.float32)
             seeds, latent_shape = None, tuple(latents.shape[1:])
             if latents.shape[0] != b:
                 raise ValueError(f"latents have batch {latents.shape[0]}, conditioning has {b}")
@@ -121,7 +119,7 @@ class GuidedSampler:
                 raise ValueError(f"seeds must have one entry per row ({b}), got shape {tuple(seeds.shape)}")
         key = jax.random.key(0) if key is None else key
         state = scheduler.set_timesteps(num_inference_steps, (b, *latent_shape))
-        args = (self.unet_params, self.vae_params, state, context, guidance, latents, seeds, key)
+        args = (self.unet_params, self.vae_params, state, cond, uncond, guidance, latents, seeds, key)
         start = time.perf_counter()
         compiled = _sampler_program.compile(self.unet_def, self.vae_def, scheduler, use_cfg, latent_shape, *args)
         compile_s = time.perf_counter() - start

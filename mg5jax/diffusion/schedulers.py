@@ -6,7 +6,8 @@ an ᾱ array: `add_noise`, `get_velocity` (v-prediction target), `snr`, `min_snr
 Sampling side: PNDM/PLMS (`skip_prk_steps`), DDIM (eta 0), DPM-Solver++ multistep and Euler. A
 scheduler is a frozen, hashable description built from a diffusers `scheduler_config.json` (usable
 as a static jit argument). `set_timesteps` runs on the host and returns a `flax.struct.dataclass`
-state with the per-step tables and the solver's history; `scale_model_input` and `step` are pure
+state with the per-step tables and the solver's history, as numpy arrays (a jitted sampler takes them
+as inputs; no device programs run to build them); `scale_model_input` and `step` are pure
 functions of `(state, i, ...)` with the step index `i` a traced int, so a whole sampling loop is one
 `lax.fori_loop`:
 
@@ -253,9 +254,9 @@ class PNDMScheduler(_Scheduler):
         ac = self.schedule.alphas_cumprod
         final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         return PNDMState(
-            timesteps=jnp.asarray(ts, jnp.int32), init_noise_sigma=jnp.float32(1.0),
-            alpha_from=jnp.asarray(ac[start]), alpha_to=jnp.asarray(np.where(end >= 0, ac[np.maximum(end, 0)], final)),
-            ets=jnp.zeros((4, *sample_shape), jnp.float32), cur_sample=jnp.zeros(sample_shape, jnp.float32),
+            timesteps=ts.astype(np.int32), init_noise_sigma=np.float32(1.0),
+            alpha_from=ac[start], alpha_to=np.where(end >= 0, ac[np.maximum(end, 0)], final).astype(np.float32),
+            ets=np.zeros((4, *sample_shape), np.float32), cur_sample=np.zeros(sample_shape, np.float32),
         )  # fmt: skip
 
     def step(self, state: PNDMState, model_output: jax.Array, i: jax.Array, sample: jax.Array):
@@ -323,8 +324,8 @@ class DDIMScheduler(_Scheduler):
         ac = self.schedule.alphas_cumprod
         final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
-        return DDIMState(timesteps=jnp.asarray(ts, jnp.int32), init_noise_sigma=jnp.float32(1.0),
-                         alpha_t=jnp.asarray(ac[ts]), alpha_prev=jnp.asarray(alpha_prev))
+        return DDIMState(timesteps=ts.astype(np.int32), init_noise_sigma=np.float32(1.0),
+                         alpha_t=ac[ts], alpha_prev=alpha_prev.astype(np.float32))
 
     def step(self, state: DDIMState, model_output: jax.Array, i: jax.Array, sample: jax.Array):
         """x_t -> x_{t-δ} = √ᾱ_prev·x̂0 + √(1-ᾱ_prev)·ε̂; returns (state, prev_sample)."""
@@ -419,8 +420,8 @@ class DPMSolverMultistepScheduler(_Scheduler):
         sigmas = np.interp(ts, np.arange(len(sigmas_all)), sigmas_all)
         last_sigma = sigmas_all[0] if self.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
-        return DPMSolverState(timesteps=jnp.asarray(ts, jnp.int32), init_noise_sigma=jnp.float32(1.0),
-                              sigmas=jnp.asarray(sigmas), prev_x0=jnp.zeros(sample_shape, jnp.float32))
+        return DPMSolverState(timesteps=ts.astype(np.int32), init_noise_sigma=np.float32(1.0),
+                              sigmas=sigmas, prev_x0=np.zeros(sample_shape, np.float32))
 
     def _data_prediction(self, mo: jax.Array, sample: jax.Array, sigma: jax.Array) -> jax.Array:
         kind = self.schedule.prediction_type
@@ -509,8 +510,7 @@ class EulerDiscreteScheduler(_Scheduler):
         sigmas = np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
         max_sigma = sigmas.max()
         init = max_sigma if self.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
-        return EulerState(timesteps=jnp.asarray(ts, jnp.float32), init_noise_sigma=jnp.float32(init),
-                          sigmas=jnp.asarray(sigmas))
+        return EulerState(timesteps=ts.astype(np.float32), init_noise_sigma=np.float32(init), sigmas=sigmas)
 
     def scale_model_input(self, state: EulerState, sample: jax.Array, i: jax.Array) -> jax.Array:
         """x / √(σ_i² + 1), what the denoiser expects at step i."""
