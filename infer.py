@@ -42,31 +42,52 @@ _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of the ori
 log = logging.getLogger("mg5jax.infer")
 
 
-def load_prompts(cfg, tokenizer):
-    """The prompts to run, from the flags or the config's validation file."""
-    from mg5jax import build
+def flag_prompts():
+    """The prompts given by --prompt / --prompts (checked before any model loads), or None."""
     from mg5jax.generation.interleaved import Prompt
 
     seed = _SEED.value
     if _PROMPT.value is not None:
+        for image in _IMAGE.value:
+            if not pathlib.Path(image).is_file():
+                raise FileNotFoundError(f"--image: file not found: {image}")
         return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)]
     if _PROMPTS.value is not None:
         path = pathlib.Path(_PROMPTS.value)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts: file not found: {path}")
-        text = path.read_text()
         try:
+            text = path.read_text()
             rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+        if not isinstance(rows, list):
+            raise ValueError(f"--prompts {path}: expected a list of prompts, got a {type(rows).__name__}")
         prompts = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or "text" not in row:
                 raise ValueError(f"--prompts {path}: entry {i} has no 'text'")
-            images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p)
-                           for p in row.get("images", []))
-            prompts.append(Prompt(row["text"], images, int(row.get("seed", seed + i))))
+            images = row.get("images", [])
+            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+                raise ValueError(f"--prompts {path}: entry {i}: 'images' must be a list of file paths, got {images!r}")
+            images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
+            for image in images:
+                if not pathlib.Path(image).is_file():
+                    raise FileNotFoundError(f"--prompts {path}: entry {i}: image file not found: {image}")
+            try:
+                prompts.append(Prompt(row["text"], images, row.get("seed", seed + i)))
+            except ValueError as e:
+                raise ValueError(f"--prompts {path}: entry {i}: {e}") from e
         return prompts
+    return None
+
+
+def config_prompts(cfg, tokenizer):
+    """The first --limit prompts of the config's validation file."""
+    from mg5jax import build
+    from mg5jax.generation.interleaved import Prompt
+
+    seed = _SEED.value
     d = cfg.data
     if not d.val_path:
         raise ValueError("no prompts: give --prompt, --prompts, or set data.val_path in the config")
@@ -83,6 +104,7 @@ def run(cfg) -> int:
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import write_outputs
 
+    prompts = flag_prompts()
     build.enable_compile_cache()
     built = build.build_model(cfg, train=False)
     if _STAGE1.value:
@@ -91,18 +113,20 @@ def run(cfg) -> int:
         raise ValueError("--official_stage2 needs --official_stage1 (stage 2 has no fc or decoder queries)")
     else:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
-        build.load_trainable(built.model, run_dir)
+        build.load_trainable(built.model, run_dir, "--checkpoint" if _CHECKPOINT.value else "trainer.workdir")
     if cfg.model.int8_weights:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
     settings = GenerationSettings(
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
         image_size=cfg.data.output_image_size)
-    scheduler_cfg = json.loads((pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_cfg = build.read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json",
+                                    "model.sd_path")
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
                                      max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
-    prompts = load_prompts(cfg, built.tokenizer)
+    if prompts is None:
+        prompts = config_prompts(cfg, built.tokenizer)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
     key = jax.random.key(_SEED.value)

@@ -3,8 +3,10 @@ inference voken window equal to the teacher-forced training window, and the HTML
 
 import dataclasses
 import json
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 D = 512
 PROMPTS = ["###Human: tell me a story ###Assistant:", "###Human: the sister arrived ###Assistant:",
            "###Human: fireworks at night and food on the grill ###Assistant:"]
@@ -180,3 +183,32 @@ def test_inference_window_equals_teacher_forced_window(parts):
     assert bool(jnp.all(found))
     err = np.abs(np.asarray(windows) - np.asarray(out.insertion_hidden)).max()
     assert err <= 1e-5, err
+
+
+def test_prompt_checks_its_fields():
+    Prompt("a story", ("a.png",), seed=2**31 - 1)
+    for bad in (dict(text=3), dict(text="t", images="a.png"), dict(text="t", images=(None,)), dict(text="t", seed=-1),
+                dict(text="t", seed=2**31), dict(text="t", seed="7"), dict(text="t", seed=True)):
+        with pytest.raises(ValueError, match="prompt (text|images|seed)"):
+            Prompt(**bad)
+
+
+def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
+    """Each malformed --prompts file ends infer.py at once with one line naming the file and the entry."""
+    (tmp_path / "here.png").write_bytes(b"")
+    cases = {
+        "object.json": ('{"text": "a"}', "expected a list of prompts, got a dict"),
+        "string_images.jsonl": ('{"text": "a", "images": "here.png"}', "entry 0: 'images' must be a list"),
+        "missing_image.jsonl": ('{"text": "a", "images": ["here.png"]}\n{"text": "b", "images": ["gone.png"]}',
+                                "entry 1: image file not found"),
+        "negative_seed.jsonl": ('{"text": "a", "seed": -1}', "entry 0: prompt seed must be an integer"),
+        "broken.json": ('[{"text": "a"', "not valid JSON"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", "--prompts", str(path)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f"infer.py: --prompts {path}") and message in last, last
+        assert "loading" not in r.stderr  # failed before any weights were read

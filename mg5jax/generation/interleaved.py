@@ -38,7 +38,16 @@ class Prompt:
 
     text: str
     images: tuple[str, ...] = ()
-    seed: int = 0  # sampling and image noise of this row depend only on it
+    seed: int = 0  # sampling and image noise of this row depend only on it; 0 <= seed < 2**31
+
+    def __post_init__(self):
+        if not isinstance(self.text, str):
+            raise ValueError(f"prompt text must be a string, got {type(self.text).__name__}")
+        if isinstance(self.images, str) or not all(isinstance(p, str) for p in self.images):
+            raise ValueError(f"prompt images must be a list of file paths, got {self.images!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
+                or not 0 <= self.seed < 2**31:
+            raise ValueError(f"prompt seed must be an integer in [0, 2**31), got {self.seed!r}")
 
 
 def _splice(graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -101,7 +110,7 @@ class Response:
     segments: list[str | int]  # text, or the index of an image in `images`
     images: list[np.ndarray]  # [H, W, 3] uint8
     token_ids: list[int]  # every id the LLM chose or was fed (vokens included)
-    raw_text: str  # tokenizer.decode of token_ids, as the original prints it
+    raw_text: str  # tokenizer.decode of token_ids (the forced [IMG1]…[IMG7] included)
 
     @property
     def text(self) -> str:
@@ -125,12 +134,18 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
     eos, seen = (tokenizer.ids.eos_id,), ()
     gen_file = pathlib.Path(llm_dir) / "generation_config.json" if llm_dir else None
     if gen_file is not None and gen_file.is_file():
-        gen = json.loads(gen_file.read_text())
+        try:
+            gen = json.loads(gen_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{gen_file}: not valid JSON ({e})") from e
         if gen.get("eos_token_id") is not None:
             ids = gen["eos_token_id"]
             eos = tuple(ids) if isinstance(ids, list) else (ids,)
         if gen.get("bos_token_id") is not None:
             seen = (gen["bos_token_id"],)
+    elif gen_file is not None:
+        log.warning("%s not found: EOS is the tokenizer's (%s) and no id starts as seen by the repetition "
+                    "penalty; Vicuna v0's file has eos 1, bos 0", gen_file, eos[0])
     return settings.sampling(eos_ids=eos, seen_ids=seen, stop_sequences=stop_sequences(tokenizer),
                              pad_id=tokenizer.ids.pad_id)
 
@@ -233,7 +248,8 @@ class InterleavedGenerator:
             n = min(1 << (len(chunk) - 1).bit_length(), per_call)  # a power-of-two bucket: few compiled shapes
             picked = np.stack([flat[r * k + j] for r, j in chunk] + [flat[0]] * (n - len(chunk)))
             cond, uncond = _conditioning_program(*self._split, picked)
-            seeds = np.asarray([prompts[r].seed * k + j for r, j in chunk] + [0] * (n - len(chunk)), np.uint32)
+            seeds = np.asarray([(prompts[r].seed * k + j) % 2**32 for r, j in chunk] + [0] * (n - len(chunk)),
+                               np.uint32)
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),
                                   latent_size=self.latent_size)
