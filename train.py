@@ -27,6 +27,7 @@ def run(cfg) -> int:
 
     from mg5jax import build
     from mg5jax.data import pipeline
+    from mg5jax.data.datasets import DataError
     from mg5jax.training.trainer import Trainer, TrainerConfig
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
@@ -36,6 +37,8 @@ def run(cfg) -> int:
     d = cfg.data
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
                                        tokenizer=built.tokenizer)
+    if not train_samples:
+        raise DataError(f"data.train_path {d.train_path}: no samples (see the skipped rows logged above)")
     per_process = d.per_device_batch_size * jax.local_device_count()
     global_batch = d.per_device_batch_size * jax.device_count()
     t = cfg.trainer.to_dict()
@@ -53,9 +56,13 @@ def run(cfg) -> int:
     train_ds = pipeline.make_dataset(train_samples, build.make_builder(cfg, built, per_process, train=True),
                                      seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
     eval_data = None
+    val_samples = []
     if d.val_path:
         val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
                                          tokenizer=built.tokenizer)
+        if not val_samples:
+            log.warning("data.val_path %s gives no samples: no validation", d.val_path)
+    if val_samples:
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
                                        seed=cfg.seed, shuffle=False, num_epochs=1, drop_remainder=False)
         eval_data = lambda: itertools.islice(iter(val_ds), cfg.val_batches)  # noqa: E731

@@ -79,6 +79,15 @@ def _require_file(path: str, field: str) -> pathlib.Path:
     return p
 
 
+def read_json(path, field: str):
+    """The JSON in `path`; a missing file or bad JSON is an error naming `field` and the file."""
+    p = _require_file(str(path), field)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{field}: {p} is not valid JSON ({e})") from e
+
+
 def build_model(cfg, *, train: bool = True) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
 
@@ -109,8 +118,7 @@ def build_model(cfg, *, train: bool = True) -> Built:
                                                 remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen)
     caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
-    schedule_cfg = json.loads(_require_file(str(sd_dir / "scheduler" / "scheduler_config.json"),
-                                            "model.sd_path").read_text())
+    schedule_cfg = read_json(sd_dir / "scheduler" / "scheduler_config.json", "model.sd_path")
     noise_schedule = schedulers.NoiseSchedule.from_config(schedule_cfg)
 
     text_encoder, empty = None, None
@@ -118,8 +126,13 @@ def build_model(cfg, *, train: bool = True) -> Built:
     text_width = cross if isinstance(cross, int) else cross[0]
     if cfg.loss.caption_weight > 0 and train:  # the caption loss's targets; generation does not need it
         text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
+        # the empty caption's feature (the target of CFG-dropped groups) in fp32, as the original computes
+        # it once at init (REFERENCE §1.10); a bf16 run loads an fp32 copy of the encoder for it
+        encoder32 = text_encoder if frozen == compute == jnp.float32 else CLIPTextModel.from_pretrained(
+            sd_dir / "text_encoder", dtype=jnp.float32, param_dtype=jnp.float32)
         ids, mask = encode_prompts(caption_tokenizer, [""])
-        empty = np.asarray(text_encoder(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)[0]
+        empty = np.asarray(encoder32(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)[0]
+        del encoder32
 
     mapper_cfg = MapperConfig(llm_dim=llm.config.hidden_size, num_vokens=m.num_vokens, hidden=text_width,
                               num_queries=caption_tokenizer.model_max_length, enc_layers=m.mapper.enc_layers,
@@ -194,18 +207,19 @@ def quantize_for_inference(model: MiniGPT5) -> list[str]:
     return paths
 
 
-def load_trainable(model: MiniGPT5, run_dir: str) -> list[str]:
+def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from") -> list[str]:
     """Load the trainable params saved by an earlier run of ours (its newest checkpoint) into `model`.
 
     Only params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper
     and queries; its fresh LoRA stays). Returns the loaded paths; a shape mismatch is an error.
+    `field` names the setting that gave `run_dir` in errors.
     """
     ckpt_dir = pathlib.Path(run_dir).absolute() / "checkpoints"
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"model.init_from: no checkpoints/ directory in {run_dir}")
+        raise FileNotFoundError(f"{field}: no checkpoints/ directory in {run_dir}")
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     if not steps:
-        raise CheckpointError(f"model.init_from: no complete checkpoint in {ckpt_dir}")
+        raise CheckpointError(f"{field}: no complete checkpoint in {ckpt_dir}")
     params_dir = ckpt_dir / str(steps[-1]) / "params"
     try:
         stored = ocp.StandardCheckpointer().restore(params_dir)
