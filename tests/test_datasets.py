@@ -169,6 +169,28 @@ def test_cc3m_strict_raises_with_file_and_row(tmp_path):
         read_cc3m(tsv, strict=True)
 
 
+def test_rows_that_are_not_utf8_are_skipped_by_row(tmp_path):
+    """A line that does not decode is one bad row (named, counted, skipped; strict: an error); a JSON
+    document that does not decode is an error naming the file."""
+    _tiny_jpg(tmp_path / "ok.jpg")
+    tsv = tmp_path / "latin1.tsv"
+    tsv.write_bytes("caption\timage_path\ngood one .\tok.jpg\ncaf\u00e9 .\tok.jpg\ngood two .\tok.jpg\n"
+                    .replace("\u00e9", "\x00").encode().replace(b"\x00", b"\xe9"))
+    samples, report = read_cc3m(tsv)
+    assert [s.task_name for s in samples] == ["cc3m_0", "cc3m_0_instruction", "cc3m_2"]
+    assert [(p.row, p.reason) for p in report.problems] == [(3, "not UTF-8 text (invalid continuation byte at byte 3)")]
+    with pytest.raises(DataError, match=r"latin1\.tsv, row 3: not UTF-8"):
+        read_cc3m(tsv, strict=True)
+    jsonl = tmp_path / "conv.jsonl"
+    jsonl.write_bytes(b"\xff\n")
+    samples, report = read_mmdialog(jsonl, test=True)
+    assert samples == [] and [(p.row, p.reason.split(" (")[0]) for p in report.problems] == [(1, "not UTF-8 text")]
+    story = tmp_path / "train_cleaned.json"
+    story.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(DataError, match=r"train_cleaned\.json: not UTF-8 text"):
+        read_vist(story)
+
+
 def test_cc3m_bad_header_always_raises(tmp_path):
     tsv = tmp_path / "h.tsv"
     tsv.write_text("text\tpath\nx\ty.jpg\n", encoding="utf-8")

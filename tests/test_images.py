@@ -103,6 +103,14 @@ def test_load_image_errors_name_the_path(tmp_path):
         load_image(garbage)
 
 
+def test_decompression_bomb_is_an_image_error(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64×64 > 2× the limit: PIL refuses to decode it
+    with pytest.raises(ImageLoadError, match="big.png"):
+        load_image(path)
+
+
 def test_load_image_converts_to_rgb(tmp_path):
     path = tmp_path / "gray.png"
     Image.new("L", (4, 3), 77).save(path)

@@ -1,5 +1,7 @@
 """Samples → static-shape batches: tokenization and labels, image slots, buckets, resume, bad data."""
 
+import json
+
 import numpy as np
 import pytest
 from fixtures_tokenizer import tiny_tokenizer_dir  # noqa: F401  (session fixture)
@@ -82,3 +84,28 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
         strict(missing, np.random.default_rng(0))
     batches = list(pipeline.make_dataset([missing, vist[0], vist[1]], builder, shuffle=False))
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
+
+
+def test_unreadable_feature_file_skips_the_sample_naming_it(tokenizer, tmp_path, caplog):
+    sample = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="feat_1",
+                    input_images=(str(tmp_path / "img.png"),), output_image=None)
+    (tmp_path / "img.npy").write_bytes(b"")  # an interrupted write
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(tmp_path))
+    assert builder(sample, np.random.default_rng(0)) is None
+    assert builder.skipped == 1 and "feat_1" in caplog.text and "img.npy: cannot read the precomputed array" in caplog.text
+
+
+def test_features_of_another_image_with_the_same_stem_are_refused(tokenizer, tmp_path, caplog):
+    """sources.json (written by mg5jax.encode_images) says which image each <stem>.npy came from."""
+    first, second = tmp_path / "train_images" / "5.png", tmp_path / "val_images" / "5.png"
+    np.save(tmp_path / "5.npy", np.zeros((SPEC.num_query_tokens, SPEC.llm_dim), np.float32))
+    (tmp_path / "sources.json").write_text(json.dumps({"5": str(first.resolve())}))
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(tmp_path))
+
+    def sample(path):
+        return Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="s",
+                      input_images=(str(path),), output_image=None)
+
+    assert builder(sample(first), np.random.default_rng(0)) is not None
+    assert builder(sample(second), np.random.default_rng(0)) is None
+    assert "5.npy holds the features of" in caplog.text and "val_images/5.png" in caplog.text

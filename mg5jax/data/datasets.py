@@ -157,19 +157,23 @@ def read_cc3m(
     report = ReadReport(path)
     rng = random.Random(seed)
     vokens = _vokens_str(num_vokens)
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = [line.rstrip("\r") for line in f.read().split("\n")]
-    header = lines[0].split("\t") if lines else []
+    lines = _read_lines(path)
+    if isinstance(lines[0], UnicodeDecodeError):
+        raise DataError(f"{path}, row 1: {_not_utf8(lines[0])}")
+    header = lines[0].split("\t")
     if "caption" not in header or "image_path" not in header:
         raise DataError(f"{path}, row 1: header must name the columns 'caption' and 'image_path', got {header!r}")
     caption_col, image_col = header.index("caption"), header.index("image_path")
     samples: list[Sample] = []
     i = -1
     for line_no, line in enumerate(lines[1:], start=2):
-        if not line.strip():
+        if isinstance(line, str) and not line.strip():
             continue
         i += 1
         report.records += 1
+        if isinstance(line, UnicodeDecodeError):
+            report.add_problem(line_no, _not_utf8(line), strict)
+            continue
         fields = line.split("\t")
         if len(fields) != len(header):
             report.add_problem(line_no, f"expected {len(header)} tab-separated columns, got {len(fields)}", strict)
@@ -200,6 +204,30 @@ def _load_json_document(path: str) -> Any:
         raise DataError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
         raise DataError(f"{path}, line {e.lineno}: invalid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {_not_utf8(e)}") from e
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text ({e.reason} at byte {e.start})"
+
+
+def _read_lines(path: str) -> list[str | UnicodeDecodeError]:
+    """The lines of a line-based data file (split on "\\n", a trailing "\\r" removed), each decoded as
+    UTF-8 on its own: a line that does not decode is its `UnicodeDecodeError`, for the reader to
+    report by row. A missing file is a `DataError`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    lines: list[str | UnicodeDecodeError] = []
+    for line in raw.split(b"\n"):
+        try:
+            lines.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            lines.append(e)
+    return lines
 
 
 def _vist_step(step: Any, mapping: dict[str, Any], root: str) -> tuple[str, int, str]:
@@ -340,12 +368,13 @@ def read_mmdialog(
     report = ReadReport(path)
     vokens = _vokens_str(num_vokens)
     samples: list[Sample] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
+    for line_no, line in enumerate(_read_lines(path), start=1):
+        if isinstance(line, str) and not line.strip():
             continue
         report.records += 1
+        if isinstance(line, UnicodeDecodeError):
+            report.add_problem(line_no, _not_utf8(line), strict)
+            continue
         try:
             conversation_id, turns = _mmdialog_turns(json.loads(line))
         except json.JSONDecodeError as e:

@@ -26,7 +26,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError as e:
         raise ImageLoadError(f"image file not found: {os.fspath(path)}") from e
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ImageLoadError(f"cannot read image {os.fspath(path)}: {e}") from e
 
 

@@ -15,7 +15,9 @@ Batch layout (B = batch size, T = text bucket, M = max input images, G = max out
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -71,6 +73,7 @@ class ExampleBuilder:
         self.train = train
         self.fix_img7_mask = fix_img7_mask
         self.input_features_dir = pathlib.Path(input_features_dir) if input_features_dir else None
+        self._feature_sources = read_feature_sources(input_features_dir) if input_features_dir else {}
         self.output_moments_dir = pathlib.Path(output_moments_dir) if output_moments_dir else None
         self.strict = strict
         self.skipped = 0
@@ -114,7 +117,12 @@ class ExampleBuilder:
         if self.input_features_dir is not None:
             feats = np.zeros((spec.max_input_images, spec.num_query_tokens, spec.llm_dim), np.float32)
             for m, p in enumerate(paths):
-                feats[m] = _load_array(self.input_features_dir / f"{pathlib.Path(p).stem}.npy", feats.shape[1:])
+                stem = pathlib.Path(p).stem
+                source = self._feature_sources.get(stem)
+                if source is not None and source != str(pathlib.Path(p).resolve()):
+                    raise ValueError(f"{self.input_features_dir / (stem + '.npy')} holds the features of {source}, "
+                                     f"not of {p}")
+                feats[m] = _load_array(self.input_features_dir / f"{stem}.npy", feats.shape[1:])
             example["input_image_features"] = feats
             return
         s = spec.input_image_size
@@ -152,10 +160,30 @@ class ExampleBuilder:
         example["has_caption"] = np.asarray(caption is not None and self.caption_tokenizer is not None)
 
 
+FEATURE_SOURCES = "sources.json"  # in a features folder: {stem: the image its <stem>.npy was computed from}
+
+
+def read_feature_sources(features_dir: str | os.PathLike) -> dict[str, str]:
+    """A features folder's record of which image each `<stem>.npy` came from ({} if it has none)."""
+    path = pathlib.Path(features_dir) / FEATURE_SOURCES
+    if not path.is_file():
+        return {}
+    try:
+        sources = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(sources, dict):
+        raise ValueError(f"{path}: expected an object {{stem: image path}}")
+    return sources
+
+
 def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"precomputed feature file not found: {path}")
-    arr = np.load(path)
+    try:
+        arr = np.load(path)
+    except (ValueError, EOFError, OSError) as e:  # empty, truncated or not an .npy file
+        raise ValueError(f"{path}: cannot read the precomputed array ({type(e).__name__}: {e})") from e
     if arr.shape != tuple(shape):
         raise ValueError(f"{path}: expected shape {tuple(shape)}, got {arr.shape}")
     return arr.astype(np.float32)
