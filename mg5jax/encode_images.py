@@ -6,12 +6,15 @@
     python -m mg5jax.encode_images --blip2-dir BLIP2_DIR [--minigpt4 CKPT] --images DIR --out DIR
 
 Images get the test-time input transform (resize, centre crop, CLIP normalise; no flip). Files already
-written are skipped, so an interrupted run resumes.
+written are skipped, so an interrupted run resumes. `<out>/sources.json` records the image each
+`<stem>.npy` came from: a second folder whose stems collide with the first is refused, and training
+checks that a sample's image is the one its features were computed from.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image
+from mg5jax.data.pipeline import FEATURE_SOURCES, read_feature_sources
 from mg5jax.models.vision import VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,20 @@ def batched_encoder(encoder: VisionEncoder) -> Callable[[np.ndarray], jax.Array]
     return lambda pixels: encode(state, pixels)
 
 
+def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
+    """Add this folder's images to `out/sources.json`; an image whose stem already stands for another
+    image's features is an error (features are found by file stem alone)."""
+    sources = read_feature_sources(out)
+    for p in images:
+        known = sources.setdefault(p.stem, str(p.resolve()))
+        if known != str(p.resolve()):
+            raise ValueError(f"{out / (p.stem + '.npy')} holds the features of {known}, not of {p}: "
+                             "use one --out folder per image folder")
+    tmp = out / f".{FEATURE_SOURCES}.tmp"
+    tmp.write_text(json.dumps(sources, indent=0, sort_keys=True))
+    os.replace(tmp, out / FEATURE_SOURCES)
+
+
 def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.Path) -> None:
     """Write each image's `[Q, D]` row block atomically (a partial file never looks finished)."""
     for path, feature in zip(paths, np.asarray(features)):
@@ -81,6 +99,7 @@ def encode_folder(encoder: VisionEncoder, image_dir: str | os.PathLike, out_dir:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = list_images(image_dir)
+    _record_sources(out, images)
     todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
     log.info("%d images in %s, %d already encoded", len(images), image_dir, len(images) - len(todo))
     size = encoder.config.vision.image_size

@@ -1,6 +1,7 @@
 """Image encoder: EVA ViT + ln_vision, Q-Former and the whole encoder against transformers BLIP-2 (fp32,
 tiny random weights), LAVIS / MiniGPT-4 pickle import, and the encode_images CLI."""
 
+import shutil
 import time
 
 import chex
@@ -18,6 +19,7 @@ from mg5jax.convert import keymap as km
 from mg5jax.convert import vision as convert
 from mg5jax.convert.sources import CheckpointError, DictSource
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image
+from mg5jax.data.pipeline import read_feature_sources
 from mg5jax.models import vision
 
 F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
@@ -199,7 +201,8 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
     argv = ["--blip2-dir", str(blip2[1]), "--images", str(images), "--out", str(out), "--batch-size", "2",
             "--dtype", "float32", "--no-progress"]
     assert encode_images.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "c.npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "c.npy", "sources.json"]
+    assert read_feature_sources(out) == {s: str((images / f"{s}.png").resolve()) for s in "abc"}
     size = hf_encoder.config.vision.image_size
     stems = ["a", "b", "c"]
     x = np.stack([input_image_transform(load_image(images / f"{s}.png"), size=size) for s in stems])
@@ -213,6 +216,11 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
 
     (out / "b.npy").unlink()  # only the missing file is redone
     assert [p.name for p in encode_images.encode_folder(hf_encoder, images, out, 2, progress=False)] == ["b.png"]
+    other = tmp_path / "other_split"  # a.png again, from another folder: same stem, other features
+    other.mkdir()
+    shutil.copy(images / "b.png", other / "a.png")
+    with pytest.raises(ValueError, match=r"a\.npy holds the features of .*images/a\.png, not of .*other_split/a\.png"):
+        encode_images.encode_folder(hf_encoder, other, out, 2, progress=False)
     (images / "d.png").write_bytes(b"not a png")
     with pytest.raises(ImageLoadError, match=r"d\.png"):
         encode_images.encode_folder(hf_encoder, images, out, 2, progress=False)
