@@ -42,15 +42,19 @@ _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of the ori
 log = logging.getLogger("mg5jax.infer")
 
 
+def _require_images(images, where: str) -> None:
+    for image in images:
+        if not pathlib.Path(image).is_file():
+            raise FileNotFoundError(f"{where}: image file not found: {image}")
+
+
 def flag_prompts():
     """The prompts given by --prompt / --prompts (checked before any model loads), or None."""
     from mg5jax.generation.interleaved import Prompt
 
     seed = _SEED.value
     if _PROMPT.value is not None:
-        for image in _IMAGE.value:
-            if not pathlib.Path(image).is_file():
-                raise FileNotFoundError(f"--image: file not found: {image}")
+        _require_images(_IMAGE.value, "--image")
         return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)]
     if _PROMPTS.value is not None:
         path = pathlib.Path(_PROMPTS.value)
@@ -71,9 +75,7 @@ def flag_prompts():
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
                 raise ValueError(f"--prompts {path}: entry {i}: 'images' must be a list of file paths, got {images!r}")
             images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
-            for image in images:
-                if not pathlib.Path(image).is_file():
-                    raise FileNotFoundError(f"--prompts {path}: entry {i}: image file not found: {image}")
+            _require_images(images, f"--prompts {path}: entry {i}")
             try:
                 prompts.append(Prompt(row["text"], images, row.get("seed", seed + i)))
             except ValueError as e:

@@ -6,7 +6,6 @@ Entry points (train.py, infer.py) call these; nothing here knows about the train
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import pathlib
@@ -80,12 +79,8 @@ def _require_file(path: str, field: str) -> pathlib.Path:
 
 
 def read_json(path, field: str):
-    """The JSON in `path`; a missing file or bad JSON is an error naming `field` and the file."""
-    p = _require_file(str(path), field)
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{field}: {p} is not valid JSON ({e})") from e
+    """The JSON in `path`; a missing file is an error naming `field`, bad JSON one naming the file."""
+    return datasets.load_json(_require_file(str(path), field))
 
 
 def build_model(cfg, *, train: bool = True) -> Built:

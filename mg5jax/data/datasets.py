@@ -196,7 +196,8 @@ def read_cc3m(
     return samples, report
 
 
-def _load_json_document(path: str) -> Any:
+def load_json(path: str | os.PathLike) -> Any:
+    """The JSON document in `path`; a missing file, bad JSON or non-UTF-8 text is a `DataError` naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -273,7 +274,7 @@ def read_vist(
         raise DataError(f"{path}: a VIST file name must contain 'cleaned' (its mapping replaces it by 'image_mapping')")
     mapping_path = os.path.join(directory, name.replace("cleaned", "image_mapping"))
     root = os.fspath(data_root) if data_root is not None else directory
-    stories, mapping = _load_json_document(path), _load_json_document(mapping_path)
+    stories, mapping = load_json(path), load_json(mapping_path)
     if not isinstance(stories, dict):
         raise DataError(f"{path}: expected an object {{story_id: [steps]}}, got {type(stories).__name__}")
     if not isinstance(mapping, dict):

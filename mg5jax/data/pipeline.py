@@ -15,7 +15,6 @@ Batch layout (B = batch size, T = text bucket, M = max input images, G = max out
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -26,7 +25,7 @@ import jax
 import numpy as np
 
 from mg5jax.data import images as image_ops
-from mg5jax.data.datasets import DataError, Sample
+from mg5jax.data.datasets import DataError, Sample, load_json
 from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,12 +167,9 @@ def read_feature_sources(features_dir: str | os.PathLike) -> dict[str, str]:
     path = pathlib.Path(features_dir) / FEATURE_SOURCES
     if not path.is_file():
         return {}
-    try:
-        sources = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    sources = load_json(path)
     if not isinstance(sources, dict):
-        raise ValueError(f"{path}: expected an object {{stem: image path}}")
+        raise DataError(f"{path}: expected an object {{stem: image path}}")
     return sources
 
 

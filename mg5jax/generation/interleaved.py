@@ -12,7 +12,6 @@ by one jitted guided sampler (negative = the mapped all-zero window).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from flax import nnx
 
 from mg5jax import aot
 from mg5jax.data import images as image_ops
+from mg5jax.data.datasets import load_json
 from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
 from mg5jax.diffusion.sampler import GuidedSampler
 from mg5jax.diffusion.schedulers import make_scheduler
@@ -134,10 +134,7 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
     eos, seen = (tokenizer.ids.eos_id,), ()
     gen_file = pathlib.Path(llm_dir) / "generation_config.json" if llm_dir else None
     if gen_file is not None and gen_file.is_file():
-        try:
-            gen = json.loads(gen_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{gen_file}: not valid JSON ({e})") from e
+        gen = load_json(gen_file)
         if gen.get("eos_token_id") is not None:
             ids = gen["eos_token_id"]
             eos = tuple(ids) if isinstance(ids, list) else (ids,)
