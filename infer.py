@@ -3,7 +3,8 @@
 Prompts come from `--prompt` (+ `--image`, repeatable), a JSON / JSONL file of
 `{"text": ..., "images": [...], "seed": ...}` (`--prompts`), or — by default — the generation
 tasks of the config's validation file (VIST / MMDialog / CC3M test samples, REFERENCE §6). Weights:
-the newest checkpoint of `--checkpoint` (default: the config's `trainer.workdir`), or the official
+the best validation step of `--checkpoint` (default: the config's `trainer.workdir`; its newest
+checkpoint if it ran no validation), or the official
 Lightning files (`--official_stage1`, `--official_stage2`). Writes PNGs, one JSON record per prompt
 and an `index.html` under `--out`.
 """

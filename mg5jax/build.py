@@ -31,6 +31,7 @@ from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
+from mg5jax.training.checkpoint import trained_params_dir
 
 log = logging.getLogger(__name__)
 
@@ -203,19 +204,14 @@ def quantize_for_inference(model: MiniGPT5) -> list[str]:
 
 
 def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from") -> list[str]:
-    """Load the trainable params saved by an earlier run of ours (its newest checkpoint) into `model`.
+    """Load the trainable params saved by an earlier run of ours into `model`: its best validation
+    step, or its newest checkpoint when it ran no validation (`checkpoint.trained_params_dir`).
 
     Only params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper
     and queries; its fresh LoRA stays). Returns the loaded paths; a shape mismatch is an error.
     `field` names the setting that gave `run_dir` in errors.
     """
-    ckpt_dir = pathlib.Path(run_dir).absolute() / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"{field}: no checkpoints/ directory in {run_dir}")
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-    if not steps:
-        raise CheckpointError(f"{field}: no complete checkpoint in {ckpt_dir}")
-    params_dir = ckpt_dir / str(steps[-1]) / "params"
+    params_dir, chosen = trained_params_dir(run_dir, field)
     try:
         stored = ocp.StandardCheckpointer().restore(params_dir)
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
@@ -234,7 +230,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
         loaded.append(path)
     if not loaded:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")
-    log.info("init_from %s: loaded %d trainable params", params_dir, len(loaded))
+    log.info("%s %s: loaded %d trainable params from the %s", field, run_dir, len(loaded), chosen)
     return loaded
 
 

@@ -14,6 +14,7 @@ from flax import nnx
 from mg5jax import build
 from mg5jax.convert import keymap as km
 from mg5jax.data import pipeline
+from mg5jax.training.checkpoint import BestCheckpoint
 from mg5jax.training.trainer import Trainer, TrainerConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -123,6 +124,24 @@ def test_three_axis_mesh_is_refused(demo_root, tmp_path):
 
 def _train(*args, cwd=REPO):
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
+    cfg = demo_config(demo_root, tmp_path / "stage1")
+    stage1 = build.build_model(cfg).model
+    mapper = nnx.All(nnx.Param, nnx.PathContains("mapper"))
+    _, state, _ = nnx.split(stage1, mapper, ...)
+    best = BestCheckpoint(tmp_path / "stage1" / "best", async_save=False)
+    assert best.offer(5, 1.5, jax.tree.map(lambda x: x + 1.0, state))
+    assert not best.offer(7, 2.5, jax.tree.map(lambda x: x - 1.0, state))  # worse: not kept
+    best.close()
+    stage2 = build.build_model(cfg).model
+    loaded = build.load_trainable(stage2, str(tmp_path / "stage1"))
+    want = km.flat_params(state)
+    got = km.flat_params(nnx.state(stage2, nnx.Param))
+    assert sorted(loaded) == sorted(want) and all(p.startswith("mapper.") for p in loaded)
+    for p in loaded:
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(want[p].get_value()) + 1.0, err_msg=p)
 
 
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):

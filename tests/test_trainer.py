@@ -3,15 +3,18 @@ SIGTERM save, validation / sample hooks, metrics file, and clear errors for a co
 
 import json
 import os
+import shutil
 import signal
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
 from mg5jax.convert.sources import CheckpointError
+from mg5jax.training.checkpoint import trained_params_dir
 from mg5jax.training.optimizer import OptimizerConfig
 from mg5jax.training.trainer import MeshConfig, NonFiniteLossError, Trainer, TrainerConfig
 
@@ -131,6 +134,48 @@ def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_
     with pytest.raises(ValueError, match=r"batch leaf \['\w+'\]: batch size 6 is not divisible by data × fsdp = 8"):
         trainer.train_step(make_batch(0, batch_size=6))
     trainer.close()
+
+
+def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, initial_state):
+    opt = OptimizerConfig(learning_rate=0.3, warmup_steps=1, total_steps=8, trainable=RULES)  # a bumpy val loss
+    cfg = TrainerConfig(workdir=str(tmp_path), optimizer=opt, mesh=MeshConfig(data=2, fsdp=4), save_every=0,
+                        eval_every=1, sample_every=1)
+    trainer = Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()})
+    params_at = {}
+    trainer.fit(ToyIterator(), eval_data=lambda: [make_batch(100)], num_steps=8,
+                on_sample=lambda step: params_at.setdefault(step, flat(trainer.params)))
+    trainer.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss"] for r in lines if r["split"] == "eval"}
+    best_step = min(val, key=val.get)
+    print("val loss by step", {k: round(v, 4) for k, v in val.items()}, "best", best_step)
+    assert best_step != max(val), "the test needs a run whose last validation is not its best"
+    params_dir, chosen = trained_params_dir(tmp_path, "model.init_from")
+    assert params_dir == tmp_path / "best" / str(best_step) / "params" and f"step {best_step}" in chosen
+    stored = flat_stored(ocp.StandardCheckpointer().restore(params_dir))
+    assert stored.keys() == params_at[best_step].keys()
+    for k, v in params_at[best_step].items():
+        np.testing.assert_array_equal(stored[k], v, err_msg=k)
+    again = Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()})
+    assert again.best.val_loss == pytest.approx(val[best_step], rel=1e-6)  # a resumed run keeps the bar
+    assert not again.best.offer(9, val[best_step], again.params)
+    again.close()
+    shutil.rmtree(tmp_path / "best")  # a run without validation: its newest checkpoint
+    params_dir, chosen = trained_params_dir(tmp_path, "model.init_from")
+    assert params_dir == tmp_path / "checkpoints" / "8" / "params" and "newest" in chosen
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: no checkpoints/ directory in .*nowhere"):
+        trained_params_dir(tmp_path / "nowhere", "model.init_from")
+
+
+def flat_stored(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """An orbax-restored nnx.State dict as {dotted path: array}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and set(v) != {"value"}:
+            out.update(flat_stored(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v["value"] if isinstance(v, dict) else v)
+    return out
 
 
 def test_config_from_nested_dict():

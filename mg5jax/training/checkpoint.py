@@ -1,7 +1,9 @@
 """Training checkpoints with orbax: trainable params, optimizer state, data-iterator state, config.
 
 Layout: `<directory>/<step>/{params, opt_state, data_state, meta}`. Frozen parameters are never
-saved (they come from the pretrained weights). Saves are asynchronous (the device-to-host copy
+saved (they come from the pretrained weights). Beside them a run keeps the trainable params of its
+best validation step (`BestCheckpoint`, `<workdir>/best/<step>/{params, meta}`), which is what a
+later stage or inference loads (`trained_params_dir`). Saves are asynchronous (the device-to-host copy
 happens before `save` returns, so the arrays may be donated right after) and atomic: orbax writes
 into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoint as the latest good one.
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import logging
+import math
 import os
 import pathlib
 from typing import Any
@@ -120,3 +124,80 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self._manager.close()
+
+
+class BestCheckpoint:
+    """The trainable params of the step with the lowest validation loss so far, under `directory`.
+
+    What the original keeps with `ModelCheckpoint(monitor="val_loss", save_top_k=1)`, and what
+    stage 2 and inference load from a run. Layout `<directory>/<step>/{params, meta}`; meta holds
+    `step` and `val_loss`. Only the newest save is kept, and a save happens only on improvement.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.val_loss = _read_best_meta(self.directory).get("val_loss") if self._manager.latest_step() is not None \
+            else None
+
+    def offer(self, step: int, val_loss: float, params: nnx.State) -> bool:
+        """Save `params` as step `step` if `val_loss` is lower than the best so far (a NaN never is)."""
+        if not math.isfinite(val_loss) or (self.val_loss is not None and not val_loss < self.val_loss):
+            return False
+        if step in self._manager.all_steps():  # a resumed run that went past this step before
+            self._manager.wait_until_finished()
+            self._manager.delete(step)
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                  meta=ocp.args.JsonSave({"step": int(step), "val_loss": float(val_loss)}))
+        self._manager.save(int(step), args=args, force=True)
+        log.info("best checkpoint: step %d (val loss %.6g, was %s) to %s", step, val_loss,
+                 "none" if self.val_loss is None else f"{self.val_loss:.6g}", self.directory)
+        self.val_loss = float(val_loss)
+        return True
+
+    def wait(self) -> None:
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background writer's error, whatever its kind
+            raise CheckpointError(f"{self.directory}: writing the best checkpoint failed ({type(e).__name__}: {e})") from e
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+
+
+def _complete_steps(directory: pathlib.Path) -> list[int]:
+    """Steps orbax finished writing under `directory` (unfinished saves live in temporary names)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _read_best_meta(directory: pathlib.Path) -> dict:
+    steps = _complete_steps(directory)
+    if not steps:
+        return {}
+    path = directory / str(steps[-1]) / "meta" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the best checkpoint's metadata ({e})") from e
+
+
+def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.Path, str]:
+    """The params an earlier run of ours leaves for the next stage or inference, and how they were
+    chosen: its best validation step (`best/`), else its newest training checkpoint (a run without
+    validation). `field` names the setting that gave `run_dir` in errors."""
+    run = pathlib.Path(run_dir).absolute()
+    best = _complete_steps(run / "best")
+    if best:
+        meta = _read_best_meta(run / "best")
+        return run / "best" / str(best[-1]) / "params", f"best validation step {best[-1]} " \
+            f"(val loss {meta.get('val_loss', float('nan')):.6g})"
+    if not (run / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{field}: no checkpoints/ directory in {run_dir}")
+    steps = _complete_steps(run / "checkpoints")
+    if not steps:
+        raise CheckpointError(f"{field}: no complete checkpoint in {run / 'checkpoints'}")
+    return run / "checkpoints" / str(steps[-1]) / "params", f"newest checkpoint, step {steps[-1]} (no validation)"

@@ -9,7 +9,8 @@ run the model in train mode (dropout on, its "dropout" rng stream reseeded from 
 validation runs it in eval mode.
 
 Around the step: resume from the latest checkpoint, periodic/async checkpoints with the
-data-iterator state, validation, a sample hook, a tqdm bar, JSONL metrics, a NaN/Inf stop that
+data-iterator state, validation that keeps the params of the best validation step (`best/`, as the
+original's ModelCheckpoint(monitor="val_loss", save_top_k=1)), a sample hook, a tqdm bar, JSONL metrics, a NaN/Inf stop that
 keeps the last good checkpoint, and a SIGTERM handler that saves and returns.
 """
 
@@ -35,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mg5jax import parallel
-from mg5jax.training.checkpoint import Checkpointer
+from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer
 from mg5jax.training.optimizer import OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class MeshConfig:
 class TrainerConfig:
     """Everything the loop needs besides the model and the data."""
 
-    workdir: str  # checkpoints/ and metrics.jsonl are written here
+    workdir: str  # checkpoints/, best/ and metrics.jsonl are written here
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 42  # base key of the per-step rng
@@ -146,6 +147,7 @@ class Trainer:
         self._run_config = run_config if run_config is not None else dataclasses.asdict(cfg)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints,
                                          async_save=cfg.async_checkpointing)
+        self.best = BestCheckpoint(self.workdir / "best", async_save=cfg.async_checkpointing)
         self.step = 0
         self._started = False
         self._last_saved = None
@@ -329,7 +331,9 @@ class Trainer:
                 if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     eval_terms = self.evaluate(eval_data())
                     metrics.write({"step": self.step, "split": "eval", **eval_terms})
-                    bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_terms.items()))
+                    best = self.best.offer(self.step, eval_terms["loss"], self._params)
+                    bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_terms.items())
+                              + (" (best so far: saved to best/)" if best else ""))
                 if on_sample is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
                     on_sample(self.step)
             if self._last_saved != self.step:
@@ -341,6 +345,7 @@ class Trainer:
             metrics.close()
             self._restore_sigterm(previous_handler)
             self.checkpointer.wait()
+            self.best.wait()
         return FitResult(self.step, self._stop_signal is not None, terms, eval_terms)
 
     def _install_sigterm(self):
@@ -358,8 +363,9 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def close(self) -> None:
-        """Wait for pending checkpoint writes and release the checkpoint manager."""
+        """Wait for pending checkpoint writes and release the checkpoint managers."""
         self.checkpointer.close()
+        self.best.close()
 
 
 def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, train_key: jax.Array, *,
