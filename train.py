@@ -33,8 +33,12 @@ def run(cfg) -> int:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
     build.enable_compile_cache()
-    built = build.build_model(cfg, train=True)
     d = cfg.data
+    rows = cfg.loss.group_rows
+    if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
+        raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
+                         f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
+    built = build.build_model(cfg, train=True)
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
                                        tokenizer=built.tokenizer)
     if not train_samples:

@@ -90,6 +90,7 @@ def _config(work: pathlib.Path, args):
     c.model.mapper.heads = 4
     c.model.mapper.ff = 4 * args.cross_dim
     c.loss.caption_weight = 0.0
+    c.loss.group_rows = 0  # one mean over the batch, as the PyTorch step computes it
     c.data.train_path = str(work / "data" / "VIST" / "train_cleaned.json")
     c.data.val_path = ""
     c.data.input_features_dir = str(work / "features")

@@ -50,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.cfg_drop = 0.1  # probability of zeroing a voken group (classifier-free guidance)
     c.loss.snr_gamma = 5.0  # min-SNR-γ weighting of the latent loss (None: plain MSE)
     c.loss.groups_per_sample = 1  # voken groups read per sample (the original uses one)
+    c.loss.group_rows = 2  # rows averaged as one loss, then averaged over such groups: the original's per-GPU
+    #                        batch of 2 under DDP (0 = one mean over the whole batch)
 
     # --- data --------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -153,7 +153,8 @@ def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: in
         voken_ids=tuple(voken_ids), image_placeholder_id=image_placeholder_id, bos_id=bos_id,
         num_query_tokens=num_query_tokens, groups_per_sample=loss.groups_per_sample,
         text_loss_weight=loss.text_weight, image_loss_weight=loss.image_weight,
-        caption_loss_weight=loss.caption_weight, cfg_drop=loss.cfg_drop, snr_gamma=loss.snr_gamma)
+        caption_loss_weight=loss.caption_weight, cfg_drop=loss.cfg_drop, snr_gamma=loss.snr_gamma,
+        loss_group_rows=loss.group_rows)
 
 
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:

@@ -112,8 +112,9 @@ def torch_objective(p, batch, drop, noise, timesteps, posterior_noise):
     """The original's forward (one sample at a time for splicing), in PyTorch, fp32."""
     llm = p["llm"]
     embed = llm.get_input_embeddings()
+    batch_size = batch["input_ids"].shape[0]
     rows, row_labels = [], []
-    for b in range(2):
+    for b in range(batch_size):
         n = int(batch["attention_mask"][b].sum())
         ids = torch.tensor(batch["input_ids"][b, :n]).long()
         lab = torch.tensor(batch["labels"][b, :n]).long()
@@ -129,10 +130,10 @@ def torch_objective(p, batch, drop, noise, timesteps, posterior_noise):
         rows.append(torch.cat(parts))
         row_labels.append(torch.cat(labs))
     length = max(r.shape[0] for r in rows)
-    embeds = torch.zeros(2, length, D)
-    att = torch.zeros(2, length, dtype=torch.long)
-    labels = torch.full((2, length), IGNORE)
-    for b in range(2):
+    embeds = torch.zeros(batch_size, length, D)
+    att = torch.zeros(batch_size, length, dtype=torch.long)
+    labels = torch.full((batch_size, length), IGNORE)
+    for b in range(batch_size):
         embeds[b, : rows[b].shape[0]] = rows[b]
         att[b, : rows[b].shape[0]] = 1
         labels[b, : rows[b].shape[0]] = row_labels[b]
@@ -141,7 +142,7 @@ def torch_objective(p, batch, drop, noise, timesteps, posterior_noise):
     text_loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                   labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     windows, images, captions, cap_masks, groups = [], [], [], [], []
-    for b in range(2):
+    for b in range(batch_size):
         for g, pos in enumerate(torch.nonzero(labels[b] == VOKENS[0])[:, 0].tolist()):
             if batch["output_image_mask"][b, g]:
                 groups.append(2 * b + g)  # the draws are per group in place: [B·G]
@@ -216,6 +217,46 @@ def test_objective_and_gradients_match_torch(setup):
         err = np.abs(got - want).max() / np.abs(want).max()
         print(f"grad {path}: rel {err:.2e}")
         assert err <= 1e-3, (path, err)
+
+
+def test_loss_groups_are_the_original_per_device_means(setup):
+    """With loss_group_rows=1 every term is the mean over rows of that row's own loss: what the
+    original computes on 2 GPUs with one row each (DDP averages the per-GPU losses)."""
+    import dataclasses
+
+    model, p = setup
+    rng = np.random.default_rng(5)
+    batch = make_batch(rng)
+    drop = np.array([True, False, False, False])
+    noise, post = (rng.normal(size=(4, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    timesteps = np.array([300, 20, 999, 150], np.int32)
+    config = model.config
+    try:
+        model.config = dataclasses.replace(config, loss_group_rows=1)
+        ours = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
+                          noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps), posterior_noise=jnp.asarray(post))
+        whole = dataclasses.replace(config, loss_group_rows=0)
+        model.config = whole
+        one_mean = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
+                              noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
+                              posterior_noise=jnp.asarray(post))
+    finally:
+        model.config = config
+    with torch.no_grad():
+        per_row = [torch_objective(p, {k: v[r : r + 1] for k, v in batch.items()}, drop[2 * r : 2 * r + 2],
+                                   noise[2 * r : 2 * r + 2], timesteps[2 * r : 2 * r + 2], post[2 * r : 2 * r + 2])
+                   for r in range(2)]
+    for k in ("loss", "text_loss", "image_loss", "caption_loss"):
+        want = float(np.mean([float(t[k]) for t in per_row]))
+        print(f"{k}: per-row means {float(ours[k]):.6g} torch {want:.6g}, one batch mean {float(one_mean[k]):.6g}")
+        assert abs(float(ours[k]) - want) <= 1e-4 * abs(want), (k, float(ours[k]), want)
+    assert abs(float(one_mean["text_loss"]) - float(ours["text_loss"])) > 1e-3  # the grouping matters here
+    with pytest.raises(ValueError, match="batch of 2 rows is not a whole number of loss groups of loss_group_rows=3"):
+        model.config = dataclasses.replace(config, loss_group_rows=3)
+        try:
+            model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0))
+        finally:
+            model.config = config
 
 
 def test_voken_window_indices(setup):

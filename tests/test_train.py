@@ -147,6 +147,9 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.trainer.no_such_field=3")
     assert r.returncode != 0 and "no_such_field" in r.stderr
+    r = _train("--config", "configs/demo.py", "--config.loss.group_rows=3")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("train.py: loss.group_rows=3 must divide the batch")
     r = _train("--config", "configs/demo.py", "--config.model.llm_path=/nowhere/llm")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == "train.py: model.llm_path: directory not found: /nowhere/llm"

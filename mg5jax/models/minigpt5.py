@@ -44,6 +44,8 @@ class MiniGPT5Config:
     caption_loss_weight: float = 0.1  # 0 disables the caption loss (stage 2)
     cfg_drop: float = 0.1  # probability of replacing a voken group by zeros (classifier-free guidance)
     snr_gamma: float | None = 5.0  # min-SNR-γ weighting of the latent loss; None = plain MSE
+    loss_group_rows: int = 0  # rows whose loss is one mean, then averaged over groups (the original's
+    #                           per-GPU batch under DDP, 2); 0 = one mean over the whole batch
 
     @property
     def num_vokens(self) -> int:
@@ -185,15 +187,21 @@ class MiniGPT5(nnx.Module):
         k_drop, k_post, k_noise, k_t = jax.random.split(rng, 4)
         embeds, att, labels = self.splice(batch)
         out = self.llm(inputs_embeds=embeds, attention_mask=att)
-        text_loss = _causal_lm_loss(out.logits, labels)
+        b = labels.shape[0]
+        rows = cfg.loss_group_rows or b
+        if b % rows:
+            raise ValueError(f"MiniGPT5.loss: batch of {b} rows is not a whole number of loss groups of "
+                             f"loss_group_rows={rows}")
+        n = b // rows  # loss groups; every term below is a mean within a group, then over groups
+        text_loss = _causal_lm_loss(out.logits, labels, n)  # [n]
 
         windows, found = self.voken_windows(out.hidden_states, labels)  # [B,G,W,D], [B,G]
-        b, g = found.shape
+        g = found.shape[1]
         # every group goes to the U-Net in place (S = B·G, group s is sample s // G); groups without a
         # target image are masked out of the means. No gather: S stays split like the batch
         s = b * g
         valid = (found & batch["output_image_mask"][:, :g]).reshape(s)  # [S]
-        n_valid = valid.sum()
+        n_valid = valid.reshape(n, -1).sum(axis=1)  # [n]
         windows = windows.reshape(s, *windows.shape[2:])
         if cfg_drop is None:
             cfg_drop = self.draw_cfg_drop(k_drop, s)
@@ -209,24 +217,24 @@ class MiniGPT5(nnx.Module):
         per_group = jnp.mean(jnp.square(pred.astype(jnp.float32) - noise), axis=(1, 2, 3))
         if cfg.snr_gamma is not None:
             per_group = per_group * schedulers.min_snr_weights(self.alphas_cumprod[...], timesteps, cfg.snr_gamma)
-        denom = jnp.maximum(n_valid, 1)
-        image_loss = jnp.sum(jnp.where(valid, per_group, 0.0)) / denom
 
-        result = {"text_loss": text_loss, "image_loss": image_loss}
+        def group_mean(per_voken_group):  # [S] -> [n], over the valid voken groups of each loss group
+            return jnp.where(valid, per_voken_group, 0.0).reshape(n, -1).sum(axis=1) / jnp.maximum(n_valid, 1)
+
+        image_loss = group_mean(per_group)
+        terms = {"text_loss": text_loss, "image_loss": image_loss}
         voken_terms = cfg.image_loss_weight * image_loss
         if cfg.caption_loss_weight > 0:
             ids, mask = (jnp.repeat(batch[k], g, axis=0) for k in ("caption_ids", "caption_mask"))
             target = self.encode_captions(ids, mask)
             target = jnp.where(cfg_drop[:, None, None], self.empty_text_feature[...][None], target)
-            per_group_mse = jnp.mean(jnp.square(cond - target), axis=(1, 2))
-            caption_loss = jnp.sum(jnp.where(valid, per_group_mse, 0.0)) / denom
-            use_caption = jnp.all(batch["has_caption"])
-            caption_loss = jnp.where(use_caption, caption_loss, 0.0)
-            result["caption_loss"] = caption_loss
+            use_caption = jnp.all(batch["has_caption"].reshape(n, rows), axis=1)  # only if no caption is missing
+            caption_loss = jnp.where(use_caption, group_mean(jnp.mean(jnp.square(cond - target), axis=(1, 2))), 0.0)
+            terms["caption_loss"] = caption_loss
             voken_terms = voken_terms + cfg.caption_loss_weight * caption_loss
         text_term = cfg.text_loss_weight * text_loss
-        result["loss"] = jnp.where(n_valid > 0, text_term + voken_terms, text_term)
-        return result
+        terms["loss"] = jnp.where(n_valid > 0, text_term + voken_terms, text_term)
+        return {k: jnp.mean(v) for k, v in terms.items()}
 
     def _target_latents(self, batch, g, key, posterior_noise) -> jax.Array:
         """Scaled VAE latents of the first G target images of every sample `[B·G,4,h,w]` (posterior samples)."""
@@ -251,10 +259,12 @@ def _first_positions(flags: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return idx.astype(jnp.int32), jnp.arange(n) < jnp.sum(flags)
 
 
-def _causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Shifted cross-entropy (logits[t] predicts labels[t+1]), mean over supervised tokens, fp32."""
+def _causal_lm_loss(logits: jax.Array, labels: jax.Array, groups: int) -> jax.Array:
+    """Shifted cross-entropy (logits[t] predicts labels[t+1]), fp32: the mean over supervised tokens
+    of each of `groups` equal row groups `[groups]`."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(supervised, targets, 0))
-    return jnp.sum(jnp.where(supervised, ce, 0.0)) / jnp.maximum(jnp.sum(supervised), 1)
+    total = jnp.where(supervised, ce, 0.0).reshape(groups, -1).sum(axis=1)
+    return total / jnp.maximum(supervised.reshape(groups, -1).sum(axis=1), 1)
