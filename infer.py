@@ -6,7 +6,8 @@ tasks of the config's validation file (VIST / MMDialog / CC3M test samples, REFE
 the best validation step of `--checkpoint` (default: the config's `trainer.workdir`; its newest
 checkpoint if it ran no validation), or the official
 Lightning files (`--official_stage1`, `--official_stage2`). Writes PNGs, one JSON record per prompt
-and an `index.html` under `--out`.
+and an `index.html` under `--out`; prompts from the validation file show the dataset's image beside the
+response, and with `--sd_baseline` CC3M prompts also get Stable Diffusion's image of their caption.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).", lock_config=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) for --prompt, in order.")
-_PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts "
+                               "(optional: caption, reference_image).")
 _LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's validation file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir).")
 _STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
@@ -39,6 +41,8 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance 
 _STEPS = flags.DEFINE_integer("steps", 50, "Denoising steps.")
 _SCHEDULER = flags.DEFINE_enum("scheduler", "pndm", ["pndm", "ddim", "dpm++2m", "euler"], "Sampler.")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of the original's sampling.")
+_SD_BASELINE = flags.DEFINE_bool("sd_baseline", False, "Also render Stable Diffusion's image of each prompt's "
+                                 "caption beside the response (CC3M prompts; the original's baseline).")
 
 log = logging.getLogger("mg5jax.infer")
 
@@ -77,8 +81,12 @@ def flag_prompts():
                 raise ValueError(f"--prompts {path}: entry {i}: 'images' must be a list of file paths, got {images!r}")
             images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
             _require_images(images, f"--prompts {path}: entry {i}")
+            reference = row.get("reference_image")
+            if isinstance(reference, str):
+                reference = str(path.parent / reference)  # an absolute path stays itself
+                _require_images([reference], f"--prompts {path}: entry {i}: reference_image")
             try:
-                prompts.append(Prompt(row["text"], images, row.get("seed", seed + i)))
+                prompts.append(Prompt(row["text"], images, row.get("seed", seed + i), row.get("caption"), reference))
             except ValueError as e:
                 raise ValueError(f"--prompts {path}: entry {i}: {e}") from e
         return prompts
@@ -95,7 +103,7 @@ def config_prompts(cfg, tokenizer):
     if not d.val_path:
         raise ValueError("no prompts: give --prompt, --prompts, or set data.val_path in the config")
     samples = build.read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer)
-    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i)
+    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i, s.caption, s.output_image)
             for i, s in enumerate(samples[: _LIMIT.value])]
 
 
@@ -122,14 +130,17 @@ def run(cfg) -> int:
     settings = GenerationSettings(
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
-        image_size=cfg.data.output_image_size)
+        image_size=cfg.data.output_image_size, sd_baseline=_SD_BASELINE.value)
     scheduler_cfg = build.read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json",
                                     "model.sd_path")
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
-                                     max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
+                                     max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
+                                     sd_pipeline=build.sd_baseline_pipeline(cfg, built) if _SD_BASELINE.value else None)
     if prompts is None:
         prompts = config_prompts(cfg, built.tokenizer)
+    if _SD_BASELINE.value and not any(p.caption for p in prompts):
+        log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
     key = jax.random.key(_SEED.value)

@@ -22,6 +22,7 @@ from mg5jax.convert.sources import CheckpointError
 from mg5jax.data import datasets, pipeline
 from mg5jax.data.tokenization import MiniGPT5Tokenizer
 from mg5jax.diffusion import schedulers
+from mg5jax.diffusion.pipeline import StableDiffusionPipeline
 from mg5jax.models import lora as lora_lib
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
 from mg5jax.models.llama import VOCAB_PARAMS, LlamaForCausalLM, add_voken_rows
@@ -157,6 +158,21 @@ def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: in
         loss_group_rows=loss.group_rows)
 
 
+def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
+    """Stable Diffusion text-to-image on the model's U-Net and VAE with SD's own text encoder: the
+    original's `image_pipeline`, whose image of a caption is its CC3M baseline (REFERENCE §7)."""
+    m = cfg.model
+    sd_dir = _require_dir(m.sd_path, "model.sd_path")
+    compute = config_dtype(m.compute_dtype, "model.compute_dtype")
+    frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
+    encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
+    text_config = read_json(sd_dir / "text_encoder" / "config.json", "model.sd_path")
+    return StableDiffusionPipeline(
+        built.model.unet, built.model.vae, encoder, built.caption_tokenizer,
+        read_json(sd_dir / "scheduler" / "scheduler_config.json", "model.sd_path"),
+        use_attention_mask=bool(text_config.get("use_attention_mask", False)))
+
+
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     v = m.vision
     if v.kind == "none":
@@ -227,7 +243,8 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
         if tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(flat[path].shape)}")
-        flat[path].set_value(jnp.asarray(value, flat[path].dtype))
+        # via the host: orbax hands back arrays on the mesh they were saved from, not where this model lives
+        flat[path].set_value(jnp.asarray(np.asarray(value), flat[path].dtype))
         loaded.append(path)
     if not loaded:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")

@@ -20,13 +20,14 @@ def _run(*args: str) -> None:
 
 
 def write_prompts(path: pathlib.Path, limit: int = 6) -> pathlib.Path:
-    """Story-continuation prompts ("Tell me the next scene with image.") from the validation stories."""
+    """Story-continuation prompts ("Tell me the next scene with image.") from the validation stories,
+    each with the story's own next image for comparison."""
     from mg5jax.data.datasets import read_vist
 
     samples, _ = read_vist(str(ROOT / "data" / "VIST" / "val_cleaned.json"), test=False, seed=0)
     picked = [s for s in samples if s.task_name.endswith("-multimodal")][:limit]
-    rows = [{"text": s.source, "images": [p for p in s.input_images if p is not None], "seed": i}
-            for i, s in enumerate(picked)]
+    rows = [{"text": s.source, "images": [p for p in s.input_images if p is not None], "seed": i,
+             "reference_image": s.output_image} for i, s in enumerate(picked)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -74,7 +74,13 @@ def make_model(parts, llm) -> MiniGPT5:
                     noise_schedule=schedulers.NoiseSchedule.from_config(schedule_cfg))
 
 
-def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
+SETTINGS = GenerationSettings(max_new_tokens=12, max_images=2, num_inference_steps=3, guidance_scale=7.5,
+                              length_buckets=(16, 32))
+
+
+@pytest.fixture(scope="module")
+def story_model(parts):
+    """A seeded bigram model that writes "sister", then [IMG0] or "###", "day" after an image, and so on."""
     tokenizer = parts[0]
     ids = tokenizer.ids
     img0, img7 = ids.voken_ids[0], ids.voken_ids[-1]
@@ -84,10 +90,7 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
     llm = bigram_llm(tokenizer, {last: {w1: 0.0}, w1: {img0: 0.0, stop: 0.0}, img7: {w2: 0.0},
                                  w2: {img0: 0.0, stop: 0.0}})
     model = make_model(parts, llm)
-    settings = GenerationSettings(max_new_tokens=12, max_images=2, num_inference_steps=3, guidance_scale=7.5,
-                                  length_buckets=(16, 32))
-    gen = InterleavedGenerator(model, tokenizer, parts[1], settings=settings, max_input_images=1)
-
+    gen = InterleavedGenerator(model, tokenizer, parts[1], settings=SETTINGS, max_input_images=1)
     # find seeds whose (batch-1) responses hold 0, 1 and 2 images: the model is seeded, not scripted
     by_count: dict[int, list] = {}
     for seed in range(12):
@@ -95,7 +98,14 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
         by_count.setdefault(len(r.images), []).append(r)
         if all(k in by_count for k in (0, 1, 2)):
             break
-    singles = [by_count[k][0] for k in (0, 1, 2)]
+    return model, gen, [by_count[k][0] for k in (0, 1, 2)]
+
+
+def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
+    tokenizer = parts[0]
+    img0 = tokenizer.ids.voken_ids[0]
+    (stop,) = tokenizer.encode("###")
+    model, gen, singles = story_model
     batch = gen([r.prompt for r in singles])
     for k, (single, batched) in enumerate(zip(singles, batch)):
         assert len(batched.images) == k
@@ -110,10 +120,10 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
     assert batch[2].text == "sister [image 1] day [image 2] day"
     assert not np.array_equal(batch[2].images[0], batch[2].images[1])
     # at most 2 images per sampler call: the 3 images come from two calls, and are the same pictures
-    chunked = InterleavedGenerator(model, tokenizer, parts[1], settings=dataclasses.replace(settings, render_batch=2),
+    chunked = InterleavedGenerator(model, tokenizer, parts[1], settings=dataclasses.replace(SETTINGS, render_batch=2),
                                    max_input_images=1)([r.prompt for r in singles])
     with pytest.raises(ValueError, match="render_batch=0"):
-        dataclasses.replace(settings, render_batch=0)
+        dataclasses.replace(SETTINGS, render_batch=0)
     for one, other in zip(chunked, batch):
         assert one.token_ids == other.token_ids and len(one.images) == len(other.images)
         for a, b in zip(one.images, other.images):
@@ -124,10 +134,53 @@ def test_batch_of_three_gets_zero_one_two_images(parts, tmp_path):
     assert html.count('class="generated"') == 3 and "000/record.json" not in html
     record = json.loads((tmp_path / "out" / "002" / "record.json").read_text())
     assert record["images"] == ["image_1.png", "image_2.png"] and record["text"] == batch[2].text
-    _check_renders(index)
+    assert record["sd_baseline"] is None and 'class="reference"' not in html
+    _check_renders(index, 3)
 
 
-def _check_renders(index):
+def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model, tiny_sd_dir, tmp_path):  # noqa: F811
+    """As the original's predict_step: SD's own image of the caption when the response has an image
+    (none without a caption or an image); rendered from the noise of the response's first image."""
+    from PIL import Image
+
+    from mg5jax.diffusion import StableDiffusionPipeline
+    from mg5jax.diffusion.sampler import initial_latents
+
+    model, _, singles = story_model
+    none, one = singles[0].prompt, singles[1].prompt
+    reference = tmp_path / "gt.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(reference)
+    prompts = [dataclasses.replace(one, caption="a red square on a white table", reference_image=str(reference)),
+               dataclasses.replace(none, caption="a blue circle"), one]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    settings = dataclasses.replace(SETTINGS, sd_baseline=True)
+    with pytest.raises(ValueError, match="sd_baseline needs an sd_pipeline"):
+        InterleavedGenerator(model, parts[0], parts[1], settings=settings, max_input_images=1)
+    gen = InterleavedGenerator(model, parts[0], parts[1], settings=settings, max_input_images=1, sd_pipeline=pipe)
+    out = gen(prompts)
+    assert [r.baseline is not None for r in out] == [True, False, False]
+    assert out[0].token_ids == singles[1].token_ids and len(out[0].images) == 1
+    assert np.abs(out[0].images[0].astype(int) - singles[1].images[0].astype(int)).max() <= 1
+    # the same picture as the text-to-image pipeline gives for the caption from that noise
+    latent = out[0].baseline.shape[0] // pipe.vae_scale_factor
+    noise = initial_latents(jax.random.fold_in(jax.random.key(0), 1), jnp.asarray([one.seed * SETTINGS.max_images]),
+                            (4, latent, latent))
+    want = pipe(prompt=[prompts[0].caption], latents=noise, num_inference_steps=SETTINGS.num_inference_steps,
+                guidance_scale=SETTINGS.guidance_scale)[0]
+    assert np.abs(out[0].baseline.astype(int) - (want * 255).round().astype(int)).max() <= 1
+    assert np.abs(out[0].baseline.astype(int) - out[0].images[0].astype(int)).max() > 10  # another conditioning
+
+    index = write_outputs(out, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "000" / "record.json").read_text())
+    assert record["sd_baseline"] == "sd_baseline.png" and record["caption"] == prompts[0].caption
+    assert record["reference_image"] == str(reference)
+    assert (tmp_path / "out" / "000" / "reference.png").is_file()
+    html = index.read_text()
+    assert html.count('class="reference"') == 2 and "a red square on a white table" in html
+    _check_renders(index, 4)
+
+
+def _check_renders(index, images: int):
     """Open the page in headless Chromium and count images that loaded (skipped without Chromium)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -140,7 +193,7 @@ def _check_renders(index):
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                           "--no-first-run", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    assert 'data-loaded="3"' in dom and 'data-total="3"' in dom, dom[-500:]
+    assert f'data-loaded="{images}"' in dom and f'data-total="{images}"' in dom, dom[-500:]
 
 
 def test_inference_window_equals_teacher_forced_window(parts):
@@ -188,8 +241,9 @@ def test_inference_window_equals_teacher_forced_window(parts):
 def test_prompt_checks_its_fields():
     Prompt("a story", ("a.png",), seed=2**31 - 1)
     for bad in (dict(text=3), dict(text="t", images="a.png"), dict(text="t", images=(None,)), dict(text="t", seed=-1),
-                dict(text="t", seed=2**31), dict(text="t", seed="7"), dict(text="t", seed=True)):
-        with pytest.raises(ValueError, match="prompt (text|images|seed)"):
+                dict(text="t", seed=2**31), dict(text="t", seed="7"), dict(text="t", seed=True),
+                dict(text="t", caption=["a cat"]), dict(text="t", reference_image=3)):
+        with pytest.raises(ValueError, match="prompt (text|images|seed|caption|reference_image)"):
             Prompt(**bad)
 
 
@@ -202,6 +256,9 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         "missing_image.jsonl": ('{"text": "a", "images": ["here.png"]}\n{"text": "b", "images": ["gone.png"]}',
                                 "entry 1: image file not found"),
         "negative_seed.jsonl": ('{"text": "a", "seed": -1}', "entry 0: prompt seed must be an integer"),
+        "missing_reference.jsonl": ('{"text": "a", "caption": "a cat", "reference_image": "gone.png"}',
+                                    "entry 0: reference_image: image file not found"),
+        "caption_list.jsonl": ('{"text": "a", "caption": ["a cat"]}', "entry 0: prompt caption must be a string"),
         "broken.json": ('[{"text": "a"', "not valid JSON"),
     }
     for name, (content, message) in cases.items():

@@ -6,7 +6,9 @@ with the original's settings). Whenever a row samples `[IMG0]`, `[IMG1]…[IMG7]
 positions and the voken window — the hidden state that predicted `[IMG0]` and those at
 `[IMG0]…[IMG6]` (REFERENCE §7.4) — is kept; decoding continues, so one response may hold several
 images. Every window of the batch then goes through the mapper and all images are rendered together
-by one jitted guided sampler (negative = the mapped all-zero window).
+by one jitted guided sampler (negative = the mapped all-zero window). With `sd_baseline`, a prompt
+that carries a caption also gets Stable Diffusion's own image of that caption (the original's CC3M
+baseline), rendered from the same initial noise as the response's first image.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ class Prompt:
     text: str
     images: tuple[str, ...] = ()
     seed: int = 0  # sampling and image noise of this row depend only on it; 0 <= seed < 2**31
+    caption: str | None = None  # what the image should show (CC3M): the SD baseline's prompt
+    reference_image: str | None = None  # the dataset's image for this turn, shown beside the response
 
     def __post_init__(self):
         if not isinstance(self.text, str):
             raise ValueError(f"prompt text must be a string, got {type(self.text).__name__}")
+        for name in ("caption", "reference_image"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"prompt {name} must be a string, got {type(getattr(self, name)).__name__}")
         if isinstance(self.images, str) or not all(isinstance(p, str) for p in self.images):
             raise ValueError(f"prompt images must be a list of file paths, got {self.images!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
@@ -82,6 +89,7 @@ class GenerationSettings:
     scheduler: str = "pndm"  # "pndm", "ddim", "dpm++2m" or "euler"
     image_size: int | None = None  # output pixels; default: the U-Net's sample size × the VAE factor
     render_batch: int = 8  # images per sampler call at most (bounds the sampler's memory)
+    sd_baseline: bool = False  # also render SD's image of each prompt's caption (needs an `sd_pipeline`)
     length_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt text tokens, padded to a bucket
 
     def __post_init__(self):
@@ -111,6 +119,7 @@ class Response:
     images: list[np.ndarray]  # [H, W, 3] uint8
     token_ids: list[int]  # every id the LLM chose or was fed (vokens included)
     raw_text: str  # tokenizer.decode of token_ids (the forced [IMG1]…[IMG7] included)
+    baseline: np.ndarray | None = None  # [H, W, 3] uint8: SD from the prompt's caption (`sd_baseline`)
 
     @property
     def text(self) -> str:
@@ -153,8 +162,12 @@ class InterleavedGenerator:
 
     def __init__(self, model, tokenizer: MiniGPT5Tokenizer, scheduler_config: dict, *,
                  settings: GenerationSettings = GenerationSettings(), input_image_size: int = 224,
-                 max_input_images: int = 5, llm_dir=None):
+                 max_input_images: int = 5, llm_dir=None, sd_pipeline=None):
+        if settings.sd_baseline and sd_pipeline is None:
+            raise ValueError("sd_baseline needs an sd_pipeline (StableDiffusionPipeline with SD's text encoder, "
+                             "e.g. build.sd_baseline_pipeline)")
         self.model = model
+        self.sd_pipeline = sd_pipeline
         self.tokenizer = tokenizer
         self.settings = settings
         self.input_image_size = input_image_size
@@ -238,27 +251,47 @@ class InterleavedGenerator:
         windows = out.insertion_hidden  # [B, K, W, D]
         b, k = counts.shape[0], windows.shape[1]
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
-        images: dict[tuple[int, int], np.ndarray] = {}
         flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
-        per_call = self.settings.render_batch
-        for chunk in (rows[i : i + per_call] for i in range(0, len(rows), per_call)):
-            n = min(1 << (len(chunk) - 1).bit_length(), per_call)  # a power-of-two bucket: few compiled shapes
-            picked = np.stack([flat[r * k + j] for r, j in chunk] + [flat[0]] * (n - len(chunk)))
-            cond, uncond = _conditioning_program(*self._split, picked)
-            seeds = np.asarray([(prompts[r].seed * k + j) % 2**32 for r, j in chunk] + [0] * (n - len(chunk)),
-                               np.uint32)
-            pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
-                                  self.settings.guidance_scale, seeds=seeds, key=jax.random.fold_in(key, 1),
-                                  latent_size=self.latent_size)
-            pixels = (np.asarray(pixels)[: len(chunk)] * 255).round().astype(np.uint8)
-            images.update(zip(chunk, pixels))
-            log.info("rendered %d images (%s)", len(chunk), self.sampler.timings)
+        key = jax.random.fold_in(key, 1)
+        seed = lambda r, j: (prompts[r].seed * k + j) % 2**32  # noqa: E731 - the noise of image j of row r
+        pixels = self._render(lambda x: _conditioning_program(*self._split, x),
+                              np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
+                              [seed(r, j) for r, j in rows], key)
+        images = dict(zip(rows, pixels))
+        baselines = {}
+        if self.settings.sd_baseline:  # as the original's predict_step: when an image was made and a caption exists
+            with_caption = [r for r in range(b) if counts[r] and prompts[r].caption]
+            if with_caption:  # the same initial noise as the row's first image
+                encode = self.sd_pipeline.encode_prompt
+                pixels = self._render(lambda texts: (encode(list(texts)), encode([""] * len(texts))),
+                                      np.asarray([prompts[r].caption for r in with_caption]),
+                                      [seed(r, 0) for r in with_caption], key)
+                baselines = dict(zip(with_caption, pixels))
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
         positions = np.asarray(out.insertion_positions)
         return [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),
-                               [images[(r, j)] for j in range(int(counts[r]))]) for r in range(b)]
+                               [images[(r, j)] for j in range(int(counts[r]))], baselines.get(r))
+                for r in range(b)]
 
-    def _response(self, prompt: Prompt, ids: list[int], positions: list[int], images: list[np.ndarray]) -> Response:
+    def _render(self, conditioning, inputs: np.ndarray | None, seeds: list[int], key: jax.Array) -> list[np.ndarray]:
+        """Images `[H,W,3]` uint8 of `inputs` (`conditioning(x) -> (cond, uncond)`), at most
+        `render_batch` per sampler call, each call padded to a power of two (few compiled shapes)."""
+        images = []
+        per_call = self.settings.render_batch
+        for i in range(0, len(seeds), per_call):
+            chunk = inputs[i : i + per_call]
+            n = min(1 << (len(chunk) - 1).bit_length(), per_call)
+            cond, uncond = conditioning(np.concatenate([chunk, np.repeat(chunk[:1], n - len(chunk), axis=0)]))
+            pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
+                                  self.settings.guidance_scale,
+                                  seeds=np.asarray(seeds[i : i + per_call] + [0] * (n - len(chunk)), np.uint32),
+                                  key=key, latent_size=self.latent_size)
+            images.extend((np.asarray(pixels)[: len(chunk)] * 255).round().astype(np.uint8))
+            log.info("rendered %d images (%s)", len(chunk), self.sampler.timings)
+        return images
+
+    def _response(self, prompt: Prompt, ids: list[int], positions: list[int], images: list[np.ndarray],
+                  baseline: np.ndarray | None) -> Response:
         window = len(self.tokenizer.ids.voken_ids)
         segments: list[str | int] = []
         start = 0
@@ -268,7 +301,7 @@ class InterleavedGenerator:
             start = pos + window
         segments.append(self._text(ids[start:]))
         segments = [s for s in segments if s != ""]
-        return Response(prompt, segments, images, ids, self.tokenizer.decode(ids))
+        return Response(prompt, segments, images, ids, self.tokenizer.decode(ids), baseline)
 
     def _text(self, ids: list[int]) -> str:
         """Readable text of some ids: stop sequences, EOS and vokens removed."""

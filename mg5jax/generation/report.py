@@ -1,5 +1,6 @@
 """Writing generated responses to disk: PNGs, one JSON record per prompt, and an `index.html` that
-shows each story as a person reads it (input images marked, generated images in place)."""
+shows each story as a person reads it (input images marked, generated images in place), with the
+dataset's image and the SD baseline beside it when the prompt has them."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ figure { display: inline-block; margin: 0.5rem; vertical-align: top; text-align:
 figure img { width: 192px; height: 192px; object-fit: contain; image-rendering: pixelated; border: 1px solid #ccc; }
 figure.input img { border: 3px dashed #4a7; }
 figure.generated img { border: 3px solid #47a; }
+figure.reference img { border: 3px dotted #999; }
+.compare { border-top: 1px solid #eee; margin-top: 0.5rem; }
 figcaption { font-family: sans-serif; font-size: 0.8rem; color: #666; }
 """
 
@@ -53,8 +56,17 @@ def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *,
             name = f"image_{k + 1}.png"
             Image.fromarray(img).save(d / name)
             generated.append(name)
+        compare = []  # (file, caption) shown under the response
+        if r.prompt.reference_image is not None:
+            image_ops.load_image(r.prompt.reference_image).save(d / "reference.png")
+            compare.append(("reference.png", "the dataset's image"))
+        if r.baseline is not None:
+            Image.fromarray(r.baseline).save(d / "sd_baseline.png")
+            compare.append(("sd_baseline.png", "Stable Diffusion from the caption"))
         record = {"prompt": r.prompt.text, "input_images": [str(p) for p in r.prompt.images], "seed": r.prompt.seed,
-                  "text": r.text, "raw_text": r.raw_text, "images": generated, "token_ids": r.token_ids}
+                  "text": r.text, "raw_text": r.raw_text, "images": generated, "token_ids": r.token_ids,
+                  "caption": r.prompt.caption, "reference_image": r.prompt.reference_image,
+                  "sd_baseline": "sd_baseline.png" if r.baseline is not None else None}
         (d / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
         pieces, slots = _SLOT.split(r.prompt.text), iter(range(len(inputs)))
@@ -66,9 +78,13 @@ def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *,
             html.escape(s) if isinstance(s, str) else _figure(f"{d.name}/{generated[s]}", f"generated image {s + 1}",
                                                                "generated")
             for s in r.segments)
+        compare_html = "".join(_figure(f"{d.name}/{name}", caption, "reference") for name, caption in compare)
+        if compare_html:
+            caption = f"<p>caption: {html.escape(r.prompt.caption)}</p>" if r.prompt.caption else ""
+            compare_html = f'<div class="compare"><h2>for comparison</h2>{caption}{compare_html}</div>'
         articles.append(f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
                         f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
-                        f'<div class="response">{response_html}</div></article>')
+                        f'<div class="response">{response_html}</div>{compare_html}</article>')
     index = out / "index.html"
     index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                      f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(articles)}"
