@@ -253,7 +253,10 @@ class InterleavedGenerator:
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
         flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
         key = jax.random.fold_in(key, 1)
-        seed = lambda r, j: (prompts[r].seed * k + j) % 2**32  # noqa: E731 - the noise of image j of row r
+
+        def seed(r, j):  # the initial noise of image j of row r
+            return (prompts[r].seed * k + j) % 2**32
+
         pixels = self._render(lambda x: _conditioning_program(*self._split, x),
                               np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
                               [seed(r, j) for r, j in rows], key)
