@@ -13,7 +13,7 @@ def get_config():
     c.data.train_path = "datasets/VIST/train_cleaned.json"
     c.data.val_path = "datasets/VIST/val_cleaned.json"
     c.model.lora.enabled = True
-    c.model.init_from = "runs/stage1_cc3m"  # stage-1 checkpoint: voken rows, fc, mapper, queries
+    c.model.init_from = "runs/stage1_cc3m"  # stage-1 run (or stage1_cc3m.ckpt): voken rows, fc, mapper, queries
     c.loss.caption_weight = 0.0  # VIST samples have no caption
     c.trainer.workdir = "runs/stage2_vist"
     c.trainer.eval_every = 1000  # the original validates 2× per epoch

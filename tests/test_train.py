@@ -144,6 +144,28 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
         np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(want[p].get_value()) + 1.0, err_msg=p)
 
 
+def test_init_from_the_official_stage1_file(demo_root, tmp_path):
+    """Stage 2 from the released stage1_cc3m.ckpt: its fc, queries, voken rows and mapper seed the model."""
+    from mg5jax.convert.minigpt5 import export_official
+
+    cfg = demo_config(demo_root, tmp_path / "stage2")
+    stage1 = build.build_model(cfg).model
+    _, state, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.PathContains("mapper")), ...)
+    nnx.update(stage1, jax.tree.map(lambda x: x + 0.5, state))
+    ckpt = tmp_path / "stage1_cc3m.ckpt"
+    exported = export_official(stage1, ckpt, stage=1)
+    assert {"fc.0.weight", "t2i_decoder_prompt", "model.llama_model.lm_head.weight"} <= set(exported)
+    cfg.model.init_from = str(ckpt)
+    stage2 = build.build_model(cfg).model
+    want = km.flat_params(nnx.state(stage1, nnx.Param))
+    got = km.flat_params(nnx.state(stage2, nnx.Param))
+    for p in [p for p in want if p.startswith("mapper.") or "embed_tokens" in p or "lm_head" in p]:
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(want[p].get_value()), err_msg=p)
+    cfg.model.init_from = str(tmp_path / "gone.ckpt")
+    with pytest.raises(FileNotFoundError, match="model.init_from: file not found: .*gone.ckpt"):
+        build.build_model(cfg)
+
+
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.trainer.no_such_field=3")
     assert r.returncode != 0 and "no_such_field" in r.stderr
