@@ -160,7 +160,9 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     assert again.best.val_loss == pytest.approx(val[best_step], rel=1e-6)  # a resumed run keeps the bar
     assert not again.best.offer(9, val[best_step], again.params)
     again.close()
-    shutil.rmtree(tmp_path / "best")  # a run without validation: its newest checkpoint
+    shutil.rmtree(tmp_path / "best")  # a run without validation: its newest checkpoint, and no best/
+    make_trainer(initial_state, tmp_path, save_every=0).close()
+    assert not (tmp_path / "best").exists()
     params_dir, chosen = trained_params_dir(tmp_path, "model.init_from")
     assert params_dir == tmp_path / "checkpoints" / "8" / "params" and "newest" in chosen
     with pytest.raises(FileNotFoundError, match=r"model.init_from: no checkpoints/ directory in .*nowhere"):

@@ -136,15 +136,16 @@ class BestCheckpoint:
 
     def __init__(self, directory: str | os.PathLike, *, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-        self.val_loss = _read_best_meta(self.directory).get("val_loss") if self._manager.latest_step() is not None \
-            else None
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=async_save, create=True)
+        self._manager = None  # made on the first save: a run without validation leaves no best/
+        self.val_loss = _read_best_meta(self.directory).get("val_loss")  # a resumed run keeps its bar
 
     def offer(self, step: int, val_loss: float, params: nnx.State) -> bool:
         """Save `params` as step `step` if `val_loss` is lower than the best so far (a NaN never is)."""
         if not math.isfinite(val_loss) or (self.val_loss is not None and not val_loss < self.val_loss):
             return False
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         if step in self._manager.all_steps():  # a resumed run that went past this step before
             self._manager.wait_until_finished()
             self._manager.delete(step)
@@ -157,6 +158,8 @@ class BestCheckpoint:
         return True
 
     def wait(self) -> None:
+        if self._manager is None:
+            return
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the background writer's error, whatever its kind
@@ -164,7 +167,8 @@ class BestCheckpoint:
 
     def close(self) -> None:
         self.wait()
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.close()
 
 
 def _complete_steps(directory: pathlib.Path) -> list[int]:
