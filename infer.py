@@ -96,15 +96,10 @@ def flag_prompts():
 def config_prompts(cfg, tokenizer):
     """The first --limit prompts of the config's validation file."""
     from mg5jax import build
-    from mg5jax.generation.interleaved import Prompt
 
-    seed = _SEED.value
-    d = cfg.data
-    if not d.val_path:
+    if not cfg.data.val_path:
         raise ValueError("no prompts: give --prompt, --prompts, or set data.val_path in the config")
-    samples = build.read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer)
-    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i, s.caption, s.output_image)
-            for i, s in enumerate(samples[: _LIMIT.value])]
+    return build.generation_prompts(cfg, tokenizer, limit=_LIMIT.value, seed=_SEED.value)
 
 
 def run(cfg) -> int:

@@ -1,8 +1,10 @@
 """Train MiniGPT-5: `python train.py --config configs/stage2_vist.py [--config.a.b=value ...]`.
 
 Reads the config, builds the model and the data, and runs the trainer; resumes from the newest
-checkpoint in `trainer.workdir` automatically. Errors in the config, paths or data end the run with
-one line that names the culprit.
+checkpoint in `trainer.workdir` automatically. Every `trainer.sample_every` steps the current
+weights write stories for the first `sample_prompts` validation prompts to
+`<workdir>/samples/step_<N>/index.html`. Errors in the config, paths or data end the run with one
+line that names the culprit.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def run(cfg) -> int:
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config=cfg.to_dict())
     try:
-        result = trainer.fit(iter(train_ds), eval_data=eval_data)
+        on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
+        result = trainer.fit(iter(train_ds), eval_data=eval_data, on_sample=on_sample)
     finally:
         trainer.close()
     if result.preempted:

@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.keep_checkpoints = 2  # newest checkpoints kept
     c.trainer.async_checkpointing = True  # write checkpoints in the background
     c.trainer.eval_every = 500  # steps between validation passes (0 = never)
-    c.trainer.sample_every = 0  # steps between sample generations (0 = never)
+    c.trainer.sample_every = 0  # steps between sample generations into <workdir>/samples/ (0 = never)
     # -1 takes the remaining devices. FSDP over all of them: the 7B LLM, SD and the ViT-g do not fit replicated
     # in a 16 GiB chip; sharded 8 ways they take 2.3 GiB per chip
     c.trainer.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -98,4 +98,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.optimizer.trainable = ()  # ordered (regex over param paths, lr multiplier | None)
     c.num_epochs = 2  # passes over the training data when num_steps is None
     c.val_batches = 8  # batches per validation pass
+    c.sample_prompts = 2  # validation prompts generated every trainer.sample_every steps
     return c

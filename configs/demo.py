@@ -41,6 +41,7 @@ def get_config():
     c.trainer.log_every = 10
     c.trainer.save_every = 150
     c.trainer.eval_every = 150
+    c.trainer.sample_every = 150  # stories from the current weights in run/samples/step_<N>/
     c.trainer.mesh.data = -1
     c.trainer.mesh.fsdp = 1  # tiny models: plain data parallelism
     c.trainer.optimizer.learning_rate = 3e-3  # tiny models learn fast; the original uses 2e-5

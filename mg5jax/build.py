@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 import math
 import pathlib
 
@@ -23,6 +24,8 @@ from mg5jax.data import datasets, pipeline
 from mg5jax.data.tokenization import MiniGPT5Tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion.pipeline import StableDiffusionPipeline
+from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
+from mg5jax.generation.report import write_outputs
 from mg5jax.models import lora as lora_lib
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
 from mg5jax.models.llama import VOCAB_PARAMS, LlamaForCausalLM, add_voken_rows
@@ -273,6 +276,49 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- data
+
+
+def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: int) -> list[Prompt]:
+    """The first `limit` generation tasks of the config's validation file (test mode, REFERENCE §6) as
+    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`."""
+    d = cfg.data
+    if not d.val_path:
+        raise ValueError("data.val_path is not set: no validation prompts to generate from")
+    samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer)
+    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i, s.caption, s.output_image)
+            for i, s in enumerate(samples[:limit])]
+
+
+def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
+    """`on_sample(step)`: generate for the first `cfg.sample_prompts` validation prompts with the
+    trainer's current weights and write `<workdir>/samples/step_<N>/` (the original logs a sample
+    every 500 steps). None, with a warning, when there is nothing it can generate from."""
+    if not cfg.data.val_path:
+        log.warning("trainer.sample_every is set but data.val_path is not: no sample generation")
+        return None
+    prompts = generation_prompts(cfg, built.tokenizer, limit=cfg.sample_prompts, seed=cfg.seed)
+    if built.model.vision is None:  # precomputed input features: prompts with images cannot be encoded
+        prompts = [p for p in prompts if not p.images]
+    if not prompts:
+        log.warning("trainer.sample_every: no validation prompt to generate from%s", " without input images "
+                    "(model.vision.kind is 'none')" if built.model.vision is None else "")
+        return None
+    settings = GenerationSettings(image_size=cfg.data.output_image_size, max_images=1)
+    schedule = read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
+    out = pathlib.Path(cfg.trainer.workdir) / "samples"
+
+    def on_sample(step: int) -> None:
+        # a generator per call: it holds the weights it was made with, and each train step replaces them
+        generator = InterleavedGenerator(trainer.model, built.tokenizer, schedule, settings=settings,
+                                         input_image_size=cfg.data.input_image_size,
+                                         max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
+        with jax.set_mesh(trainer.mesh):
+            responses = generator(prompts, key=jax.random.key(cfg.seed))
+        index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}")
+        log.info("step %d: %d sample responses with %d images in %s", step, len(responses),
+                 sum(len(r.images) for r in responses), index)
+
+    return on_sample
 
 
 def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,

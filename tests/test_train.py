@@ -2,6 +2,7 @@
 the same step on 1 device and on 8-device meshes, frozen parameters and old vocab rows untouched,
 and train.py's one-line errors for bad overrides, missing weights and missing images."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -164,6 +165,27 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     cfg.model.init_from = str(tmp_path / "gone.ckpt")
     with pytest.raises(FileNotFoundError, match="model.init_from: file not found: .*gone.ckpt"):
         build.build_model(cfg)
+
+
+def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path):
+    """trainer.sample_every: the first validation prompts generated with the trainer's weights (on its
+    2 data × 4 fsdp mesh), written as <workdir>/samples/step_<N>/index.html."""
+    cfg = demo_config(demo_root, tmp_path / "run", sample_every=1, mesh={"data": 2, "fsdp": 4, "tensor": 1})
+    cfg.data.val_path = str(demo_root / "data" / "VIST" / "val_cleaned.json")
+    cfg.sample_prompts = 2
+    built = build.build_model(cfg)
+    trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()),
+                      update_masks=build.voken_row_masks(built.model, built.num_new_rows))
+    on_sample = build.sample_hook(cfg, built, trainer)
+    on_sample(7)
+    trainer.close()
+    index = tmp_path / "run" / "samples" / "step_000007" / "index.html"
+    html = index.read_text()
+    assert html.count("<article") == 2 and "MiniGPT-5 at step 7" in html
+    records = [json.loads((index.parent / f"{i:03d}" / "record.json").read_text()) for i in range(2)]
+    assert [len(r["input_images"]) for r in records] == [0, 1] and all(r["reference_image"] for r in records)
+    cfg.data.val_path = ""
+    assert build.sample_hook(cfg, built, trainer) is None  # nothing to generate from: a warning, no hook
 
 
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
