@@ -313,7 +313,9 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
                                          input_image_size=cfg.data.input_image_size,
                                          max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
         with jax.set_mesh(trainer.mesh):
-            responses = generator(prompts, key=jax.random.key(cfg.seed))
+            responses = generator(prompts, key=jax.random.key(cfg.seed))  # every process takes part
+        if jax.process_index() != 0:
+            return
         index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}")
         log.info("step %d: %d sample responses with %d images in %s", step, len(responses),
                  sum(len(r.images) for r in responses), index)

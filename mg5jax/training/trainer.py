@@ -103,18 +103,22 @@ def _shardings(state: nnx.State) -> nnx.State:
 
 
 class _MetricsLog:
-    """Appends one JSON object per line to `path`."""
+    """Appends one JSON object per line to `path` (process 0 only: every process has the same means)."""
 
     def __init__(self, path: pathlib.Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a")
+        self._file = None
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class Trainer:
