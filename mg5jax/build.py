@@ -168,13 +168,16 @@ def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: in
 
 
 def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
-    """Stable Diffusion text-to-image on the model's U-Net and VAE with SD's own text encoder: the
-    original's `image_pipeline`, whose image of a caption is its CC3M baseline (REFERENCE §7)."""
+    """Stable Diffusion text-to-image on the model's U-Net and VAE with SD's own text encoder (the
+    model's, when it has one for the caption loss): the original's `image_pipeline`, whose image of a
+    caption is its CC3M baseline (REFERENCE §7)."""
     m = cfg.model
     sd_dir = _require_dir(m.sd_path, "model.sd_path")
-    compute = config_dtype(m.compute_dtype, "model.compute_dtype")
-    frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
-    encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
+    encoder = built.model.text_encoder
+    if encoder is None:
+        compute = config_dtype(m.compute_dtype, "model.compute_dtype")
+        frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
+        encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
     text_config = read_json(sd_dir / "text_encoder" / "config.json", "model.sd_path")
     return StableDiffusionPipeline(
         built.model.unet, built.model.vae, encoder, built.caption_tokenizer,
@@ -292,7 +295,8 @@ def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: i
 def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
     """`on_sample(step)`: generate for the first `cfg.sample_prompts` validation prompts with the
     trainer's current weights and write `<workdir>/samples/step_<N>/` (the original logs a sample
-    every 500 steps). None, with a warning, when there is nothing it can generate from."""
+    every 500 steps, in stage 1 with SD's image of the caption beside it: so here when the model has
+    the caption loss's text encoder). None, with a warning, when there is nothing to generate from."""
     if not cfg.data.val_path:
         log.warning("trainer.sample_every is set but data.val_path is not: no sample generation")
         return None
@@ -303,7 +307,9 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
         log.warning("trainer.sample_every: no validation prompt to generate from%s", " without input images "
                     "(model.vision.kind is 'none')" if built.model.vision is None else "")
         return None
-    settings = GenerationSettings(image_size=cfg.data.output_image_size, max_images=1)
+    baseline = built.model.text_encoder is not None
+    settings = GenerationSettings(image_size=cfg.data.output_image_size, max_images=1, sd_baseline=baseline)
+    sd_pipeline = sd_baseline_pipeline(cfg, built) if baseline else None
     schedule = read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
     out = pathlib.Path(cfg.trainer.workdir) / "samples"
 
@@ -311,7 +317,8 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
         # a generator per call: it holds the weights it was made with, and each train step replaces them
         generator = InterleavedGenerator(trainer.model, built.tokenizer, schedule, settings=settings,
                                          input_image_size=cfg.data.input_image_size,
-                                         max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path)
+                                         max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
+                                         sd_pipeline=sd_pipeline)
         with jax.set_mesh(trainer.mesh):
             responses = generator(prompts, key=jax.random.key(cfg.seed))  # every process takes part
         if jax.process_index() != 0:

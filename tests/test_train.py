@@ -188,6 +188,36 @@ def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path
     assert build.sample_hook(cfg, built, trainer) is None  # nothing to generate from: a warning, no hook
 
 
+def test_stage1_samples_show_the_sd_baseline_of_the_caption(demo_root, tmp_path, monkeypatch):
+    """With the caption loss's text encoder (stage 1, CC3M), samples carry SD's image of the caption,
+    made by a pipeline on the model's own U-Net, VAE and text encoder."""
+    from mg5jax.generation import interleaved
+
+    made = []
+    init = interleaved.InterleavedGenerator.__init__
+    monkeypatch.setattr(interleaved.InterleavedGenerator, "__init__",
+                        lambda self, *a, **kw: (made.append(kw), init(self, *a, **kw))[1])
+    cfg = demo_config(demo_root, tmp_path / "run", sample_every=1)
+    cfg.data.kind = "cc3m"
+    cfg.data.train_path = str(demo_root / "data" / "CC3M" / "cc3m_train.tsv")
+    cfg.data.val_path = str(demo_root / "data" / "CC3M" / "cc3m_val.tsv")
+    cfg.loss.caption_weight = 0.1
+    cfg.sample_prompts = 2
+    built = build.build_model(cfg)
+    trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()), devices=jax.devices()[:1])
+    build.sample_hook(cfg, built, trainer)(3)
+    trainer.close()
+    folder = tmp_path / "run" / "samples" / "step_000003"
+    records = [json.loads((folder / f"{i:03d}" / "record.json").read_text()) for i in range(2)]
+    assert all(r["caption"] for r in records)
+    for i, r in enumerate(records):  # a baseline exactly where the response has an image
+        assert (r["sd_baseline"] is not None) == bool(r["images"])
+        assert (folder / f"{i:03d}" / "sd_baseline.png").is_file() == bool(r["images"])
+    (kw,) = made
+    assert kw["settings"].sd_baseline and kw["sd_pipeline"].text_encoder is built.model.text_encoder
+    assert kw["sd_pipeline"].unet is built.model.unet
+
+
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.trainer.no_such_field=3")
     assert r.returncode != 0 and "no_such_field" in r.stderr
