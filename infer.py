@@ -82,7 +82,7 @@ def flag_prompts():
             images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
             _require_images(images, f"--prompts {path}: entry {i}")
             reference = row.get("reference_image")
-            if isinstance(reference, str):
+            if isinstance(reference, str) and reference.strip():
                 reference = str(path.parent / reference)  # an absolute path stays itself
                 _require_images([reference], f"--prompts {path}: entry {i}: reference_image")
             try:
@@ -122,20 +122,21 @@ def run(cfg) -> int:
         build.load_trainable(built.model, run_dir, "--checkpoint" if _CHECKPOINT.value else "trainer.workdir")
     if cfg.model.int8_weights:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
+    if prompts is None:
+        prompts = config_prompts(cfg, built.tokenizer)
+    baseline = _SD_BASELINE.value and any(p.caption for p in prompts)
+    if _SD_BASELINE.value and not baseline:
+        log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
     settings = GenerationSettings(
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
-        image_size=cfg.data.output_image_size, sd_baseline=_SD_BASELINE.value)
+        image_size=cfg.data.output_image_size, sd_baseline=baseline)
     scheduler_cfg = build.read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json",
                                     "model.sd_path")
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
                                      max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
-                                     sd_pipeline=build.sd_baseline_pipeline(cfg, built) if _SD_BASELINE.value else None)
-    if prompts is None:
-        prompts = config_prompts(cfg, built.tokenizer)
-    if _SD_BASELINE.value and not any(p.caption for p in prompts):
-        log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
+                                     sd_pipeline=build.sd_baseline_pipeline(cfg, built) if baseline else None)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
     key = jax.random.key(_SEED.value)

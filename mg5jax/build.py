@@ -14,7 +14,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the class, not the package (imports torch)
 
@@ -35,7 +34,7 @@ from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
-from mg5jax.training.checkpoint import trained_params_dir
+from mg5jax.training.checkpoint import read_params, trained_params_dir
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +240,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     `field` names the setting that gave `run_dir` in errors.
     """
     params_dir, chosen = trained_params_dir(run_dir, field)
-    try:
-        stored = ocp.StandardCheckpointer().restore(params_dir)
-    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
-        raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({type(e).__name__}: {e})") from e
-    flat_stored = _flatten(stored)
+    flat_stored = _flatten(read_params(params_dir))
     state = nnx.state(model, nnx.Param)
     flat = km.flat_params(state)
     loaded = []
@@ -255,8 +250,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
         if tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(flat[path].shape)}")
-        # via the host: orbax hands back arrays on the mesh they were saved from, not where this model lives
-        flat[path].set_value(jnp.asarray(np.asarray(value), flat[path].dtype))
+        flat[path].set_value(jnp.asarray(value, flat[path].dtype))
         loaded.append(path)
     if not loaded:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")
@@ -314,16 +308,20 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
     out = pathlib.Path(cfg.trainer.workdir) / "samples"
 
     def on_sample(step: int) -> None:
-        # a generator per call: it holds the weights it was made with, and each train step replaces them
-        generator = InterleavedGenerator(trainer.model, built.tokenizer, schedule, settings=settings,
-                                         input_image_size=cfg.data.input_image_size,
-                                         max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
-                                         sd_pipeline=sd_pipeline)
-        with jax.set_mesh(trainer.mesh):
-            responses = generator(prompts, key=jax.random.key(cfg.seed))  # every process takes part
-        if jax.process_index() != 0:
+        try:
+            # a generator per call: it holds the weights it was made with, and each train step replaces them
+            generator = InterleavedGenerator(trainer.model, built.tokenizer, schedule, settings=settings,
+                                             input_image_size=cfg.data.input_image_size,
+                                             max_input_images=cfg.data.max_input_images,
+                                             llm_dir=cfg.model.llm_path, sd_pipeline=sd_pipeline)
+            with jax.set_mesh(trainer.mesh):
+                responses = generator(prompts, key=jax.random.key(cfg.seed))  # every process takes part
+            if jax.process_index() != 0:
+                return
+            index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}")
+        except Exception as e:  # noqa: BLE001 - samples are for looking at: a failure must not end the run
+            log.warning("step %d: sample generation failed, training goes on (%s: %s)", step, type(e).__name__, e)
             return
-        index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}")
         log.info("step %d: %d sample responses with %d images in %s", step, len(responses),
                  sum(len(r.images) for r in responses), index)
 

@@ -242,7 +242,8 @@ def test_prompt_checks_its_fields():
     Prompt("a story", ("a.png",), seed=2**31 - 1)
     for bad in (dict(text=3), dict(text="t", images="a.png"), dict(text="t", images=(None,)), dict(text="t", seed=-1),
                 dict(text="t", seed=2**31), dict(text="t", seed="7"), dict(text="t", seed=True),
-                dict(text="t", caption=["a cat"]), dict(text="t", reference_image=3)):
+                dict(text="t", caption=["a cat"]), dict(text="t", reference_image=3),
+                dict(text="t", reference_image=" ")):
         with pytest.raises(ValueError, match="prompt (text|images|seed|caption|reference_image)"):
             Prompt(**bad)
 
@@ -259,6 +260,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         "missing_reference.jsonl": ('{"text": "a", "caption": "a cat", "reference_image": "gone.png"}',
                                     "entry 0: reference_image: image file not found"),
         "caption_list.jsonl": ('{"text": "a", "caption": ["a cat"]}', "entry 0: prompt caption must be a string"),
+        "empty_reference.jsonl": ('{"text": "a", "reference_image": ""}', "entry 0: prompt reference_image must be"),
         "broken.json": ('[{"text": "a"', "not valid JSON"),
     }
     for name, (content, message) in cases.items():

@@ -251,12 +251,29 @@ def test_loss_groups_are_the_original_per_device_means(setup):
         print(f"{k}: per-row means {float(ours[k]):.6g} torch {want:.6g}, one batch mean {float(one_mean[k]):.6g}")
         assert abs(float(ours[k]) - want) <= 1e-4 * abs(want), (k, float(ours[k]), want)
     assert abs(float(one_mean["text_loss"]) - float(ours["text_loss"])) > 1e-3  # the grouping matters here
-    with pytest.raises(ValueError, match="batch of 2 rows is not a whole number of loss groups of loss_group_rows=3"):
-        model.config = dataclasses.replace(config, loss_group_rows=3)
-        try:
-            model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0))
-        finally:
-            model.config = config
+    model.config = dataclasses.replace(config, loss_group_rows=3)  # does not divide 2 rows: groups of gcd = 1
+    try:
+        short = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
+                           noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
+                           posterior_noise=jnp.asarray(post))
+    finally:
+        model.config = config
+    for k in ours:
+        np.testing.assert_allclose(float(short[k]), float(ours[k]), rtol=1e-6, err_msg=k)
+
+    # a row without a target image adds only its text term; the image terms are over rows that have one
+    batch["output_image_mask"][0] = False
+    model.config = dataclasses.replace(config, loss_group_rows=1)
+    try:
+        mixed = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
+                           noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
+                           posterior_noise=jnp.asarray(post))
+    finally:
+        model.config = config
+    row0_text = float(per_row[0]["text_loss"])
+    np.testing.assert_allclose(float(mixed["loss"]), (0.01 * row0_text + float(per_row[1]["loss"])) / 2, rtol=1e-4)
+    for k in ("image_loss", "caption_loss"):
+        np.testing.assert_allclose(float(mixed[k]), float(per_row[1][k]), rtol=1e-4, err_msg=k)
 
 
 def test_voken_window_indices(setup):

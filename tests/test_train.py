@@ -167,7 +167,7 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
         build.build_model(cfg)
 
 
-def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path):
+def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path, monkeypatch, caplog):
     """trainer.sample_every: the first validation prompts generated with the trainer's weights (on its
     2 data × 4 fsdp mesh), written as <workdir>/samples/step_<N>/index.html."""
     cfg = demo_config(demo_root, tmp_path / "run", sample_every=1, mesh={"data": 2, "fsdp": 4, "tensor": 1})
@@ -178,6 +178,13 @@ def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path
                       update_masks=build.voken_row_masks(built.model, built.num_new_rows))
     on_sample = build.sample_hook(cfg, built, trainer)
     on_sample(7)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(build, "write_outputs", disk_full)
+    on_sample(8)  # a failed sample is a warning; the run goes on
+    assert "step 8: sample generation failed, training goes on (OSError: No space left" in caplog.text
     trainer.close()
     index = tmp_path / "run" / "samples" / "step_000007" / "index.html"
     html = index.read_text()

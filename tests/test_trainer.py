@@ -3,18 +3,20 @@ SIGTERM save, validation / sample hooks, metrics file, and clear errors for a co
 
 import json
 import os
+import pathlib
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
 from mg5jax.convert.sources import CheckpointError
-from mg5jax.training.checkpoint import trained_params_dir
+from mg5jax.training.checkpoint import read_params, trained_params_dir
 from mg5jax.training.optimizer import OptimizerConfig
 from mg5jax.training.trainer import MeshConfig, NonFiniteLossError, Trainer, TrainerConfig
 
@@ -152,14 +154,24 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     assert best_step != max(val), "the test needs a run whose last validation is not its best"
     params_dir, chosen = trained_params_dir(tmp_path, "model.init_from")
     assert params_dir == tmp_path / "best" / str(best_step) / "params" and f"step {best_step}" in chosen
-    stored = flat_stored(ocp.StandardCheckpointer().restore(params_dir))
+    stored = flat_stored(read_params(params_dir))
     assert stored.keys() == params_at[best_step].keys()
     for k, v in params_at[best_step].items():
         np.testing.assert_array_equal(stored[k], v, err_msg=k)
+    final = make_trainer(initial_state, tmp_path / "final", save_every=0, eval_every=3)
+    final.fit(ToyIterator(), eval_data=lambda: [make_batch(100)], num_steps=8)
+    final.close()
+    lines = [json.loads(line) for line in (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [3, 6, 8]  # the final weights are a candidate
     again = Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()})
     assert again.best.val_loss == pytest.approx(val[best_step], rel=1e-6)  # a resumed run keeps the bar
     assert not again.best.offer(9, val[best_step], again.params)
     again.close()
+    shutil.copytree(tmp_path / "best", tmp_path / "fresh" / "best")  # an earlier run's best/, no checkpoints/
+    fresh = make_trainer(initial_state, tmp_path / "fresh", save_every=0)
+    assert fresh.best.val_loss == pytest.approx(val[best_step], rel=1e-6)
+    assert fresh.restore_latest() is None and fresh.best.val_loss is None  # a fresh run sets its own bar
+    fresh.close()
     shutil.rmtree(tmp_path / "best")  # a run without validation: its newest checkpoint, and no best/
     make_trainer(initial_state, tmp_path, save_every=0).close()
     assert not (tmp_path / "best").exists()
@@ -167,6 +179,25 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     assert params_dir == tmp_path / "checkpoints" / "8" / "params" and "newest" in chosen
     with pytest.raises(FileNotFoundError, match=r"model.init_from: no checkpoints/ directory in .*nowhere"):
         trained_params_dir(tmp_path / "nowhere", "model.init_from")
+
+
+def test_params_saved_on_another_device_count_load(tmp_path):
+    """A run trained on 16 devices (fsdp-sharded) is read by a process with 8: read_params gives host arrays."""
+    script = (
+        "import jax, jax.numpy as jnp; from jax.sharding import NamedSharding, PartitionSpec as P; from flax import nnx\n"
+        "from mg5jax.training.checkpoint import BestCheckpoint\n"
+        "mesh = jax.make_mesh((16,), ('fsdp',))\n"
+        "x = jax.device_put(jnp.arange(32.0).reshape(16, 2), NamedSharding(mesh, P('fsdp')))\n"
+        f"b = BestCheckpoint({str(tmp_path / 'best')!r}, async_save=False)\n"
+        "b.offer(5, 1.0, nnx.State({'mapper': {'w': nnx.Param(x)}})); b.close()\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    params_dir, _ = trained_params_dir(tmp_path, "model.init_from")
+    stored = flat_stored(read_params(params_dir))
+    np.testing.assert_array_equal(stored["mapper.w"], np.arange(32.0).reshape(16, 2))
+    assert isinstance(stored["mapper.w"], np.ndarray) and jax.device_count() == 8
 
 
 def flat_stored(tree, prefix: str = "") -> dict[str, np.ndarray]:

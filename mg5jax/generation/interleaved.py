@@ -50,6 +50,8 @@ class Prompt:
         for name in ("caption", "reference_image"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"prompt {name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.reference_image is not None and not self.reference_image.strip():
+            raise ValueError("prompt reference_image must be a file path, got an empty string")
         if isinstance(self.images, str) or not all(isinstance(p, str) for p in self.images):
             raise ValueError(f"prompt images must be a list of file paths, got {self.images!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \

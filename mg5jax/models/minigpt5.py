@@ -9,6 +9,7 @@ sent to the U-Net (static), W voken window (8), C conditioning width (1024), N c
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import chex
 import jax
@@ -181,18 +182,18 @@ class MiniGPT5(nnx.Module):
 
         `cfg_drop [S]`, `noise [S,4,h,w]`, `timesteps [S]` and `posterior_noise [S,4,h,w]` override the
         random draws (for parity tests). Returns fp32 scalars `loss`, `text_loss`, `image_loss` and,
-        when the caption loss is enabled, `caption_loss`.
+        when the caption loss is enabled, `caption_loss`: each a mean within every group of
+        `loss_group_rows` rows, then over the groups (the image terms over the groups with an image).
         """
         cfg = self.config
         k_drop, k_post, k_noise, k_t = jax.random.split(rng, 4)
         embeds, att, labels = self.splice(batch)
         out = self.llm(inputs_embeds=embeds, attention_mask=att)
         b = labels.shape[0]
-        rows = cfg.loss_group_rows or b
-        if b % rows:
-            raise ValueError(f"MiniGPT5.loss: batch of {b} rows is not a whole number of loss groups of "
-                             f"loss_group_rows={rows}")
-        n = b // rows  # loss groups; every term below is a mean within a group, then over groups
+        # loss groups; every term below is a mean within a group, then over groups. A batch that is not
+        # a whole number of groups (a short last validation batch) takes the largest size that divides it
+        rows = math.gcd(cfg.loss_group_rows, b) if cfg.loss_group_rows else b
+        n = b // rows
         text_loss = _causal_lm_loss(out.logits, labels, n)  # [n]
 
         windows, found = self.voken_windows(out.hidden_states, labels)  # [B,G,W,D], [B,G]
@@ -234,7 +235,10 @@ class MiniGPT5(nnx.Module):
             voken_terms = voken_terms + cfg.caption_loss_weight * caption_loss
         text_term = cfg.text_loss_weight * text_loss
         terms["loss"] = jnp.where(n_valid > 0, text_term + voken_terms, text_term)
-        return {k: jnp.mean(v) for k, v in terms.items()}
+        # the image terms are reported over the groups that have an image (the others add none to the loss)
+        with_image = jnp.maximum(jnp.sum(n_valid > 0), 1)
+        return {k: jnp.sum(v) / with_image if k in ("image_loss", "caption_loss") else jnp.mean(v)
+                for k, v in terms.items()}
 
     def _target_latents(self, batch, g, key, posterior_noise) -> jax.Array:
         """Scaled VAE latents of the first G target images of every sample `[B·G,4,h,w]` (posterior samples)."""

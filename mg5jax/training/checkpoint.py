@@ -21,6 +21,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -140,6 +141,13 @@ class BestCheckpoint:
         self._manager = None  # made on the first save: a run without validation leaves no best/
         self.val_loss = _read_best_meta(self.directory).get("val_loss")  # a resumed run keeps its bar
 
+    def forget(self) -> None:
+        """Start a fresh run's record: the next offer is saved whatever an earlier run left here."""
+        if self.val_loss is not None:
+            log.warning("%s holds an earlier run's best (val loss %.6g): this run's first validation "
+                        "replaces it", self.directory, self.val_loss)
+        self.val_loss = None
+
     def offer(self, step: int, val_loss: float, params: nnx.State) -> bool:
         """Save `params` as step `step` if `val_loss` is lower than the best so far (a NaN never is)."""
         if not math.isfinite(val_loss) or (self.val_loss is not None and not val_loss < self.val_loss):
@@ -163,7 +171,8 @@ class BestCheckpoint:
         try:
             self._manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the background writer's error, whatever its kind
-            raise CheckpointError(f"{self.directory}: writing the best checkpoint failed ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{self.directory}: writing the best checkpoint failed "
+                                  f"({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         self.wait()
@@ -187,6 +196,21 @@ def _read_best_meta(directory: pathlib.Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the best checkpoint's metadata ({e})") from e
+
+
+def read_params(params_dir: pathlib.Path) -> Any:
+    """The params saved under `params_dir` as a tree of host arrays, whatever mesh or device count
+    wrote them (orbax, left to itself, rebuilds the saving topology and refuses another one)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        meta = checkpointer.metadata(params_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+        return jax.tree.map(np.asarray, checkpointer.restore(params_dir, target))
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
+        raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({type(e).__name__}: {e})") from e
 
 
 def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.Path, str]:

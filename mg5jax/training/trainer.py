@@ -10,8 +10,9 @@ validation runs it in eval mode.
 
 Around the step: resume from the latest checkpoint, periodic/async checkpoints with the
 data-iterator state, validation that keeps the params of the best validation step (`best/`, as the
-original's ModelCheckpoint(monitor="val_loss", save_top_k=1)), a sample hook, a tqdm bar, JSONL metrics, a NaN/Inf stop that
-keeps the last good checkpoint, and a SIGTERM handler that saves and returns.
+original's ModelCheckpoint(monitor="val_loss", save_top_k=1)), a sample hook, a tqdm bar, JSONL
+metrics, a NaN/Inf stop that keeps the last good checkpoint, and a SIGTERM handler that saves and
+returns.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class TrainerConfig:
     save_every: int = 1000  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     async_checkpointing: bool = True  # write checkpoints in the background
-    eval_every: int = 0  # steps between validations (0 = never)
+    eval_every: int = 0  # steps between validations, and one at the end (0 = never)
     sample_every: int = 0  # steps between `on_sample(step)` calls (0 = never)
 
     @classmethod
@@ -103,7 +104,7 @@ def _shardings(state: nnx.State) -> nnx.State:
 
 
 class _MetricsLog:
-    """Appends one JSON object per line to `path` (process 0 only: every process has the same means)."""
+    """Appends one JSON object per line to `path`, from process 0 only (the loss terms are global means)."""
 
     def __init__(self, path: pathlib.Path):
         self._file = None
@@ -271,6 +272,7 @@ class Trainer:
         Returns the restored step, or None when there is no checkpoint."""
         step = self.checkpointer.latest_step()
         if step is None:
+            self.best.forget()  # a fresh run: an earlier run's best/ in this workdir sets no bar for it
             return None
         restored = self.checkpointer.restore(self._params, self._opt_state, step)
         self._params, self._opt_state = restored.params, restored.opt_state
@@ -310,7 +312,16 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window: list[dict[str, float]] = []
         terms: dict[str, float] = {}
-        eval_terms = None
+        eval_terms, evaluated_at, first_step = None, None, self.step
+
+        def validate():
+            terms = self.evaluate(eval_data())
+            metrics.write({"step": self.step, "split": "eval", **terms})
+            best = self.best.offer(self.step, terms["loss"], self._params)
+            bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                      + (" (best so far: saved to best/)" if best else ""))
+            return terms, self.step
+
         try:
             while self.step < total and self._stop_signal is None:
                 try:
@@ -321,7 +332,7 @@ class Trainer:
                 start = time.perf_counter()
                 terms = self.train_step(batch)
                 elapsed = time.perf_counter() - start
-                batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0])
+                batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0]) * jax.process_count()  # global
                 window.append(dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed))
                 bar.update(1)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
@@ -333,15 +344,15 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(train_iter)
                 if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                    eval_terms = self.evaluate(eval_data())
-                    metrics.write({"step": self.step, "split": "eval", **eval_terms})
-                    best = self.best.offer(self.step, eval_terms["loss"], self._params)
-                    bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in eval_terms.items())
-                              + (" (best so far: saved to best/)" if best else ""))
+                    eval_terms, evaluated_at = validate()
                 if on_sample is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
                     on_sample(self.step)
             if self._last_saved != self.step:
                 self.save(train_iter)
+            # the final weights are a candidate for best/ too (the original validates at each epoch's end)
+            if eval_data is not None and cfg.eval_every and self._stop_signal is None \
+                    and self.step > first_step and evaluated_at != self.step:
+                eval_terms, evaluated_at = validate()
             if self._stop_signal is not None:
                 log.warning("signal %d: saved step %d, stopping", self._stop_signal, self.step)
         finally:
