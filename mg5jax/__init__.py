@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import sys
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -15,6 +16,11 @@ def _xla_cpu_defaults() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if YNN_FLAG in flags:
         return
+    if "jax" in sys.modules:  # XLA reads its flags once: after that the setting would only mislabel programs
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return
     try:
         release = tuple(int(x) for x in importlib.metadata.version("jaxlib").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):

@@ -5,9 +5,10 @@ function and lowers it to StableHLO to find the cache entry (for the interleaved
 its 1.6 s cold start on CPU). A `Program` stores the whole serialized executable under
 `<jax_compilation_cache_dir>/programs/`, keyed by everything that determines it: the function's name
 and module source, the mg5jax sources, the jax / jaxlib / flax / optax releases, the backend and its
-devices, XLA_FLAGS, JAX's configuration, the static arguments (pickled) and the dynamic arguments'
-tree, shapes, dtypes and shardings. Any change misses and compiles anew. Only module-level functions
-are stored; closures, lambdas, programs whose static arguments cannot be pickled or that cannot be
+devices, XLA_FLAGS, the host CPU, JAX's configuration, the static and donated argument numbers, the
+static arguments (pickled) and the dynamic arguments' tree, shapes, dtypes and shardings. Any change
+misses and compiles anew. Only module-level functions of mg5jax (or made `persist`) are stored;
+closures, lambdas, other functions, programs whose static arguments cannot be pickled or that cannot be
 serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no compilation cache
 directory is configured, JAX runs multi-process, or MG5JAX_AOT=0. Stored programs are kept to
 `MAX_BYTES` in all, the least recently used removed first.
@@ -15,6 +16,7 @@ directory is configured, JAX runs multi-process, or MG5JAX_AOT=0. Stored program
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import importlib.metadata
@@ -25,6 +27,7 @@ import pathlib
 import pickle
 import re
 import sys
+import tempfile
 import time
 
 import jax
@@ -50,11 +53,13 @@ def _installation() -> str:
     return repr([FORMAT, sys.version, h.hexdigest(), *(f"{p}={_version(p)}" for p in _PACKAGES)])
 
 
-def _module_digest(fun) -> str | None:
-    """sha256 of the file that defines `fun` (it may live outside mg5jax). None when there is none, or
-    when `fun` is not a module-level function: a closure's or a lambda's name and module do not say
-    what it computes, and the values it closes over may be baked into the program."""
-    if "<" in fun.__qualname__ or getattr(fun, "__closure__", None):
+def _module_digest(fun, persist: bool) -> str | None:
+    """sha256 of the file that defines `fun`. None (not stored) when `fun` is not a module-level
+    function, or not one of mg5jax unless `persist`: a closure's or a lambda's name and module do not
+    say what it computes, the values it closes over may be baked into the program, and code outside
+    mg5jax may call helpers in other files, whose sources are in no key."""
+    if "<" in fun.__qualname__ or getattr(fun, "__closure__", None) \
+            or not (persist or fun.__module__.startswith("mg5jax.")):
         return None
     try:
         return hashlib.sha256(pathlib.Path(inspect.getsourcefile(fun)).read_bytes()).hexdigest()
@@ -82,14 +87,29 @@ def _environment() -> bytes:
         _installation(),
         client.platform, client.platform_version, jax.process_count(),
         [(d.id, d.device_kind, d.process_index) for d in devices],
-        os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""),
+        os.environ.get("XLA_FLAGS", ""), os.environ.get("LIBTPU_INIT_ARGS", ""), _host_cpu(),
         sorted((k, _stable_repr(v)) for k, v in jax.config.values.items()),
         _stable_repr(jax_config.trace_context()),
     ]
     return repr(parts).encode()
 
 
-_DIGESTS: dict[int, tuple] = {}  # id -> (object, digest); holding the object keeps its id unique
+@functools.cache
+def _host_cpu() -> str:
+    """The host CPU's model and instruction-set flags: XLA:CPU code is built for them."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"{platform.machine()} {platform.processor()}"
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return hashlib.sha256("\n".join(sorted(set(lines))).encode()).hexdigest()
+
+
+_HELD = 64  # static-argument identities remembered per program (and digests in all)
+_DIGESTS: collections.OrderedDict = collections.OrderedDict()  # id -> (object, digest); holding the
+#                                                               object keeps its id unique
 
 
 def _pickled_digest(obj) -> bytes:
@@ -97,6 +117,10 @@ def _pickled_digest(obj) -> bytes:
     held = _DIGESTS.get(id(obj))
     if held is None or held[0] is not obj:
         held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(pickle.dumps(obj, protocol=5)).digest())
+        if len(_DIGESTS) > _HELD:
+            _DIGESTS.popitem(last=False)
+    else:
+        _DIGESTS.move_to_end(id(obj))
     return held[1]
 
 
@@ -117,15 +141,18 @@ class Program:
     """`jax.jit(fun, static_argnums=…, donate_argnums=…)` (positional arguments only; the dynamic ones
     arrays) whose compiled executables persist on disk. `program(*args)` runs it; `program.compile(*args)`
     returns the `jax.stages.Compiled` to call with the dynamic arguments alone; `program.jitted` is the
-    plain `jax.jit` (for `eval_shape` or an ahead-of-time `lower`)."""
+    plain `jax.jit` (for `eval_shape` or an ahead-of-time `lower`). `persist=True` stores a function
+    from outside mg5jax too: its caller vouches that what it computes is all in its own file."""
 
-    def __init__(self, fun, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = ()):
+    def __init__(self, fun, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = (),
+                 persist: bool = False):
         self.name = f"{fun.__module__}.{fun.__qualname__}"
-        self._module_digest = _module_digest(fun)
+        self._module_digest = _module_digest(fun, persist)
         self.static_argnums = tuple(static_argnums)
+        self.donate_argnums = tuple(donate_argnums)
         self.jitted = jax.jit(fun, static_argnums=static_argnums, donate_argnums=donate_argnums)
         self._compiled: dict = {}
-        self._by_id: dict = {}
+        self._by_id: collections.OrderedDict = collections.OrderedDict()  # the newest _HELD identities
 
     def _split(self, args: tuple) -> tuple[tuple, tuple]:
         static = tuple(args[i] for i in self.static_argnums)
@@ -144,6 +171,7 @@ class Program:
         by_id = (tuple(map(id, static)), dynamic_signature)
         held = self._by_id.get(by_id)
         if held is not None and all(a is b for a, b in zip(held[0], static)):
+            self._by_id.move_to_end(by_id)
             return held[1]
         signature = (static, dynamic_signature)
         compiled = self._compiled.get(signature)
@@ -161,6 +189,8 @@ class Program:
                 self._store(path, compiled)
             self._compiled[signature] = compiled
         self._by_id[by_id] = (static, compiled)  # holding `static` keeps its ids from being reused
+        if len(self._by_id) > _HELD:  # equal static arguments made anew per call must not pile up
+            self._by_id.popitem(last=False)
         return compiled
 
     # ----------------------------------------------------------------------------------------- on disk
@@ -182,6 +212,7 @@ class Program:
             h = hashlib.sha256(_environment())
             h.update(self.name.encode())
             h.update(self._module_digest.encode())
+            h.update(repr((self.static_argnums, self.donate_argnums)).encode())
             for obj in static:
                 h.update(_pickled_digest(obj))
         except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
@@ -221,15 +252,29 @@ class Program:
         except Exception as e:  # e.g. closed-over constants: the program stays in memory only
             log.debug("%s: not kept on disk (%s: %s)", self.name, type(e).__name__, e)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-        _evict(path.parent, keep=path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+            _evict(path.parent, keep=path)
+        except OSError as e:  # a read-only or full store: the program stays in memory only
+            log.warning("%s: cannot store the compiled program in %s (%s)", self.name, path.parent, e)
+            if tmp is not None:
+                pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def _evict(directory: pathlib.Path, keep: pathlib.Path) -> None:
-    """Remove the least recently used stored programs while they total more than MAX_BYTES."""
+    """Remove the least recently used stored programs while they total more than MAX_BYTES, and
+    writes that a killed process left unfinished an hour ago or more."""
+    for p in directory.glob("*.tmp"):
+        try:
+            if time.time() - p.stat().st_mtime > 3600:
+                p.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
     files = []
     for p in directory.glob("*.bin"):
         try:

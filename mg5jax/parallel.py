@@ -112,8 +112,37 @@ def _fit_to_mesh(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Par
     return PartitionSpec(*fitted)
 
 
+_LARGE = 1 << 20  # elements: an array this big left unsplit on an axis is worth a warning
+
+
+def _check_names(state: nnx.State, mesh: Mesh, rules) -> None:
+    """Unknown logical names are errors (flax would pass them through and the array would end up
+    replicated); a large array that keeps a dimension unsplit because the axis does not divide it is
+    worth a warning (e.g. a vocabulary of 32009 rows over `tensor`)."""
+    table = dict(rules)
+    for path, v in nnx.to_flat_state(state):
+        names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        if not names:
+            continue
+        unknown = [n for n in names if n is not None and n not in table]
+        if unknown:
+            raise KeyError(f"{'.'.join(map(str, path))}: logical axis name(s) {unknown} have no rule; "
+                           f"known names: {sorted(table)}")
+        shape = getattr(v.get_value(), "shape", ())
+        if int(np.prod(shape)) >= _LARGE:
+            spec = logical_to_mesh(names, rules)
+            fitted = _fit_to_mesh(spec, shape, mesh)
+            lost = [(n, dim) for n, dim, want, got in zip(names, shape, spec, fitted)
+                    if want is not None and got is None
+                    and any(mesh.shape.get(a, 1) > 1 for a in (want if isinstance(want, tuple) else (want,)))]
+            if lost:
+                log.warning("%s %s: %s not split over the mesh (size not divisible)", ".".join(map(str, path)),
+                            tuple(shape), ", ".join(f"{n}={dim}" for n, dim in lost))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
     """NamedShardings for every variable of `state` from its logical names (fitted to the mesh)."""
+    _check_names(state, mesh, rules)
     with axis_rules(rules):
         specs = nnx.get_partition_spec(state)
     return jax.tree.map(

@@ -33,7 +33,7 @@ traces = []
 def scaled(factor, x, y):
     traces.append(1)
     return {"out": x * factor + y.sum()}
-program = aot.Program(scaled, static_argnums=(0,), donate_argnums=(1,))
+program = aot.Program(scaled, static_argnums=(0,), donate_argnums=(1,), persist=True)
 x = jnp.arange(6.0).reshape(2, 3)
 out = program(2.0, x, jnp.ones(4))
 cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -96,44 +96,44 @@ def _apply(f, x):
 
 
 def test_every_static_value_shape_and_dtype_has_its_own_program(cache_dir):
-    program = aot.Program(_double_plus, static_argnums=(0,))
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
     for k, x in [(1, np.ones(3, np.float32)), (2, np.ones(3, np.float32)), (1, np.ones(4, np.float32)),
                  (1, np.ones(3, np.int32)), (1, np.ones(3, np.float32))]:
         np.testing.assert_array_equal(program(k, x), x * 2 + k)
     assert len(list(cache_dir.iterdir())) == 4
-    fresh = aot.Program(_double_plus, static_argnums=(0,))  # same function: finds the stored ones
+    fresh = aot.Program(_double_plus, static_argnums=(0,), persist=True)  # same function: finds the stored ones
     np.testing.assert_array_equal(fresh(2, np.ones(3, np.float32)), np.full(3, 4.0))
     assert len(list(cache_dir.iterdir())) == 4
 
 
 def test_a_corrupt_program_file_is_replaced(cache_dir, caplog):
-    aot.Program(_double_plus, static_argnums=(0,))(3, np.ones(2, np.float32))
+    aot.Program(_double_plus, static_argnums=(0,), persist=True)(3, np.ones(2, np.float32))
     (path,) = cache_dir.iterdir()
     path.write_bytes(b"not a program")
     with caplog.at_level(logging.WARNING, logger="mg5jax.aot"):
-        out = aot.Program(_double_plus, static_argnums=(0,))(3, np.ones(2, np.float32))
+        out = aot.Program(_double_plus, static_argnums=(0,), persist=True)(3, np.ones(2, np.float32))
     np.testing.assert_array_equal(out, [5.0, 5.0])
     assert "ignoring unreadable compiled program" in caplog.text and str(path) in caplog.text
-    fresh = aot.Program(_double_plus, static_argnums=(0,))
+    fresh = aot.Program(_double_plus, static_argnums=(0,), persist=True)
     np.testing.assert_array_equal(fresh(3, np.ones(2, np.float32)), [5.0, 5.0])  # the rewritten file loads
 
 
 def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_dir):
-    program = aot.Program(_apply, static_argnums=(0,))
+    program = aot.Program(_apply, static_argnums=(0,), persist=True)
     np.testing.assert_array_equal(program(lambda v: v + 1, np.zeros(2, np.float32)), [1.0, 1.0])  # unpicklable
     table = jnp.arange(3.0)
 
     def add_table(x):  # its constant would be baked into the program
         return x + table
 
-    np.testing.assert_array_equal(aot.Program(add_table)(np.ones(3, np.float32)), [1.0, 2.0, 3.0])
-    np.testing.assert_array_equal(aot.Program(lambda x: x * 3)(np.ones(2, np.float32)), [3.0, 3.0])
+    np.testing.assert_array_equal(aot.Program(add_table, persist=True)(np.ones(3, np.float32)), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(aot.Program(lambda x: x * 3, persist=True)(np.ones(2, np.float32)), [3.0, 3.0])
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
 
 
 def test_mg5jax_aot_0_keeps_programs_in_memory(cache_dir, monkeypatch):
     monkeypatch.setenv("MG5JAX_AOT", "0")
-    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,))(1, np.ones(2, np.float32)), [3, 3])
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, np.ones(2, np.float32)), [3, 3])
     assert not cache_dir.exists()
 
 
@@ -141,21 +141,50 @@ def test_without_a_cache_directory_nothing_is_written(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
     try:
-        program = aot.Program(_double_plus, static_argnums=(0,))
+        program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
         np.testing.assert_array_equal(program(1, np.ones(2, np.float32)), [3.0, 3.0])
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_least_recently_used_programs_go_when_the_store_is_full(cache_dir, monkeypatch):
-    program = aot.Program(_double_plus, static_argnums=(0,))
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
     program(1, np.ones(2, np.float32))
     (first,) = cache_dir.iterdir()
     program(1, np.ones(3, np.float32))
     (second,) = set(cache_dir.iterdir()) - {first}
     os.utime(first, (1_000, 1_000))
     os.utime(second, (2_000, 2_000))
-    aot.Program(_double_plus, static_argnums=(0,))(1, np.ones(2, np.float32))  # loads `first`: now the newest
+    aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, np.ones(2, np.float32))  # loads `first`
     monkeypatch.setattr(aot, "MAX_BYTES", first.stat().st_size + second.stat().st_size + 1024)  # room for two
     program(1, np.ones(4, np.float32))  # a third program: the store is over its limit
     assert first.exists() and not second.exists() and len(list(cache_dir.iterdir())) == 2
+
+
+def test_what_is_stored_and_under_which_key(cache_dir):
+    """Functions from outside mg5jax are stored only when made `persist` (a helper they call in another
+    file is in no key); donation is part of the key (a loaded program must not delete a caller's array)."""
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,))(1, np.ones(2, np.float32)), [3, 3])
+    assert not cache_dir.exists()
+    aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, jnp.ones(2))
+    keep = jnp.ones(2)
+    aot.Program(_double_plus, static_argnums=(0,), donate_argnums=(1,), persist=True)(1, jnp.ones(2))
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, keep), [3, 3])
+    assert not keep.is_deleted() and len(list(cache_dir.iterdir())) == 2
+
+
+def test_an_unwritable_store_keeps_programs_in_memory(cache_dir, caplog):
+    cache_dir.parent.mkdir(exist_ok=True)
+    cache_dir.write_text("a file where the store's folder should be")  # mkdir fails, as on a read-only mount
+    with caplog.at_level(logging.WARNING, logger="mg5jax.aot"):
+        out = aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, np.ones(2, np.float32))
+    np.testing.assert_array_equal(out, [3.0, 3.0])
+    assert "cannot store the compiled program" in caplog.text
+
+
+def test_equal_static_arguments_made_anew_do_not_pile_up(cache_dir):
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
+    for _ in range(aot._HELD + 20):
+        program(float("1.5"), np.ones(2, np.float32))  # an equal static argument, a new object each call
+    assert len(program._by_id) == aot._HELD and len(program._compiled) == 1
+    assert len(aot._DIGESTS) <= aot._HELD

@@ -1,6 +1,9 @@
 """The conversion core: key maps, strict loading, export round trip, safetensors I/O."""
 
+import logging
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -88,7 +91,30 @@ def test_sharded_safetensors_and_mesh_load(tmp_path):
         open_weights(tmp_path)
 
 
-def test_logical_rules_unknown_name_is_an_error():
+def test_saving_again_removes_the_earlier_weight_files(tmp_path):
+    """A single file after shards (and shards after a single file) leaves no stale weights to load."""
+    sd = torch_like_state(np.random.default_rng(2))
+    write_sharded_safetensors(tmp_path, sd)
+    newer = {k: v + 1 for k, v in sd.items()}
+    names = write_sharded_safetensors(tmp_path, newer, max_shard_bytes=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "model.safetensors.index.json"])
+    np.testing.assert_array_equal(open_weights(tmp_path)["norm.weight"], newer["norm.weight"])
+    (tmp_path / "notes.txt").write_text("kept")
+    write_sharded_safetensors(tmp_path, sd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.txt"]
+    np.testing.assert_array_equal(open_weights(tmp_path)["norm.weight"], sd["norm.weight"])
+
+
+def test_logical_rules_unknown_name_is_an_error(caplog):
     with pytest.raises(KeyError, match="'bogus'"):
         parallel.logical_to_mesh(("embed", "bogus"))
     assert parallel.logical_to_mesh(("batch", None)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    mesh = parallel.make_mesh(data=1, fsdp=2, tensor=4)
+    typo = nnx.State({"ffn": {"kernel": nnx.Param(jnp.zeros((8, 8)), out_sharding=("embed", "mpl"))}})
+    with pytest.raises(KeyError, match=r"ffn.kernel: logical axis name\(s\) \['mpl'\] have no rule"):
+        parallel.state_shardings(typo, mesh)  # not silently replicated
+    vocab = nnx.State({"lm_head": nnx.Param(jnp.zeros((64, 32009)), out_sharding=("embed", "vocab"))})
+    with caplog.at_level(logging.WARNING, logger="mg5jax.parallel"):
+        spec = parallel.state_shardings(vocab, mesh)["lm_head"].get_value().spec
+    assert spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert "lm_head (64, 32009): vocab=32009 not split over the mesh" in caplog.text

@@ -31,6 +31,14 @@ def test_import_routes_only_reductions_to_ynnpack(given, expected):
     assert _flags_after_import(given) == expected
 
 
+def test_a_backend_started_before_the_import_keeps_its_flags():
+    """XLA reads its flags once: setting them later would only mislabel stored programs."""
+    script = "import jax, os; jax.devices(); import mg5jax; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_this_process_runs_with_the_default():
     assert f"{mg5jax.YNN_FLAG}=reduce" in os.environ["XLA_FLAGS"]
 

@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import pathlib
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -255,11 +256,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 def write_sharded_safetensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                               stem: str = "model", max_shard_bytes: int | None = None) -> list[str]:
-    """Write `<stem>.safetensors`, or shards plus `<stem>.safetensors.index.json` as the hub does."""
+    """Write `<stem>.safetensors`, or shards plus `<stem>.safetensors.index.json` as the hub does.
+    Once the new files are complete, the `<stem>` weight files of an earlier save that are not part of
+    them are removed (a loader would pick a stale single file before the new index)."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     if max_shard_bytes is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= max_shard_bytes:
         write_safetensors(d / f"{stem}.safetensors", tensors)
+        _remove_stale(d, stem, keep={f"{stem}.safetensors"})
         return [f"{stem}.safetensors"]
     shards: list[dict] = [{}]
     size = 0
@@ -278,4 +282,12 @@ def write_sharded_safetensors(directory: str | os.PathLike, tensors: Mapping[str
     total = sum(np.asarray(v).nbytes for v in tensors.values())
     (d / f"{stem}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _remove_stale(d, stem, keep={*names, f"{stem}.safetensors.index.json"})
     return names
+
+
+def _remove_stale(directory: pathlib.Path, stem: str, keep: set[str]) -> None:
+    pattern = re.compile(rf"{re.escape(stem)}(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+    for p in directory.iterdir():
+        if p.name not in keep and pattern.fullmatch(p.name):
+            p.unlink()
