@@ -133,7 +133,8 @@ def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_
 
 def test_mg5jax_aot_0_keeps_programs_in_memory(cache_dir, monkeypatch):
     monkeypatch.setenv("MG5JAX_AOT", "0")
-    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, np.ones(2, np.float32)), [3, 3])
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
+    np.testing.assert_array_equal(program(1, np.ones(2, np.float32)), [3, 3])
     assert not cache_dir.exists()
 
 
