@@ -68,9 +68,16 @@ def run(cfg) -> int:
                                          tokenizer=built.tokenizer)
         if not val_samples:
             log.warning("data.val_path %s gives no samples: no validation", d.val_path)
-    if val_samples:
+        elif len(val_samples) < global_batch:
+            log.warning("data.val_path %s: %d samples, fewer than one batch of %d: no validation", d.val_path,
+                        len(val_samples), global_batch)
+            val_samples = []
+        elif len(val_samples) % global_batch:
+            log.info("validation: whole batches of %d (the last %d samples are not used)", global_batch,
+                     len(val_samples) % global_batch)
+    if val_samples:  # whole batches only: a short one would not split over the devices
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
-                                       seed=cfg.seed, shuffle=False, num_epochs=1, drop_remainder=False)
+                                       seed=cfg.seed, shuffle=False, num_epochs=1)
         eval_data = lambda: itertools.islice(iter(val_ds), cfg.val_batches)  # noqa: E731
 
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None

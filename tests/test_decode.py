@@ -1,5 +1,7 @@
 """Sampling processors vs transformers, and the jitted KV-cache decode loop vs transformers generate."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -207,6 +209,23 @@ def test_forced_insertion_windows_match_teacher_forcing(tiny_llama, inserted):
             window = hidden[start:start + 8]
             worst = max(worst, float(np.abs(out.insertion_hidden[r, c] - window).max()))
     assert worst <= 1e-5, worst
+
+
+def test_a_used_up_trigger_is_banned_before_top_k_and_top_p(tiny_llama):
+    """When the trigger dominates the nucleus and its insertions are used up, the next tokens come from
+    top-k / top-p over the other tokens (the ban runs first), not an empty nucleus that yields id 0."""
+    _, ours = tiny_llama
+    ids, mask = _padded(PROMPTS)
+    cfg = dataclasses.replace(SAMPLE_CFG, logit_bias=((TRIGGER, 50.0),), top_p=0.5, repetition_penalty=1.0)
+    out = decode.generate(ours, inputs_embeds=ours.embed(ids), prompt_mask=mask, config=cfg,
+                          insertion=decode.ForcedInsertion(**{**INSERTION, "max_insertions": 1}),
+                          key=jax.random.key(3), row_seeds=SEEDS)
+    for r in range(3):
+        gen = np.asarray(out.ids[r, :int(out.lengths[r])])
+        assert gen[0] == TRIGGER and int(out.insertion_counts[r]) == 1
+        after = gen[1 + len(FORCED):]
+        assert len(after) == cfg.max_new_tokens - 1 and not np.any(after == TRIGGER)
+        assert not np.all(after == 0), after  # sampled among the remaining tokens
 
 
 def test_rows_do_not_depend_on_the_batch(tiny_llama, inserted):

@@ -138,6 +138,21 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     _check_renders(index, 3)
 
 
+def test_streamed_text_is_the_response_text(parts, story_model):
+    """Pieces decoded as they come join to the decoded response (no space lost at a chunk's start)."""
+    _, gen, singles = story_model
+    prompts = [r.prompt for r in singles]
+    pieces = ["", "", ""]
+    for item in gen.stream(prompts, chunk_steps=1):
+        if isinstance(item, list):
+            responses = item
+        else:
+            pieces[item[0]] += item[1]
+    for row, r in enumerate(responses):
+        assert pieces[row] == parts[0].decode(r.token_ids), (pieces[row], r.raw_text)
+        assert r.token_ids == singles[row].token_ids  # streaming samples what generating does
+
+
 def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model, tiny_sd_dir, tmp_path):  # noqa: F811
     """As the original's predict_step: SD's own image of the caption when the response has an image
     (none without a caption or an image); rendered from the noise of the response's first image."""

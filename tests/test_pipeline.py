@@ -1,5 +1,6 @@
 """Samples → static-shape batches: tokenization and labels, image slots, buckets, resume, bad data."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -70,6 +71,18 @@ def test_batches_pad_to_buckets_and_resume_exactly(tokenizer, vist):
     assert len(tasks(0)) + len(tasks(1)) >= len(tasks(0) | tasks(1))
 
 
+def test_every_epoch_is_a_permutation_of_the_data(tokenizer, vist):
+    """Shuffled then repeated: each epoch holds every sample once, in an order of its own."""
+    builder = pipeline.ExampleBuilder(tokenizer, dataclasses.replace(SPEC, batch_size=1), train=False)
+    it = iter(pipeline.make_dataset(vist, builder, seed=3, shuffle=True, num_epochs=None))
+    batches = [next(it) for _ in range(2 * len(vist))]
+    seen = [tuple(b["input_ids"][0][b["attention_mask"][0] > 0]) for b in batches]
+    everyone = {tuple(builder(s, np.random.default_rng(0))["input_ids"]) for s in vist}
+    first, second = seen[: len(vist)], seen[len(vist):]
+    assert len(everyone) == len(vist) and set(first) == everyone and set(second) == everyone
+    assert first != second
+
+
 def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
     missing = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="bad_1",
                      input_images=(str(tmp_path / "nope.jpg"),), output_image=None)
@@ -109,3 +122,13 @@ def test_features_of_another_image_with_the_same_stem_are_refused(tokenizer, tmp
     assert builder(sample(first), np.random.default_rng(0)) is not None
     assert builder(sample(second), np.random.default_rng(0)) is None
     assert "5.npy holds the features of" in caplog.text and "val_images/5.png" in caplog.text
+    # precomputed VAE moments of the target image are checked the same way
+    moments = tmp_path / "moments"
+    moments.mkdir()
+    np.save(moments / "5.npy", np.zeros((8, SPEC.latent_size, SPEC.latent_size), np.float32))
+    (moments / "sources.json").write_text(json.dumps({"5": str(first.resolve())}))
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(tmp_path),
+                                      output_moments_dir=str(moments))
+    target = dataclasses.replace(sample(first), output_image=str(second))
+    assert builder(target, np.random.default_rng(0)) is None
+    assert "moments/5.npy holds the features of" in caplog.text

@@ -74,6 +74,7 @@ class ExampleBuilder:
         self.input_features_dir = pathlib.Path(input_features_dir) if input_features_dir else None
         self._feature_sources = read_feature_sources(input_features_dir) if input_features_dir else {}
         self.output_moments_dir = pathlib.Path(output_moments_dir) if output_moments_dir else None
+        self._moment_sources = read_feature_sources(output_moments_dir) if output_moments_dir else {}
         self.strict = strict
         self.skipped = 0
 
@@ -116,12 +117,8 @@ class ExampleBuilder:
         if self.input_features_dir is not None:
             feats = np.zeros((spec.max_input_images, spec.num_query_tokens, spec.llm_dim), np.float32)
             for m, p in enumerate(paths):
-                stem = pathlib.Path(p).stem
-                source = self._feature_sources.get(stem)
-                if source is not None and source != str(pathlib.Path(p).resolve()):
-                    raise ValueError(f"{self.input_features_dir / (stem + '.npy')} holds the features of {source}, "
-                                     f"not of {p}")
-                feats[m] = _load_array(self.input_features_dir / f"{stem}.npy", feats.shape[1:])
+                feats[m] = _load_array(_feature_file(self.input_features_dir, self._feature_sources, p),
+                                       feats.shape[1:])
             example["input_image_features"] = feats
             return
         s = spec.input_image_size
@@ -136,7 +133,7 @@ class ExampleBuilder:
         if self.output_moments_dir is not None:
             moments = np.zeros((spec.max_output_images, 8, spec.latent_size, spec.latent_size), np.float32)
             if path is not None:
-                moments[0] = _load_array(self.output_moments_dir / f"{pathlib.Path(path).stem}.npy",
+                moments[0] = _load_array(_feature_file(self.output_moments_dir, self._moment_sources, path),
                                          moments.shape[1:])
                 example["output_image_mask"][0] = True
             example["output_moments"] = moments
@@ -157,6 +154,16 @@ class ExampleBuilder:
             ids[:], mask[:] = tok_ids[:n], tok_mask[:n]
         example["caption_ids"], example["caption_mask"] = ids, mask
         example["has_caption"] = np.asarray(caption is not None and self.caption_tokenizer is not None)
+
+
+def _feature_file(directory: pathlib.Path, sources: dict[str, str], image: str) -> pathlib.Path:
+    """`<directory>/<stem>.npy` of `image`; an error when the folder's `sources.json` records that
+    file as computed from another image (train and val images often share stems)."""
+    stem = pathlib.Path(image).stem
+    source = sources.get(stem)
+    if source is not None and source != str(pathlib.Path(image).resolve()):
+        raise ValueError(f"{directory / (stem + '.npy')} holds the features of {source}, not of {image}")
+    return directory / f"{stem}.npy"
 
 
 FEATURE_SOURCES = "sources.json"  # in a features folder: {stem: the image its <stem>.npy was computed from}
@@ -216,7 +223,7 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """A grain pipeline over `samples`: (shuffle) → this process's shard → build → filter → batch.
+    """A grain pipeline over `samples`: (shuffle) → repeat → build → this process's shard → filter → batch.
 
     Iterators of the result have `get_state()` / `set_state()` for exact resume. Each process of a
     multi-host run reads a disjoint slice (`jax.process_index()` of `jax.process_count()`).
@@ -226,12 +233,12 @@ def make_dataset(
     if not samples:
         raise DataError("the dataset has no samples")
     ds = grain.MapDataset.source(list(samples)).seed(seed)
+    if shuffle:
+        ds = ds.shuffle()  # before repeat: every epoch a permutation of its own (grain reseeds each one)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    if shuffle:
-        ds = ds.shuffle()
+    ds = ds.random_map(lambda s, rng: builder(s, rng))  # augmentation drawn per global index, before the slice
     ds = ds[process_index::process_count]
-    ds = ds.random_map(lambda s, rng: builder(s, rng))
     spec = builder.spec
     pad_id = builder.tokenizer.ids.pad_id
     return (

@@ -144,11 +144,13 @@ def _choose(state: DecodeState, cfg: SamplingConfig,
     k = _forced_count(insertion)
     forcing = state.forced_ptr < k
 
-    logits = sampling.process_logits(state.logits, state.seen, cfg)
-    if insertion is not None:
+    logits = state.logits
+    if insertion is not None:  # banned before the warpers (as HF's bad-words processor): top-k/top-p then
+        #                        choose among the other tokens, never from an emptied nucleus
         exhausted = state.insertion_counts >= insertion.max_insertions
         logits = logits.at[:, insertion.trigger_id].set(
             jnp.where(exhausted, sampling.NEG_INF, logits[:, insertion.trigger_id]))
+    logits = sampling.process_logits(logits, state.seen, cfg)
     keys = jax.vmap(jax.random.fold_in, (0, None))(state.row_keys, state.step)
     token = sampling.choose_tokens(logits, keys, cfg.do_sample)
     sampled = running & ~forcing

@@ -225,8 +225,9 @@ class InterleavedGenerator:
 
     def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
         embeds, mask = _splice_program(*self._split, self.prepare(prompts))
+        # text under fold_in(key, 0), image noise under fold_in(key, 1): no decode step shares a key with an image
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
-                    key=key, row_seeds=np.asarray([p.seed for p in prompts], np.int32))
+                    key=jax.random.fold_in(key, 0), row_seeds=np.asarray([p.seed for p in prompts], np.int32))
 
     # -------------------------------------------------------------------------------------- generation
 
@@ -240,10 +241,20 @@ class InterleavedGenerator:
                chunk_steps: int = 8) -> Iterator[tuple[int, str] | list[Response]]:
         """Yield `(row, new text)` as tokens are generated, then the list of finished responses."""
         key = jax.random.key(0) if key is None else key
+        ids_so_far: list[list[int]] = [[] for _ in prompts]
+        text_so_far = [""] * len(prompts)
         for chunk in generate_stream(self.model.llm, **self._decode_args(prompts, key), chunk_steps=chunk_steps):
             for row, ids in enumerate(chunk.new_ids):
                 if len(ids):
-                    yield row, self.tokenizer.decode([int(i) for i in ids])
+                    # the whole row decoded each time: a chunk decoded alone loses the space SentencePiece
+                    # encodes at its start
+                    ids_so_far[row].extend(int(i) for i in ids)
+                    text = self.tokenizer.decode(ids_so_far[row])
+                    done = text_so_far[row]
+                    new = text[len(done):] if text.startswith(done) else text
+                    text_so_far[row] = text
+                    if new:
+                        yield row, new
             if chunk.output is not None:
                 yield self.finish(prompts, chunk.output, key)
 
