@@ -1,12 +1,13 @@
 """Training checkpoints with orbax: trainable params, optimizer state, data-iterator state, config.
 
-Layout: `<directory>/<step>/{params, opt_state, data_state, meta}`. Frozen parameters are never
-saved (they come from the pretrained weights). Beside them a run keeps the trainable params of its
-best validation step (`BestCheckpoint`, `<workdir>/best/<step>/{params, meta}`), which is what a
-later stage or inference loads (`trained_params_dir`). Saves are asynchronous (the device-to-host copy
-happens before `save` returns, so the arrays may be donated right after) and atomic: orbax writes
-into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
-checkpoint as the latest good one.
+Layout: `<directory>/<step>/{params, opt_state, data_state, meta}` (data_state: every process's
+iterator position). Frozen parameters are never saved (they come from the pretrained weights).
+Beside them a run keeps the trainable params of its best validation step (`BestCheckpoint`,
+`<workdir>/best/<step>/{params, meta}`), which is what a later stage or inference loads
+(`trained_params_dir`). Saves are asynchronous (the device-to-host copy happens before `save`
+returns, so the arrays may be donated right after) and atomic: orbax writes into a temporary
+directory and renames it when complete, so a crash mid-save leaves the previous checkpoint as the
+latest good one.
 """
 
 from __future__ import annotations
@@ -58,6 +59,33 @@ def _decode_data_state(stored: dict) -> Any:
     return stored["json"]
 
 
+def _every_process(state: Any) -> dict[str, dict]:
+    """`{process index: encoded state}` of every process. Orbax writes JSON items from the primary
+    process only, and the hosts' iterator positions differ once their filters drop different samples."""
+    mine = json.dumps(_encode_data_state(state)).encode()
+    if jax.process_count() == 1:
+        return {"0": json.loads(mine)}
+    from jax.experimental import multihost_utils
+
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray(len(mine), np.int64))).reshape(-1)
+    buffer = np.zeros(int(lengths.max()), np.uint8)
+    buffer[: len(mine)] = np.frombuffer(mine, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buffer))
+    return {str(i): json.loads(every[i, : int(n)].tobytes()) for i, n in enumerate(lengths)}
+
+
+def _this_process(stored: dict, path: pathlib.Path) -> Any:
+    """This process's data-iterator state from a checkpoint (one saved before per-process states holds
+    a single one)."""
+    if "per_process" not in stored:
+        return _decode_data_state(stored)
+    mine = stored["per_process"].get(str(jax.process_index()))
+    if mine is None:
+        raise CheckpointError(f"{path}: no data-iterator state for process {jax.process_index()} (it was saved "
+                              f"by {len(stored['per_process'])} processes)")
+    return _decode_data_state(mine)
+
+
 class Checkpointer:
     """Keeps the newest `max_to_keep` training checkpoints under `directory`."""
 
@@ -73,7 +101,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            data_state=ocp.args.JsonSave(_encode_data_state(data_state)),
+            data_state=ocp.args.JsonSave({"per_process": _every_process(data_state)}),
             meta=ocp.args.JsonSave({"step": int(step), "config": config}),
         )
         self._manager.save(int(step), args=args, force=True)
@@ -112,7 +140,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
             raise CheckpointError(f"{path}: cannot restore training checkpoint ({type(e).__name__}: {e})") from e
         log.info("checkpoint: restored step %d from %s", step, path)
-        return Restored(step, restored["params"], restored["opt_state"], _decode_data_state(data_state),
+        return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
                         meta.get("config"))
 
     def wait(self) -> None:
