@@ -131,8 +131,7 @@ def run(cfg) -> int:
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
         image_size=cfg.data.output_image_size, sd_baseline=baseline)
-    scheduler_cfg = build.read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json",
-                                    "model.sd_path")
+    scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
                                      max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 import math
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +87,11 @@ def read_json(path, field: str):
     return datasets.load_json(_require_file(str(path), field))
 
 
+def scheduler_config(sd_path) -> dict:
+    """The diffusers scheduler config of the Stable Diffusion directory `model.sd_path`."""
+    return read_json(pathlib.Path(sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
+
+
 def build_model(cfg, *, train: bool = True) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
 
@@ -118,7 +123,7 @@ def build_model(cfg, *, train: bool = True) -> Built:
                                                 remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen)
     caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
-    schedule_cfg = read_json(sd_dir / "scheduler" / "scheduler_config.json", "model.sd_path")
+    schedule_cfg = scheduler_config(sd_dir)
     noise_schedule = schedulers.NoiseSchedule.from_config(schedule_cfg)
 
     text_encoder, empty = None, None
@@ -180,7 +185,7 @@ def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
     text_config = read_json(sd_dir / "text_encoder" / "config.json", "model.sd_path")
     return StableDiffusionPipeline(
         built.model.unet, built.model.vae, encoder, built.caption_tokenizer,
-        read_json(sd_dir / "scheduler" / "scheduler_config.json", "model.sd_path"),
+        scheduler_config(sd_dir),
         use_attention_mask=bool(text_config.get("use_attention_mask", False)))
 
 
@@ -304,7 +309,7 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
     baseline = built.model.text_encoder is not None
     settings = GenerationSettings(image_size=cfg.data.output_image_size, max_images=1, sd_baseline=baseline)
     sd_pipeline = sd_baseline_pipeline(cfg, built) if baseline else None
-    schedule = read_json(pathlib.Path(cfg.model.sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
+    schedule = scheduler_config(cfg.model.sd_path)
     out = pathlib.Path(cfg.trainer.workdir) / "samples"
 
     def on_sample(step: int) -> None:

@@ -231,17 +231,17 @@ def test_loss_groups_are_the_original_per_device_means(setup):
     noise, post = (rng.normal(size=(4, 4, 8, 8)).astype(np.float32) for _ in range(2))
     timesteps = np.array([300, 20, 999, 150], np.int32)
     config = model.config
-    try:
-        model.config = dataclasses.replace(config, loss_group_rows=1)
-        ours = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
-                          noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps), posterior_noise=jnp.asarray(post))
-        whole = dataclasses.replace(config, loss_group_rows=0)
-        model.config = whole
-        one_mean = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
+
+    def loss(group_rows):  # the objective on `batch` as it is now, with these draws, in groups of `group_rows`
+        model.config = dataclasses.replace(config, loss_group_rows=group_rows)
+        try:
+            return model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
                               noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
                               posterior_noise=jnp.asarray(post))
-    finally:
-        model.config = config
+        finally:
+            model.config = config
+
+    ours, one_mean = loss(1), loss(0)
     with torch.no_grad():
         per_row = [torch_objective(p, {k: v[r : r + 1] for k, v in batch.items()}, drop[2 * r : 2 * r + 2],
                                    noise[2 * r : 2 * r + 2], timesteps[2 * r : 2 * r + 2], post[2 * r : 2 * r + 2])
@@ -251,25 +251,13 @@ def test_loss_groups_are_the_original_per_device_means(setup):
         print(f"{k}: per-row means {float(ours[k]):.6g} torch {want:.6g}, one batch mean {float(one_mean[k]):.6g}")
         assert abs(float(ours[k]) - want) <= 1e-4 * abs(want), (k, float(ours[k]), want)
     assert abs(float(one_mean["text_loss"]) - float(ours["text_loss"])) > 1e-3  # the grouping matters here
-    model.config = dataclasses.replace(config, loss_group_rows=3)  # does not divide 2 rows: groups of gcd = 1
-    try:
-        short = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
-                           noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
-                           posterior_noise=jnp.asarray(post))
-    finally:
-        model.config = config
+    short = loss(3)  # does not divide 2 rows: groups of gcd = 1
     for k in ours:
         np.testing.assert_allclose(float(short[k]), float(ours[k]), rtol=1e-6, err_msg=k)
 
     # a row without a target image adds only its text term; the image terms are over rows that have one
     batch["output_image_mask"][0] = False
-    model.config = dataclasses.replace(config, loss_group_rows=1)
-    try:
-        mixed = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0), cfg_drop=jnp.asarray(drop),
-                           noise=jnp.asarray(noise), timesteps=jnp.asarray(timesteps),
-                           posterior_noise=jnp.asarray(post))
-    finally:
-        model.config = config
+    mixed = loss(1)
     row0_text = float(per_row[0]["text_loss"])
     np.testing.assert_allclose(float(mixed["loss"]), (0.01 * row0_text + float(per_row[1]["loss"])) / 2, rtol=1e-4)
     for k in ("image_loss", "caption_loss"):

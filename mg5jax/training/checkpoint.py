@@ -215,11 +215,14 @@ def _complete_steps(directory: pathlib.Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def _read_best_meta(directory: pathlib.Path) -> dict:
-    steps = _complete_steps(directory)
-    if not steps:
-        return {}
-    path = directory / str(steps[-1]) / "meta" / "metadata"
+def _read_best_meta(directory: pathlib.Path, step: int | None = None) -> dict:
+    """The metadata of best checkpoint `step` (default: the newest one; {} when there is none)."""
+    if step is None:
+        steps = _complete_steps(directory)
+        if not steps:
+            return {}
+        step = steps[-1]
+    path = directory / str(step) / "meta" / "metadata"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -248,7 +251,7 @@ def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.
     run = pathlib.Path(run_dir).absolute()
     best = _complete_steps(run / "best")
     if best:
-        meta = _read_best_meta(run / "best")
+        meta = _read_best_meta(run / "best", best[-1])
         return run / "best" / str(best[-1]) / "params", f"best validation step {best[-1]} " \
             f"(val loss {meta.get('val_loss', float('nan')):.6g})"
     if not (run / "checkpoints").is_dir():
