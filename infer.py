@@ -105,13 +105,14 @@ def config_prompts(cfg, tokenizer):
 def run(cfg) -> int:
     import jax
 
-    from mg5jax import build
+    from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import write_outputs
 
     prompts = flag_prompts()
     build.enable_compile_cache()
+    aot.preload("infer")  # the programs the last run used load while the weights do
     built = build.build_model(cfg, train=False)
     if _STAGE1.value:
         import_official(built.model, _STAGE1.value, _STAGE2.value)

@@ -26,6 +26,7 @@ from flax import nnx
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 from mg5jax import aot
+preloading = aot.preload("script")
 from mg5jax.generation import SamplingConfig, generate
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +49,9 @@ mesh = jax.sharding.Mesh(np.array(jax.devices()[::-1]).reshape(2, 4), ("data", "
 spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "fsdp"))
 grid = jax.device_put(np.arange(32.0).reshape(4, 8), spec)
 placed = program(3.0, grid, jnp.zeros(2))
-print(json.dumps({"traces": len(traces), "donated": x.is_deleted(), "out": np.asarray(out["out"]).tolist(),
+if preloading is not None:
+    preloading.join()
+print(json.dumps({"preloaded": preloading is not None, "left": len(aot._PRELOADED), "traces": len(traces), "donated": x.is_deleted(), "out": np.asarray(out["out"]).tolist(),
                   "greedy": np.asarray(greedy.ids).tolist(), "sampled": np.asarray(sampled.ids).tolist(),
                   "sharded": np.asarray(placed["out"]).tolist(), "sharding_kept": placed["out"].sharding == spec}))
 """
@@ -68,14 +71,16 @@ def test_a_second_process_loads_the_programs_without_tracing(tmp_path):
     first, log1 = _run(tmp_path)
     second, log2 = _run(tmp_path)  # the same script file: the same program keys
     assert first["traces"] == 2 and second["traces"] == 0  # one device, then the mesh
-    assert first == {**second, "traces": 2}
+    assert not first["preloaded"] and second["preloaded"] and second["left"] == 0  # all six loaded early, all used
+    assert first == {**second, "traces": 2, "preloaded": False}
+    assert log2.count("mg5jax.aot:preloaded ") == 6
     assert first["donated"] and second["donated"]  # donation survives serialization
     assert first["out"] == [[4.0, 6.0, 8.0], [10.0, 12.0, 14.0]]
     assert first["sharded"] == (np.arange(32.0).reshape(4, 8) * 3).tolist() and second["sharding_kept"]
     for name in ("scaled", "_start", "_advance"):
         assert f"{name}: traced and compiled" in log1
-        assert f"{name}: loaded from" in log2
-    names = sorted(p.name.split("-")[0] for p in (tmp_path / "programs").iterdir())
+        assert f"{name}: preloaded from" in log2
+    names = sorted(p.name.split("-")[0] for p in (tmp_path / "programs").glob("*.bin"))
     assert names == ["_advance", "_advance", "_start", "_start", "scaled", "scaled"]  # greedy/sampling, 1/8 devices
 
 
@@ -189,3 +194,33 @@ def test_equal_static_arguments_made_anew_do_not_pile_up(cache_dir):
         program(float("1.5"), np.ones(2, np.float32))  # an equal static argument, a new object each call
     assert len(program._by_id) == aot._HELD and len(program._compiled) == 1
     assert len(aot._DIGESTS) <= aot._HELD
+
+
+def test_preload_loads_what_the_last_run_used_and_falls_back_on_anything_amiss(cache_dir, monkeypatch, caplog):
+    monkeypatch.setattr(aot, "_RECORD", {})
+    monkeypatch.setattr(aot, "_PRELOADED", {})
+    x = np.ones(2, np.float32)
+    assert aot.preload("run") is None  # no list yet; this run's programs are recorded
+    aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, x)
+    listing = cache_dir / "run.json"
+    recorded = json.loads(listing.read_text())
+    (name,) = recorded["programs"]
+    assert name.startswith("_double_plus-") and (cache_dir / name).is_file()
+
+    aot.preload("run").join()
+    assert list(aot._PRELOADED) == [cache_dir / name]
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, x), [3, 3])
+    assert not aot._PRELOADED  # taken by the program that asked for it
+
+    listing.write_text(json.dumps({**recorded, "environment": "another installation"}))
+    assert aot.preload("run") is None and not aot._PRELOADED
+    listing.write_text("{not json")
+    assert aot.preload("run") is None
+
+    listing.write_text(json.dumps(recorded))
+    (cache_dir / name).write_bytes(b"not a program")
+    aot.preload("run").join()
+    with caplog.at_level(logging.WARNING, logger="mg5jax.aot"):
+        out = aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, x)
+    np.testing.assert_array_equal(out, [3, 3])  # compiled anew
+    assert "ignoring unreadable compiled program" in caplog.text
