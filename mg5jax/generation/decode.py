@@ -44,6 +44,7 @@ from flax import nnx
 from mg5jax import aot
 from mg5jax.generation import sampling
 from mg5jax.generation.sampling import SamplingConfig
+from mg5jax.models.llama import RESIDUAL_DTYPE
 
 NO_LIMIT = np.iinfo(np.int32).max
 
@@ -212,7 +213,7 @@ def _start(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, par
     cache_len = tp + cfg.max_new_tokens + m * _forced_count(insertion)
     rows = jnp.arange(b)
     prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)
-    embeds = model.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(model.dtype)
+    embeds = (model.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(RESIDUAL_DTYPE)
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     out = model(inputs_embeds=embeds, attention_mask=prompt_mask & (positions < prompt_len[:, None] - 1),
                 position_ids=positions, cache=model.init_cache(b, cache_len))
@@ -230,7 +231,7 @@ def _start(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, par
         cache=out.cache,
         next_embed=embeds[rows, prompt_len - 1],
         logits=jnp.zeros((b, v), jnp.float32),
-        hidden=jnp.zeros((b, d), embeds.dtype),
+        hidden=jnp.zeros((b, d), model.dtype),
         step=jnp.zeros((), jnp.int32),
         positions=prompt_len - 1,
         row_keys=jax.vmap(jax.random.fold_in, (None, 0))(key, row_seeds),
@@ -242,7 +243,7 @@ def _start(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, par
         stopped=jnp.zeros((b,), bool),
         finished=jnp.zeros((b,), bool),
         forced_ptr=jnp.full((b,), _forced_count(insertion), jnp.int32),
-        insertion_hidden=jnp.zeros((b, m, w, d), embeds.dtype),
+        insertion_hidden=jnp.zeros((b, m, w, d), model.dtype),
         insertion_counts=jnp.zeros((b,), jnp.int32),
         insertion_positions=jnp.full((b, m), -1, jnp.int32),
     )

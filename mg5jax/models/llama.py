@@ -147,6 +147,9 @@ class LlamaConfig:
         return d
 
 
+RESIDUAL_DTYPE = jnp.float32  # the dtype of the stream the decoder blocks add into
+
+
 @flax.struct.dataclass
 class KVCache:
     """Keys/values of every layer by slot; slot index == position id.
@@ -252,7 +255,7 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`."""
+    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`; `x` and the sums in fp32."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attn_impl, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -263,8 +266,8 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, kv=None, slots=None):
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
-        h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        h = x + attn.astype(x.dtype)
+        return h + self.mlp(self.post_attention_layernorm(h)).astype(x.dtype), kv
 
 
 def _call_layer(layer, x, cos, sin, mask, kv, slots):
@@ -285,7 +288,7 @@ class LlamaModel(nnx.Module):
     """Embedding, decoder stack and final RMSNorm (HF `LlamaModel`)."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attn_impl, rngs: nnx.Rngs):
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=RESIDUAL_DTYPE, param_dtype=param_dtype,
                                       embedding_metadata={"out_sharding": ("vocab", "embed")}, rngs=rngs)
         self.layers = nnx.List([
             LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
@@ -297,7 +300,9 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """HF-compatible LLaMA causal LM.
 
-    `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of the weights.
+    `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of the weights. The
+    residual stream (embeddings and the sums between blocks) stays in fp32 (`RESIDUAL_DTYPE`), as in the
+    original: its fp32 embed_tokens output plus bf16 block outputs promote to fp32 under autocast.
     `attn_impl` picks `layers.attention`'s implementation; `remat` wraps every decoder layer in
     `nnx.remat` (True, or a `jax.checkpoint_policies` name).
     """
@@ -317,7 +322,7 @@ class LlamaForCausalLM(nnx.Module):
             param_dtype=param_dtype, rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Input embeddings `[B, T] -> [B, T, D]` (to splice image embeddings into)."""
+        """Input embeddings `[B, T] -> [B, T, D]` fp32 (to splice image embeddings into)."""
         return self.model.embed_tokens(input_ids)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -341,7 +346,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        x = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(RESIDUAL_DTYPE)
         b, t, _ = x.shape
         real = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         steps = jnp.arange(t)
@@ -357,7 +362,7 @@ class LlamaForCausalLM(nnx.Module):
             slots = jnp.where(real, position_ids, s)
             valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(True, mode="drop")
             mask = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= position_ids[:, :, None])
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
         mask = mask[:, None]
         # layers hold only parameters, so remat has nothing to write back (and works under jax.grad of
         # a closure over the model, as the trainer's step takes it)
