@@ -18,6 +18,7 @@ from mg5jax import parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert.diffusers import unet_keymap
 from mg5jax.convert.sources import CheckpointError, SafetensorsSource, open_weights, write_safetensors
+from mg5jax.models import layers
 from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
 from mg5jax.convert.keymap import abstract_rngs
 
@@ -272,3 +273,14 @@ def test_config_defaults_are_sd21_base_and_round_trip():
     assert dataclasses.replace(cfg, remat=True).remat
     with pytest.raises(ValueError, match="attention_impl"):
         dataclasses.replace(cfg, attention_impl="flash")
+
+
+def test_attention_without_upcast_keeps_fp32_scores():
+    """SD 2.1 runs with upcast_attention=False; its reference (torch SDPA) still forms the scores in fp32.
+    Without upcast, bf16 q/k accumulate into fp32 scores: the result equals the upcast one (scale 1/8 is
+    exact in bf16), where bf16-rounded scores would be off by about 1e-2."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 256, 2, 64)) * 3, jnp.bfloat16) for _ in range(3))
+    plain = layers.attention(q, k, v, upcast=False).astype(jnp.float32)
+    upcast = layers.attention(q, k, v, upcast=True).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(upcast), atol=1e-2 / 4)

@@ -161,3 +161,13 @@ def test_conversion_errors_name_the_key_and_file(tiny_sd_dir, tmp_path):
 def test_unsupported_config_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         VAEConfig.from_hf(dict(SD21_BASE_VAE, **{key: value}), where="vae/config.json")
+
+
+def test_posterior_samples_draw_fp32_noise_from_bf16_moments():
+    """A bf16 normal is coarse (erfinv of a bf16 uniform: ~128 values, |ε| < 2.9); the posterior's ε is
+    drawn in fp32 whatever the moments' dtype, so its tails are those of N(0, 1)."""
+    moments = jnp.zeros((4, 8, 128, 128), jnp.bfloat16)  # mean 0, logvar 0
+    sample = DiagonalGaussian.from_moments(moments).sample(jax.random.key(0))
+    chex.assert_type(sample, jnp.float32)
+    values = np.asarray(sample).ravel()  # 262144 draws: the largest |ε| is beyond 3.5 with near certainty
+    assert np.abs(values).max() > 3.5 and len(np.unique(values)) > 100_000

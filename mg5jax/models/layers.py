@@ -183,7 +183,8 @@ def attention(
     compute = jnp.float32 if upcast else q.dtype
     # scale q (T·d values), not the scores (T·S): XLA:CPU would materialise the broadcast scale
     q = q.transpose(0, 2, 1, 3).astype(compute) * scale
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(compute)).astype(jnp.float32)
+    # fp32 scores either way (without `upcast`, bf16 operands accumulate into fp32, as SDPA/flash do)
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(compute), preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

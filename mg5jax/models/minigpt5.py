@@ -253,8 +253,8 @@ class MiniGPT5(nnx.Module):
         if posterior_noise is None:
             latents = dist.sample(key)
         else:
-            latents = dist.mean + dist.std * posterior_noise
-        return latents.astype(jnp.float32) * self.vae.config.scaling_factor
+            latents = dist.mean.astype(jnp.float32) + dist.std.astype(jnp.float32) * posterior_noise
+        return latents * self.vae.config.scaling_factor
 
 
 def _first_positions(flags: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:

@@ -70,8 +70,10 @@ class DiagonalGaussian:
         return jnp.exp(self.logvar)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        """mean + std * ε with ε ~ N(0, I) from `key`: `[B, C, h, w]`."""
-        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        """mean + std * ε with ε ~ N(0, I) from `key`: `[B, C, h, w]` fp32 (ε drawn in fp32 whatever the
+        moments' dtype: a bf16 normal has coarse values and clipped tails)."""
+        mean, std = self.mean.astype(jnp.float32), self.std.astype(jnp.float32)
+        return mean + std * jax.random.normal(key, mean.shape, jnp.float32)
 
     def mode(self) -> jax.Array:
         return self.mean
