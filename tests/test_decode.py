@@ -132,6 +132,16 @@ def test_greedy_matches_transformers(tiny_llama, penalty):
         np.testing.assert_array_equal(np.asarray(out.ids[r]), expected)
 
 
+def test_prompt_masks_must_be_right_padded_prefixes(tiny_llama):
+    ids, mask = _padded(PROMPTS)
+    empty, left = mask.copy(), mask.copy()
+    empty[1] = False
+    left[2] = np.roll(left[2], 2)  # [0, 0, 1, 1, 1, 1, 1]: a left-padded row
+    for bad, row in ((empty, 1), (left, 2)):
+        with pytest.raises(ValueError, match=rf"prompt_mask rows \[{row}\] are not a prefix"):
+            decode.generate(tiny_llama[1], input_ids=ids, prompt_mask=bad, config=SamplingConfig(max_new_tokens=2))
+
+
 def test_stop_sequences_and_eos_end_rows_independently(tiny_llama):
     ref, ours = tiny_llama
     full = [_hf_greedy(ref, p, 16) for p in PROMPTS]

@@ -282,6 +282,13 @@ def _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds):
         prompt_mask = np.ones((b, tp), bool)
     if prompt_mask.shape != (b, tp):
         raise ValueError(f"generate: prompt_mask has shape {prompt_mask.shape}, expected {(b, tp)}")
+    if not isinstance(prompt_mask, jax.Array):  # a device mask is the caller's to vouch for (no host sync)
+        mask = np.asarray(prompt_mask, bool)
+        lengths = mask.sum(axis=1)
+        bad = np.flatnonzero((lengths == 0) | np.any(mask != (np.arange(tp) < lengths[:, None]), axis=1))
+        if bad.size:
+            raise ValueError(f"generate: prompt_mask rows {bad.tolist()} are not a prefix of ones with at least "
+                             "one 1 (prompts are right-padded)")
     if input_ids is not None:
         input_ids = _as(input_ids, np.int32)
     key = jax.random.key(0) if key is None else key
