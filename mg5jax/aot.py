@@ -133,6 +133,13 @@ def _pickled_digest(obj) -> bytes:
     return held[1]
 
 
+def _plain(x) -> bool:
+    """A None, bool, int, float, str, or a tuple of them: cheap to hash and compared by value."""
+    if isinstance(x, tuple):
+        return len(x) <= 16 and all(_plain(v) for v in x)
+    return x is None or type(x) in (bool, int, float, str)
+
+
 def _leaf_signature(x) -> tuple:
     return (x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
 
@@ -176,10 +183,11 @@ class Program:
         static, dynamic = self._split(args)
         leaves, treedef = jax.tree.flatten(dynamic)
         dynamic_signature = (treedef, tuple(_leaf_signature(x) for x in leaves))
-        # static arguments (graph definitions: slow to hash) are looked up by identity first
-        by_id = (tuple(map(id, static)), dynamic_signature)
+        # static arguments (graph definitions: slow to hash) are looked up by identity first; small
+        # plain values (a shape tuple made anew per call) by value
+        by_id = (tuple(a if _plain(a) else id(a) for a in static), dynamic_signature)
         held = self._by_id.get(by_id)
-        if held is not None and all(a is b for a, b in zip(held[0], static)):
+        if held is not None and all(a is b or _plain(a) for a, b in zip(held[0], static)):
             self._by_id.move_to_end(by_id)
             return held[1]
         path = self._path(static, dynamic_signature)

@@ -191,9 +191,13 @@ def test_an_unwritable_store_keeps_programs_in_memory(cache_dir, caplog):
 def test_equal_static_arguments_made_anew_do_not_pile_up(cache_dir):
     program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
     for _ in range(aot._HELD + 20):
-        program(float("1.5"), np.ones(2, np.float32))  # an equal static argument, a new object each call
+        program(np.float64(1.5), np.ones(2, np.float32))  # an equal static argument, a new object each call
     assert len(program._by_id) == aot._HELD and len(program._compiled) == 1
     assert len(aot._DIGESTS) <= aot._HELD
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
+    for _ in range(10):
+        program(float("2.5"), np.ones(2, np.float32))  # a plain value: found by value
+    assert len(program._by_id) == 1
 
 
 def test_preload_loads_what_the_last_run_used_and_falls_back_on_anything_amiss(cache_dir, monkeypatch, caplog):

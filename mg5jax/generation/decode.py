@@ -293,7 +293,7 @@ def _prepare(model, input_ids, inputs_embeds, prompt_mask, key, row_seeds):
         input_ids = _as(input_ids, np.int32)
     key = jax.random.key(0) if key is None else key
     row_seeds = np.arange(b, dtype=np.int32) if row_seeds is None else _as(row_seeds, np.int32)
-    graphdef, params = nnx.split(model)
+    graphdef, params = model if isinstance(model, tuple) else nnx.split(model)
     return graphdef, params, (input_ids, inputs_embeds, _as(prompt_mask, np.bool_), key, row_seeds)
 
 
@@ -308,7 +308,8 @@ def _as(x, dtype):
 def generate(model, *, input_ids=None, inputs_embeds=None, prompt_mask=None, config: SamplingConfig,
              insertion: ForcedInsertion | None = None, key: jax.Array | None = None,
              row_seeds=None) -> GenerationOutput:
-    """Decode a batch of right-padded prompts with `model` (a LlamaForCausalLM).
+    """Decode a batch of right-padded prompts with `model` (a LlamaForCausalLM, or its `nnx.split`
+    `(graphdef, state)`: a caller that decodes often splits once).
 
     The prompt is `input_ids [B, Tp]` or `inputs_embeds [B, Tp, D]`, with `prompt_mask [B, Tp]`
     (a prefix of at least one 1 per row; default all ones). `key` and `row_seeds [B]` (default `arange(B)`)

@@ -179,6 +179,7 @@ class InterleavedGenerator:
         self.scheduler = make_scheduler(settings.scheduler, scheduler_config)
         self.sampler = GuidedSampler(model.unet, model.vae)
         self._split = nnx.split(model)  # (graphdef, state) for the jitted splice and conditioning
+        self._llm_split = nnx.split(model.llm)  # and for the decode loop
         vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         size = settings.image_size or model.unet.config.sample_size * vae_factor
         self.latent_size = (size // vae_factor, size // vae_factor)
@@ -234,7 +235,7 @@ class InterleavedGenerator:
     def __call__(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None) -> list[Response]:
         """Generate a response for every prompt (text, then all images of the batch at once)."""
         key = jax.random.key(0) if key is None else key
-        out = generate(self.model.llm, **self._decode_args(prompts, key))
+        out = generate(self._llm_split, **self._decode_args(prompts, key))
         return self.finish(prompts, out, key)
 
     def stream(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None,
@@ -243,7 +244,7 @@ class InterleavedGenerator:
         key = jax.random.key(0) if key is None else key
         ids_so_far: list[list[int]] = [[] for _ in prompts]
         text_so_far = [""] * len(prompts)
-        for chunk in generate_stream(self.model.llm, **self._decode_args(prompts, key), chunk_steps=chunk_steps):
+        for chunk in generate_stream(self._llm_split, **self._decode_args(prompts, key), chunk_steps=chunk_steps):
             for row, ids in enumerate(chunk.new_ids):
                 if len(ids):
                     # the whole row decoded each time: a chunk decoded alone loses the space SentencePiece
