@@ -59,6 +59,7 @@ def run(cfg) -> int:
              d.per_device_batch_size, jax.device_count(), opt["grad_accum_steps"],
              global_batch * opt["grad_accum_steps"], opt["total_steps"])
 
+    pad_id = built.tokenizer.ids.pad_id
     train_ds = pipeline.make_dataset(train_samples, build.make_builder(cfg, built, per_process, train=True),
                                      seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
     eval_data = None
@@ -78,13 +79,13 @@ def run(cfg) -> int:
     if val_samples:  # whole batches only: a short one would not split over the devices
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
                                        seed=cfg.seed, shuffle=False, num_epochs=1)
-        eval_data = lambda: itertools.islice(iter(val_ds), cfg.val_batches)  # noqa: E731
+        eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
 
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config=cfg.to_dict())
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
-        result = trainer.fit(iter(train_ds), eval_data=eval_data, on_sample=on_sample)
+        result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample)
     finally:
         trainer.close()
     if result.preempted:

@@ -99,6 +99,36 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
 
 
+def test_a_dataset_where_nothing_builds_stops_instead_of_searching_forever(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline._Built.__init__, "__defaults__", (5,))
+    gone = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="gone",
+                  input_images=(str(tmp_path / "nope.jpg"),), output_image=None)
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=True)
+    with pytest.raises(DataError, match="5 examples in a row could not be built"):
+        next(iter(pipeline.make_dataset([gone], builder, num_epochs=None)))
+
+
+def test_hosts_stay_in_step():
+    """Two processes: host 0 picked bucket 8 for its two batches, host 1 bucket 16 for its only one. Both
+    get one batch, padded to 16 as collate pads, then both stop (host 0 alone would wait forever)."""
+    script = (
+        "import json, numpy as np\n"
+        "from mg5jax.data import pipeline\n"
+        "def batch(t):\n"
+        "    return {'input_ids': np.full((2, t), 7, np.int32), 'labels': np.full((2, t), 5, np.int32),\n"
+        "            'attention_mask': np.ones((2, t), np.int32), 'input_image_mask': np.ones((2, 3), bool)}\n"
+        "mine = [batch(8), batch(8)] if jax.process_index() == 0 else [batch(16)]\n"
+        "got = list(pipeline.host_batches(mine, pad_id=0))\n"
+        "print(json.dumps([{k: v[0].tolist() for k, v in b.items()} for b in got]))\n")
+    from _multiprocess import run_two_processes
+
+    host0, host1 = (json.loads(out.strip().splitlines()[-1]) for out in run_two_processes(script))
+    assert len(host0) == len(host1) == 1
+    assert host0[0] == {"input_ids": [7] * 8 + [0] * 8, "labels": [5] * 8 + [IGNORE_INDEX] * 8,
+                        "attention_mask": [1] * 8 + [0] * 8, "input_image_mask": [True] * 3}
+    assert host1[0]["input_ids"] == [7] * 16
+
+
 def test_unreadable_feature_file_skips_the_sample_naming_it(tokenizer, tmp_path, caplog):
     sample = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="feat_1",
                     input_images=(str(tmp_path / "img.png"),), output_image=None)

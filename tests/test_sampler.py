@@ -93,8 +93,8 @@ def test_no_guidance_runs_the_conditional_batch_only(pipes, inputs):
     ours = pipe(prompt_embeds=cond[1:], seed=1, num_inference_steps=STEPS, guidance_scale=1.0)
     ref = _diffusers(torch_pipe, "pndm", 1.0, latents[1:], prompt_embeds=cond[1:])
     _check(ours, ref, "guidance 1.0 (no CFG), seed 1")
-    compiled = sampler_lib._sampler_program._compiled  # keyed by ((unet, vae, scheduler, use_cfg, latent), …)
-    use_cfg = {static[3] for static, _ in compiled if static[2].name == "pndm" and static[4] == LATENT}
+    held = sampler_lib._sampler_program._by_id.values()  # (static (unet, vae, scheduler, use_cfg, latent), program)
+    use_cfg = {static[3] for static, _ in held if static[2].name == "pndm" and static[4] == LATENT}
     assert False in use_cfg
 
 

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
+from _multiprocess import run_two_processes
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.training.checkpoint import read_params, trained_params_dir
 from mg5jax.training.optimizer import OptimizerConfig
@@ -203,28 +204,13 @@ def test_params_saved_on_another_device_count_load(tmp_path):
 def test_every_host_keeps_its_own_data_position(tmp_path):
     """Two real JAX processes (gloo collectives on CPU) at different iterator positions: the checkpoint
     holds both, and each process gets its own back (orbax writes the JSON from the primary only)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     script = (
-        "import json, sys, jax\n"
-        "jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
-        f"jax.distributed.initialize(coordinator_address='localhost:{port}', num_processes=2, "
-        "process_id=int(sys.argv[1]))\n"
+        "import json\n"
         "from mg5jax.training import checkpoint as ck\n"
         "i = jax.process_index()\n"
         "stored = {'per_process': ck._every_process({'next_index': 4 + 2 * i, 'host': 'h' * (i + 1)})}\n"
         "print(json.dumps([stored, ck._this_process(stored, None)]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
-             for i in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out in run_two_processes(script)]
     both = {"0": {"json": {"next_index": 4, "host": "h"}}, "1": {"json": {"next_index": 6, "host": "hh"}}}
     assert all(stored == {"per_process": both} for stored, _ in results)
     assert [mine for _, mine in results] == [{"next_index": 4, "host": "h"}, {"next_index": 6, "host": "hh"}]

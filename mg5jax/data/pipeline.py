@@ -212,6 +212,83 @@ def collate(examples: Sequence[dict], spec: BatchSpec, pad_id: int) -> dict:
     return batch
 
 
+def pad_text(batch: dict, length: int, pad_id: int) -> dict:
+    """`batch` with its text arrays padded on the right to `length` tokens (as `collate` pads)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+    return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fills[k]) if k in fills else v
+            for k, v in batch.items()}
+
+
+class HostsInStep:
+    """The batches of one host's pipeline, kept in step with the other hosts of a multi-process run.
+
+    Each host picks its text bucket from its own rows, but a global array needs the same shape on every
+    host: every batch is padded to the longest bucket any host chose for that step. And when any host
+    runs out (an uneven validation split), iteration ends on every host, where the others would wait in
+    a collective forever. One small all-gather per batch; `get_state()`/`set_state()` are the pipeline's.
+    """
+
+    def __init__(self, dataset, pad_id: int):
+        self._it = iter(dataset)
+        self._pad_id = pad_id
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        from jax.experimental import multihost_utils
+
+        batch = next(self._it, None)
+        length = -1 if batch is None else batch["input_ids"].shape[1]
+        lengths = np.asarray(multihost_utils.process_allgather(np.int32(length)))
+        if (lengths < 0).any():
+            raise StopIteration
+        return pad_text(batch, int(lengths.max()), self._pad_id)
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state) -> None:
+        self._it.set_state(state)
+
+
+def host_batches(dataset, pad_id: int):
+    """An iterator over `dataset`'s batches for this host: `iter(dataset)`, kept in step with the other
+    hosts (`HostsInStep`) when JAX runs several processes."""
+    return HostsInStep(dataset, pad_id) if jax.process_count() > 1 else iter(dataset)
+
+
+UNBUILT = "unbuilt"  # what the pipeline carries for an example that could not be built (grain drops a None
+#                      before any filter sees it, and a sentinel object would not survive worker processes)
+
+
+class _Built:
+    """The filter after building: drops the examples that could not be built (each logged where it
+    failed), and stops the run once `limit` in a row fail, where a wrong path would have it search
+    forever for a buildable example."""
+
+    def __init__(self, limit: int = 1000):
+        self.limit = limit
+        self.failed_in_a_row = 0
+
+    def __call__(self, example) -> bool:
+        if example != UNBUILT:
+            self.failed_in_a_row = 0
+            return True
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= self.limit:
+            raise DataError(f"{self.limit} examples in a row could not be built (the warnings above say why): "
+                            "check the data and feature paths")
+        return False
+
+
+def _or_unbuilt(example: dict | None):
+    return UNBUILT if example is None else example
+
+
 def make_dataset(
     samples: Sequence[Sample],
     builder: ExampleBuilder,
@@ -237,12 +314,13 @@ def make_dataset(
         ds = ds.shuffle()  # before repeat: every epoch a permutation of its own (grain reseeds each one)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.random_map(lambda s, rng: builder(s, rng))  # augmentation drawn per global index, before the slice
+    # augmentation drawn per global index, before the slice
+    ds = ds.random_map(lambda s, rng: _or_unbuilt(builder(s, rng)))
     ds = ds[process_index::process_count]
     spec = builder.spec
     pad_id = builder.tokenizer.ids.pad_id
     return (
         ds.to_iter_dataset()
-        .filter(lambda e: e is not None)
+        .filter(_Built())
         .batch(spec.batch_size, drop_remainder=drop_remainder, batch_fn=lambda es: collate(es, spec, pad_id))
     )
