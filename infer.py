@@ -32,7 +32,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (de
 _STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
 _STAGE2 = flags.DEFINE_string("official_stage2", None, "Official stage2_*.ckpt on top of --official_stage1.")
 _OUT = flags.DEFINE_string("out", "outputs/stories", "Output directory.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the first prompt (prompt i uses seed + i unless it names one).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the first prompt (prompt i uses seed + i unless it names one); "
+                             "a response depends only on its prompt's seed and the settings.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
 _STREAM = flags.DEFINE_bool("stream", False, "Print text as it is generated.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Sampled tokens per response.")
@@ -53,6 +54,45 @@ def _require_images(images, where: str) -> None:
             raise FileNotFoundError(f"{where}: image file not found: {image}")
 
 
+def check_flags() -> None:
+    """Refuse flag combinations and values that would be ignored or fail late (before any model loads)."""
+    if _PROMPT.value is not None and _PROMPTS.value is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    if _IMAGE.value and _PROMPT.value is None:
+        raise ValueError("--image goes with --prompt")
+    if _STAGE2.value and not _STAGE1.value:
+        raise ValueError("--official_stage2 needs --official_stage1 (stage 2 has no fc or decoder queries)")
+    for name, path in (("--official_stage1", _STAGE1.value), ("--official_stage2", _STAGE2.value)):
+        if path and not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"{name}: file not found: {path}")
+    for flag in (_BATCH, _MAX_NEW, _MAX_IMAGES, _STEPS, _LIMIT):
+        if flag.value < 1:
+            raise ValueError(f"--{flag.name}={flag.value}: expected at least 1")
+    if pathlib.Path(_OUT.value).exists() and not pathlib.Path(_OUT.value).is_dir():
+        raise ValueError(f"--out {_OUT.value}: exists and is not a directory")
+
+
+def _read_rows(path: pathlib.Path) -> list:
+    """The rows of a .json list or a .jsonl file; a parse error names the file and line."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts {path}: not text ({e})") from e
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--prompts {path}, line {line_no}: not valid JSON ({e.msg})") from e
+    return rows
+
+
 def flag_prompts():
     """The prompts given by --prompt / --prompts (checked before any model loads), or None."""
     from mg5jax.generation.interleaved import Prompt
@@ -65,11 +105,7 @@ def flag_prompts():
         path = pathlib.Path(_PROMPTS.value)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts: file not found: {path}")
-        try:
-            text = path.read_text()
-            rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+        rows = _read_rows(path)
         if not isinstance(rows, list):
             raise ValueError(f"--prompts {path}: expected a list of prompts, got a {type(rows).__name__}")
         prompts = []
@@ -103,21 +139,19 @@ def config_prompts(cfg, tokenizer):
 
 
 def run(cfg) -> int:
-    import jax
-
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import write_outputs
 
+    check_flags()
     prompts = flag_prompts()
     build.enable_compile_cache()
     aot.preload("infer")  # the programs the last run used load while the weights do
-    built = build.build_model(cfg, train=False)
+    # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
+    built = build.build_model(cfg, train=False, init_from=not _STAGE1.value)
     if _STAGE1.value:
         import_official(built.model, _STAGE1.value, _STAGE2.value)
-    elif _STAGE2.value:
-        raise ValueError("--official_stage2 needs --official_stage1 (stage 2 has no fc or decoder queries)")
     else:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         build.load_trainable(built.model, run_dir, "--checkpoint" if _CHECKPOINT.value else "trainer.workdir")
@@ -125,6 +159,8 @@ def run(cfg) -> int:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
     if prompts is None:
         prompts = config_prompts(cfg, built.tokenizer)
+    if not prompts:
+        raise ValueError("no prompts to generate (an empty --prompts file, or no samples in data.val_path)")
     baseline = _SD_BASELINE.value and any(p.caption for p in prompts)
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
@@ -139,19 +175,18 @@ def run(cfg) -> int:
                                      sd_pipeline=build.sd_baseline_pipeline(cfg, built) if baseline else None)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
-    key = jax.random.key(_SEED.value)
     responses = []
     for start in range(0, len(prompts), _BATCH.value):
         batch = prompts[start : start + _BATCH.value]
         if _STREAM.value:
-            for item in generator.stream(batch, key=key):
+            for item in generator.stream(batch):
                 if isinstance(item, list):
                     responses.extend(item)
                 else:
                     row, text = item
                     print(f"[{start + row}] {text}", flush=True)
         else:
-            responses.extend(generator(batch, key=key))
+            responses.extend(generator(batch))
     index = write_outputs(responses, _OUT.value)
     for i, r in enumerate(responses):
         print(f"[{i}] {r.text}")

@@ -92,13 +92,14 @@ def scheduler_config(sd_path) -> dict:
     return read_json(pathlib.Path(sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
 
 
-def build_model(cfg, *, train: bool = True) -> Built:
+def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
 
     Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
-    in fp32. With `model.init_from` set, the trainable params of that run (`load_trainable`) or of the
-    released `stage1_cc3m.ckpt` (a `.ckpt` file: fc, queries, voken rows, mapper) are loaded. For
-    inference (`train=False`) no remat, no caption text encoder, and the voken rows in the frozen dtype.
+    in fp32. With `model.init_from` set (and `init_from`), the trainable params of that run
+    (`load_trainable`) or of the released `stage1_cc3m.ckpt` (a `.ckpt` file: fc, queries, voken rows,
+    mapper) are loaded. For inference (`train=False`) no remat, no caption text encoder, and the voken
+    rows in the frozen dtype.
     """
     m = cfg.model
     frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
@@ -149,13 +150,14 @@ def build_model(cfg, *, train: bool = True) -> Built:
                              bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision, cfg))
     model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
                      vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
-    if m.init_from and pathlib.Path(m.init_from).suffix == ".ckpt":  # the original's stage-2 start
-        from mg5jax.convert.minigpt5 import load_official
+    if init_from and m.init_from:
+        if pathlib.Path(m.init_from).suffix == ".ckpt":  # the original's stage-2 start
+            from mg5jax.convert.minigpt5 import load_official
 
-        load_official(model, _require_file(m.init_from, "model.init_from"), stage=1)
-        log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
-    elif m.init_from:
-        load_trainable(model, m.init_from)
+            load_official(model, _require_file(m.init_from, "model.init_from"), stage=1)
+            log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
+        else:
+            load_trainable(model, m.init_from)
     return Built(model, tokenizer, caption_tokenizer, num_new)
 
 

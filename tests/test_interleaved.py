@@ -19,7 +19,7 @@ from flax import nnx
 from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.generation.decode import ForcedInsertion, generate
-from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
+from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt, image_seed
 from mg5jax.generation.report import write_outputs
 from mg5jax.generation.sampling import SamplingConfig
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
@@ -178,7 +178,7 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
     assert np.abs(out[0].images[0].astype(int) - singles[1].images[0].astype(int)).max() <= 1
     # the same picture as the text-to-image pipeline gives for the caption from that noise
     latent = out[0].baseline.shape[0] // pipe.vae_scale_factor
-    noise = initial_latents(jax.random.fold_in(jax.random.key(0), 1), jnp.asarray([one.seed * SETTINGS.max_images]),
+    noise = initial_latents(jax.random.fold_in(jax.random.key(0), 1), jnp.asarray([image_seed(one.seed, 0)], jnp.uint32),
                             (4, latent, latent))
     want = pipe(prompt=[prompts[0].caption], latents=noise, num_inference_steps=SETTINGS.num_inference_steps,
                 guidance_scale=SETTINGS.guidance_scale)[0]
@@ -277,6 +277,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         "caption_list.jsonl": ('{"text": "a", "caption": ["a cat"]}', "entry 0: prompt caption must be a string"),
         "empty_reference.jsonl": ('{"text": "a", "reference_image": ""}', "entry 0: prompt reference_image must be"),
         "broken.json": ('[{"text": "a"', "not valid JSON"),
+        "broken_line.jsonl": ('{"text": "a"}\n\n{"text": ', ", line 3: not valid JSON"),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
@@ -286,3 +287,8 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith(f"infer.py: --prompts {path}") and message in last, last
         assert "loading" not in r.stderr  # failed before any weights were read
+    for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
+                           (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1")):
+        r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"infer.py: {message}", r.stderr[-500:]

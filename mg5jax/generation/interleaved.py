@@ -158,6 +158,12 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
                              pad_id=tokenizer.ids.pad_id)
 
 
+def image_seed(prompt_seed: int, j: int) -> int:
+    """The initial-noise seed of image j of a response: from its prompt's seed alone (not the batch, not
+    max_images)."""
+    return (prompt_seed * 0x9E3779B1 + j) % 2**32
+
+
 class InterleavedGenerator:
     """Generates text-and-image responses with a `MiniGPT5` model (its weights as they are when the
     generator is made: load checkpoints and quantize first)."""
@@ -268,12 +274,9 @@ class InterleavedGenerator:
         flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
         key = jax.random.fold_in(key, 1)
 
-        def seed(r, j):  # the initial noise of image j of row r
-            return (prompts[r].seed * k + j) % 2**32
-
         pixels = self._render(lambda x: _conditioning_program(*self._split, x),
                               np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
-                              [seed(r, j) for r, j in rows], key)
+                              [image_seed(prompts[r].seed, j) for r, j in rows], key)
         images = dict(zip(rows, pixels))
         baselines = {}
         if self.settings.sd_baseline:  # as the original's predict_step: when an image was made and a caption exists
@@ -282,7 +285,7 @@ class InterleavedGenerator:
                 encode = self.sd_pipeline.encode_prompt
                 pixels = self._render(lambda texts: (encode(list(texts)), encode([""] * len(texts))),
                                       np.asarray([prompts[r].caption for r in with_caption]),
-                                      [seed(r, 0) for r in with_caption], key)
+                                      [image_seed(prompts[r].seed, 0) for r in with_caption], key)
                 baselines = dict(zip(with_caption, pixels))
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
         positions = np.asarray(out.insertion_positions)
