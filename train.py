@@ -35,6 +35,9 @@ def run(cfg) -> int:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
     build.enable_compile_cache()
+    if "://" in str(cfg.trainer.workdir):
+        raise ValueError(f"trainer.workdir {cfg.trainer.workdir}: a URL; checkpoints go to a local or mounted "
+                         "directory (e.g. a gcsfuse mount of the bucket)")
     d = cfg.data
     rows = cfg.loss.group_rows
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
@@ -51,7 +54,9 @@ def run(cfg) -> int:
     opt = t["optimizer"]
     if opt["grad_accum_steps"] is None:
         opt["grad_accum_steps"] = max(1, d.effective_batch_size // global_batch)
-    if opt["total_steps"] is None:
+    if opt["total_steps"] is None and t["num_steps"]:  # the schedule ends where the run does
+        opt["total_steps"] = max(1, t["num_steps"] // opt["grad_accum_steps"])
+    elif opt["total_steps"] is None:
         per_epoch = build.steps_per_epoch(len(train_samples), global_batch)
         opt["total_steps"] = max(1, cfg.num_epochs * per_epoch // opt["grad_accum_steps"])
     trainer_cfg = TrainerConfig.from_dict(t)
@@ -82,7 +87,9 @@ def run(cfg) -> int:
         eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
 
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
-    trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config=cfg.to_dict())
+    schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],
+                "total_steps": opt["total_steps"]}
+    trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
         result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample)

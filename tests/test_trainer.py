@@ -99,6 +99,23 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
     second.close()
 
 
+def test_resume_with_another_batch_schedule_is_refused(tmp_path, initial_state):
+    """Say a run saved at step 2 on 8 devices resumes on 4 with twice the accumulation: its step 2 would
+    mean other batches and learning rates, so it stops, naming both schedules."""
+    def trainer(schedule):
+        cfg = TrainerConfig(workdir=str(tmp_path), optimizer=OPT, mesh=MeshConfig(data=2, fsdp=4), save_every=2)
+        return Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()},
+                       run_config={"schedule": schedule})
+
+    first = trainer({"global_batch": 8, "grad_accum_steps": 1, "total_steps": 4})
+    first.fit(ToyIterator(), num_steps=2)
+    first.close()
+    second = trainer({"global_batch": 4, "grad_accum_steps": 2, "total_steps": 4})
+    with pytest.raises(ValueError, match=r"step 2 was trained with \{'global_batch': 8.*this run has \{'global_batch': 4"):
+        second.fit(ToyIterator(), num_steps=4)
+    second.close()
+
+
 def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_path, initial_state):
     trainer = make_trainer(initial_state, tmp_path, save_every=2)
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*loss.* at step 5 .*last good checkpoint is step 4"):

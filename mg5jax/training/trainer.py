@@ -126,7 +126,9 @@ class Trainer:
     """Owns mesh, sharded model state, optimizer, jitted steps and checkpoints for one run.
 
     `model` is placed on the mesh in place; read the current weights through `trainer.model`
-    (the step donates the trainable arrays, so other references to them go stale).
+    (the step donates the trainable arrays, so other references to them go stale). `run_config` is
+    stored with every checkpoint; a resume with a different one is logged, and one whose "schedule"
+    entry (what a step means: global batch, accumulation, total updates) differs is refused.
     """
 
     def __init__(self, model: nnx.Module, cfg: TrainerConfig, *,
@@ -280,7 +282,13 @@ class Trainer:
             if restored.data_state is None:
                 raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
             data_iter.set_state(restored.data_state)
-        if restored.config is not None and restored.config != json.loads(json.dumps(self._run_config)):
+        now = json.loads(json.dumps(self._run_config))
+        if restored.config is not None and restored.config != now:
+            saved_schedule, schedule = restored.config.get("schedule"), now.get("schedule")
+            if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
+                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, this "
+                                 f"run has {schedule}: its steps would mean other batches and learning rates. "
+                                 "Resume with the same devices and batch settings, or use a new trainer.workdir")
             log.warning("resuming step %d with a config that differs from the checkpoint's", step)
         self.step = self._last_saved = step
         log.info("resumed from step %d", step)
