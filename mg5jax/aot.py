@@ -48,6 +48,8 @@ FORMAT = "mg5jax-program-2"
 MAX_BYTES = 4 << 30  # stored programs beyond this total are removed, least recently used first
 _PACKAGES = ("jax", "jaxlib", "flax", "optax")
 MAX_PRELOAD = 32  # programs a preload list holds (first used first)
+_UMASK = os.umask(0o022)  # read (and restored) once, at import: setting it is process-wide
+os.umask(_UMASK)
 
 
 @functools.cache
@@ -264,18 +266,26 @@ class Program:
         except Exception as e:  # e.g. closed-over constants: the program stays in memory only
             log.debug("%s: not kept on disk (%s: %s)", self.name, type(e).__name__, e)
             return
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+            _write_atomically(path, data)
             _evict(path.parent, keep=path)
         except OSError as e:  # a read-only or full store: the program stays in memory only
             log.warning("%s: cannot store the compiled program in %s (%s)", self.name, path.parent, e)
-            if tmp is not None:
-                pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """Write through a unique temporary file renamed into place (a reader sees the old file or the whole
+    new one), readable by others as a plain file would be (umask), for a cache shared between users."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read(path: pathlib.Path, in_tree=None) -> jax.stages.Compiled:
@@ -366,10 +376,7 @@ def _used(path: pathlib.Path) -> None:
         names.append(path.name)
         text = json.dumps({"environment": _RECORD["environment"], "programs": names})
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{listing.name}.", suffix=".tmp", dir=listing.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, listing)
+        _write_atomically(listing, text.encode())
     except OSError as e:
         log.debug("cannot write the preload list %s (%s)", listing, e)
 
