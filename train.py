@@ -54,6 +54,7 @@ def run(cfg) -> int:
     opt = t["optimizer"]
     if opt["grad_accum_steps"] is None:
         opt["grad_accum_steps"] = max(1, d.effective_batch_size // global_batch)
+    t["eval_every"] = build.eval_every(cfg, len(train_samples), global_batch)
     if opt["total_steps"] is None and t["num_steps"]:  # the schedule ends where the run does
         opt["total_steps"] = max(1, t["num_steps"] // opt["grad_accum_steps"])
     elif opt["total_steps"] is None:

@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.optimizer.grad_accum_steps = ml_collections.config_dict.placeholder(int)  # None = derived
     c.trainer.optimizer.trainable = ()  # ordered (regex over param paths, lr multiplier | None)
     c.num_epochs = 2  # passes over the training data when num_steps is None
-    c.val_batches = 8  # batches per validation pass
+    c.evals_per_epoch = ml_collections.config_dict.placeholder(int)  # set: trainer.eval_every from the data
+    c.val_batches = ml_collections.FieldReference(8, field_type=int)  # batches per validation pass; None = all
     c.sample_prompts = 2  # validation prompts generated every trainer.sample_every steps
     return c

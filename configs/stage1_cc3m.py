@@ -16,7 +16,8 @@ def get_config():
     c.model.vision.kind = "none"  # no <ImageHere> in CC3M: the ViT is never needed
     c.loss.caption_weight = 0.1  # CC3M samples all have captions
     c.trainer.workdir = "runs/stage1_cc3m"
-    c.trainer.eval_every = 2000  # the original validates 4× per epoch
+    c.evals_per_epoch = 4  # as the original's val_check_interval = 0.25
+    c.val_batches = None  # the whole validation set, as the original
     c.trainer.optimizer.trainable = (
         (r"llm\.model\.embed_tokens\..*", 1.0),  # only the 9 new rows move (update mask)
         (r"llm\.lm_head\..*", 1.0),

@@ -16,7 +16,8 @@ def get_config():
     c.model.init_from = "runs/stage1_cc3m"  # stage-1 run (or stage1_cc3m.ckpt): voken rows, fc, mapper, queries
     c.loss.caption_weight = 0.0  # VIST samples have no caption
     c.trainer.workdir = "runs/stage2_vist"
-    c.trainer.eval_every = 1000  # the original validates 2× per epoch
+    c.evals_per_epoch = 2  # as the original's val_check_interval = 0.5
+    c.val_batches = None  # the whole validation set, as the original
     c.trainer.optimizer.trainable = (
         (r"llm\..*\.lora_[ab]", 1.0),  # LoRA adapters
         (r"llm\.model\.embed_tokens\..*", 1.0),  # only the 9 new rows move (update mask)

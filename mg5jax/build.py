@@ -381,3 +381,11 @@ def make_builder(cfg, built: Built, batch_size: int, *, train: bool) -> pipeline
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return max(1, math.floor(num_samples / global_batch))
+
+
+def eval_every(cfg, num_samples: int, global_batch: int) -> int:
+    """Micro-steps between validations: `evals_per_epoch` times per epoch when set (the original's
+    val_check_interval), else `trainer.eval_every`."""
+    if cfg.evals_per_epoch:
+        return max(1, steps_per_epoch(num_samples, global_batch) // cfg.evals_per_epoch)
+    return cfg.trainer.eval_every

@@ -225,6 +225,15 @@ def test_stage1_samples_show_the_sd_baseline_of_the_caption(demo_root, tmp_path,
     assert kw["sd_pipeline"].unet is built.model.unet
 
 
+def test_stage_configs_validate_as_often_per_epoch_as_the_original():
+    from configs import demo, stage1_cc3m, stage2_vist
+
+    assert build.eval_every(stage1_cc3m.get_config(), 48 * 100 + 7, 48) == 25  # val_check_interval 0.25
+    assert build.eval_every(stage2_vist.get_config(), 48 * 100, 48) == 50  # 0.5
+    assert build.eval_every(demo.get_config(), 48 * 100, 48) == 150  # its own trainer.eval_every
+    assert stage1_cc3m.get_config().val_batches is None  # the whole validation set
+
+
 def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.trainer.no_such_field=3")
     assert r.returncode != 0 and "no_such_field" in r.stderr
