@@ -125,3 +125,22 @@ def test_gradient_accumulation_applies_the_mean_every_k(toy_init):
     direct = run(1, [{k: (g1[k] + g2[k]) / 2 for k in g1}, {k: (g3[k] + g4[k]) / 2 for k in g3}])
     for k in accumulated:
         np.testing.assert_allclose(accumulated[k], direct[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_masked_gradients_count_toward_no_clipping_norm(toy_init):
+    """A huge gradient on embedding rows that never move must not shrink the real updates by clipping."""
+    rng = np.random.default_rng(2)
+    shapes = {k: v.shape for k, v in flat(toy_init).items() if not k.startswith("backbone")}
+    grads = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    loud = dict(grads, embed=grads["embed"] + 1e4 * (1 - voken_row_mask()))  # only on the masked rows
+
+    def step(g):
+        cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=4, grad_clip_norm=1.0, trainable=RULES)
+        model = fresh_model(toy_init)
+        tx, wrt = build_optimizer(model, cfg, update_masks={"embed": voken_row_mask()})
+        nnx.Optimizer(model, tx, wrt=wrt).update(model, grads_like(nnx.state(model, wrt), g))
+        return flat(nnx.state(model, wrt))
+
+    quiet, noisy = step(grads), step(loud)
+    for k in quiet:
+        np.testing.assert_allclose(noisy[k], quiet[k], rtol=1e-6, atol=1e-7, err_msg=k)

@@ -186,9 +186,9 @@ def build_optimizer(
 ) -> tuple[optax.GradientTransformation, TrainableFilter]:
     """The AdamW transformation for `model`'s trainable params and the filter selecting them.
 
-    `update_masks` multiply the *final* updates (after weight decay and the lr), so a masked entry
-    (e.g. an embedding row that is not a voken) never moves. Use with
-    `nnx.Optimizer(model, tx, wrt=filter)`.
+    `update_masks` multiply the gradients before anything else (a masked entry, e.g. an embedding row
+    that is not a voken, counts toward no clipping norm) and the *final* updates (after weight decay
+    and the lr), so it never moves. Use with `nnx.Optimizer(model, tx, wrt=filter)`.
     """
     labels = resolve_trainable(model, cfg.trainable)
     multipliers = tuple((p, m) for p, m in labels.items() if m is not None)
@@ -199,6 +199,7 @@ def build_optimizer(
     masks = _resolve_masks(update_masks, nnx.state(model, wrt))
     schedule = linear_warmup_decay(cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
     tx = optax.chain(
+        _scale_by_path(masks),
         optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity(),
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay),
