@@ -24,10 +24,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import json
 import hashlib
 import importlib.metadata
 import inspect
+import json
 import logging
 import os
 import pathlib
