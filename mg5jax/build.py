@@ -110,6 +110,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
 
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
+                                           residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
                                            remat=bool(m.remat_llm and train))
     num_new = m.num_vokens + 1
     # trainable rows in fp32; for inference the whole matrices are frozen like the rest

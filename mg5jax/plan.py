@@ -187,6 +187,7 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
     def build() -> MiniGPT5:
         rngs = abstract_rngs(cfg.seed)
         llm = LlamaForCausalLM(sizes.llm, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
+                               residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
                                remat=m.remat_llm if train else False, rngs=rngs)
         add_voken_rows(llm, num_new, vocab_size=vocab, param_dtype=jnp.float32 if train else frozen)
         if m.lora.enabled:

@@ -297,10 +297,15 @@ def test_bf16_compute_keeps_the_residual_stream_in_fp32(llama_gqa):
     """As under the original's autocast, where the fp32 embed_tokens output plus bf16 block outputs
     promote to fp32: with every block's output projections zeroed, the final norm sees the fp32
     embeddings themselves, not their bf16 rounding."""
-    model = LlamaForCausalLM.from_pretrained(llama_gqa.path, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    for layer in model.model.layers:
-        layer.self_attn.o_proj.kernel[...] = 0.0
-        layer.mlp.down_proj.kernel[...] = 0.0
+    def zero_blocks(residual_dtype):
+        model = LlamaForCausalLM.from_pretrained(llama_gqa.path, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                                 residual_dtype=residual_dtype)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.kernel[...] = 0.0
+            layer.mlp.down_proj.kernel[...] = 0.0
+        return model
+
+    model = zero_blocks(jnp.float32)  # the default
     ids = jnp.asarray(np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 7)), jnp.int32)
     embeds = model.embed(ids)
     chex.assert_type(embeds, jnp.float32)
@@ -308,5 +313,6 @@ def test_bf16_compute_keeps_the_residual_stream_in_fp32(llama_gqa):
     chex.assert_type(out.hidden_states, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(out.hidden_states, np.float32),
                                   np.asarray(model.model.norm(embeds), np.float32))
-    rounded = model.model.norm(embeds.astype(jnp.bfloat16))  # what a bf16 stream would give
-    assert not np.array_equal(np.asarray(rounded, np.float32), np.asarray(out.hidden_states, np.float32))
+    rounded = np.asarray(model.model.norm(embeds.astype(jnp.bfloat16)), np.float32)  # a bf16 stream's result
+    assert not np.array_equal(rounded, np.asarray(out.hidden_states, np.float32))
+    np.testing.assert_array_equal(np.asarray(zero_blocks(jnp.bfloat16)(ids).hidden_states, np.float32), rounded)

@@ -44,7 +44,6 @@ from flax import nnx
 from mg5jax import aot
 from mg5jax.generation import sampling
 from mg5jax.generation.sampling import SamplingConfig
-from mg5jax.models.llama import RESIDUAL_DTYPE
 
 NO_LIMIT = np.iinfo(np.int32).max
 
@@ -213,7 +212,7 @@ def _start(graphdef, cfg: SamplingConfig, insertion: ForcedInsertion | None, par
     cache_len = tp + cfg.max_new_tokens + m * _forced_count(insertion)
     rows = jnp.arange(b)
     prompt_len = prompt_mask.sum(axis=1).astype(jnp.int32)
-    embeds = (model.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(RESIDUAL_DTYPE)
+    embeds = (model.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(model.residual_dtype)
     positions = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
     out = model(inputs_embeds=embeds, attention_mask=prompt_mask & (positions < prompt_len[:, None] - 1),
                 position_ids=positions, cache=model.init_cache(b, cache_len))

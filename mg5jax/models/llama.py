@@ -147,9 +147,6 @@ class LlamaConfig:
         return d
 
 
-RESIDUAL_DTYPE = jnp.float32  # the dtype of the stream the decoder blocks add into
-
-
 @flax.struct.dataclass
 class KVCache:
     """Keys/values of every layer by slot; slot index == position id.
@@ -287,8 +284,8 @@ def _remat_policy(remat: bool | str):
 class LlamaModel(nnx.Module):
     """Embedding, decoder stack and final RMSNorm (HF `LlamaModel`)."""
 
-    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attn_impl, rngs: nnx.Rngs):
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=RESIDUAL_DTYPE, param_dtype=param_dtype,
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, residual_dtype, attn_impl, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=residual_dtype, param_dtype=param_dtype,
                                       embedding_metadata={"out_sharding": ("vocab", "embed")}, rngs=rngs)
         self.layers = nnx.List([
             LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
@@ -300,29 +297,33 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     """HF-compatible LLaMA causal LM.
 
-    `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of the weights. The
-    residual stream (embeddings and the sums between blocks) stays in fp32 (`RESIDUAL_DTYPE`), as in the
-    original: its fp32 embed_tokens output plus bf16 block outputs promote to fp32 under autocast.
+    `dtype` is the activation/matmul dtype, `param_dtype` the storage dtype of the weights,
+    `residual_dtype` that of the residual stream (embeddings and the sums between blocks): fp32 by
+    default, as in the original, whose fp32 embed_tokens output plus bf16 block outputs promote to fp32
+    under autocast (bf16 halves the activations a remat checkpoint keeps).
     `attn_impl` picks `layers.attention`'s implementation; `remat` wraps every decoder layer in
     `nnx.remat` (True, or a `jax.checkpoint_policies` name).
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attn_impl: layers.AttentionImpl = "reference", remat: bool | str = False, rngs: nnx.Rngs):
+                 residual_dtype=jnp.float32, attn_impl: layers.AttentionImpl = "reference",
+                 remat: bool | str = False, rngs: nnx.Rngs):
         if attn_impl not in ("reference", "fused"):
             raise ValueError(f"attn_impl={attn_impl!r}: expected 'reference' or 'fused'")
         self.config = config
         self.dtype = dtype
+        self.residual_dtype = residual_dtype
         if remat:
             _remat_policy(remat)
         self.remat = remat
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, residual_dtype=residual_dtype,
+                                attn_impl=attn_impl, rngs=rngs)
         self.lm_head = None if config.tie_word_embeddings else layers.linear(
             config.hidden_size, config.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Input embeddings `[B, T] -> [B, T, D]` fp32 (to splice image embeddings into)."""
+        """Input embeddings `[B, T] -> [B, T, D]` in `residual_dtype` (to splice image embeddings into)."""
         return self.model.embed_tokens(input_ids)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -346,7 +347,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
-        x = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(RESIDUAL_DTYPE)
+        x = (self.embed(input_ids) if inputs_embeds is None else inputs_embeds).astype(self.residual_dtype)
         b, t, _ = x.shape
         real = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         steps = jnp.arange(t)
@@ -384,6 +385,7 @@ class LlamaForCausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.bfloat16,
+                        residual_dtype=jnp.float32,
                         mesh: jax.sharding.Mesh | None = None, rules=parallel.DEFAULT_RULES,
                         attn_impl: layers.AttentionImpl = "reference", remat: bool | str = False
                         ) -> LlamaForCausalLM:
@@ -392,7 +394,8 @@ class LlamaForCausalLM(nnx.Module):
         on `mesh` when given."""
         config = LlamaConfig.from_json(path)
         graphdef, abstract = km.abstract_model(lambda: cls(
-            config, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, remat=remat, rngs=nnx.Rngs(0)))
+            config, dtype=dtype, param_dtype=param_dtype, residual_dtype=residual_dtype, attn_impl=attn_impl,
+            remat=remat, rngs=nnx.Rngs(0)))
         state = km.load_params(abstract, open_weights(path), convert_llama.keymap(config.tie_word_embeddings),
                                mesh=mesh, rules=rules, what=f"LLaMA {path}")
         return km.materialize(graphdef, state)
