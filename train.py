@@ -117,10 +117,11 @@ def main(argv) -> None:
         sys.exit("train.py: --config is required, e.g. --config configs/stage2_vist.py")
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data.datasets import DataError
+    from mg5jax.training.trainer import NonFiniteLossError
 
     try:
         sys.exit(run(cfg))
-    except (FileNotFoundError, CheckpointError, DataError, ValueError) as e:
+    except (FileNotFoundError, CheckpointError, DataError, ValueError, NonFiniteLossError) as e:
         sys.exit(f"train.py: {e}")
 
 

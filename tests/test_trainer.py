@@ -83,6 +83,8 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
     first = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
     first.fit(ToyIterator(), num_steps=3)
     first.close()  # the "killed" process: nothing but its checkpoint survives
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # and what it logged after the checkpoint
+        f.write(json.dumps({"step": 4, "split": "train", "loss": 1.0}) + '\n{"step": 5, "spl')
     data = ToyIterator()
     second = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
     result = second.fit(data, num_steps=6)

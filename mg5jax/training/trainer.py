@@ -103,13 +103,29 @@ def _shardings(state: nnx.State) -> nnx.State:
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-class _MetricsLog:
-    """Appends one JSON object per line to `path`, from process 0 only (the loss terms are global means)."""
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line a crash left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
-    def __init__(self, path: pathlib.Path):
+
+class _MetricsLog:
+    """Appends one JSON object per line to `path`, from process 0 only (the loss terms are global means).
+    Records of steps after `step` (written before a crash, past the checkpoint resumed from) and
+    half-written lines are dropped first, so a resumed run logs each step once."""
+
+    def __init__(self, path: pathlib.Path, step: int):
         self._file = None
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_file():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if _logged_step(line) <= step]
+                if len(kept) < len(lines):
+                    log.info("metrics.jsonl: dropped %d records after step %d", len(lines) - len(kept), step)
+                    path.write_text("".join(kept))
             self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
@@ -315,7 +331,7 @@ class Trainer:
         cfg = self.cfg
         self._stop_signal = None
         total = num_steps or cfg.num_steps or cfg.optimizer.total_steps * cfg.optimizer.grad_accum_steps
-        metrics = _MetricsLog(self.workdir / "metrics.jsonl")
+        metrics = _MetricsLog(self.workdir / "metrics.jsonl", self.step)
         previous_handler = self._install_sigterm()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window: list[dict[str, float]] = []
