@@ -142,7 +142,7 @@ def run(cfg) -> int:
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
-    from mg5jax.generation.report import write_outputs
+    from mg5jax.generation.report import ReportWriter
 
     check_flags()
     prompts = flag_prompts()
@@ -175,22 +175,25 @@ def run(cfg) -> int:
                                      sd_pipeline=build.sd_baseline_pipeline(cfg, built) if baseline else None)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
+    report = ReportWriter(_OUT.value)  # written batch by batch: a later failure loses nothing before it
     responses = []
     for start in range(0, len(prompts), _BATCH.value):
         batch = prompts[start : start + _BATCH.value]
         if _STREAM.value:
+            done = []
             for item in generator.stream(batch):
                 if isinstance(item, list):
-                    responses.extend(item)
+                    done = item
                 else:
                     row, text = item
                     print(f"[{start + row}] {text}", flush=True)
         else:
-            responses.extend(generator(batch))
-    index = write_outputs(responses, _OUT.value)
+            done = generator(batch)
+        report.add(done)
+        responses.extend(done)
     for i, r in enumerate(responses):
         print(f"[{i}] {r.text}")
-    print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {index}")
+    print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {report.index}")
     return 0
 
 

@@ -20,7 +20,7 @@ from mg5jax.data.tokenization import IGNORE_INDEX, MiniGPT5Tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.generation.decode import ForcedInsertion, generate
 from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt, image_seed
-from mg5jax.generation.report import write_outputs
+from mg5jax.generation.report import ReportWriter, write_outputs
 from mg5jax.generation.sampling import SamplingConfig
 from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
 from mg5jax.models.mapper import MapperConfig, VokenMapper
@@ -136,6 +136,13 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     assert record["images"] == ["image_1.png", "image_2.png"] and record["text"] == batch[2].text
     assert record["sd_baseline"] is None and 'class="reference"' not in html
     _check_renders(index, 3)
+    # batch by batch into the same folder: folder 001 now holds the image-less response, no stale image
+    report = ReportWriter(tmp_path / "out")
+    report.add([batch[1]])
+    report.add([batch[0]])
+    assert [p.name for p in (tmp_path / "out" / "000").glob("image_*.png")] == ["image_1.png"]
+    assert not list((tmp_path / "out" / "001").glob("image_*.png"))
+    assert report.index.read_text().count("<article") == 2
 
 
 def test_streamed_text_is_the_response_text(parts, story_model):

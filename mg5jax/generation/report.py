@@ -38,14 +38,36 @@ def _figure(src: str, caption: str, kind: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5") -> pathlib.Path:
-    """Write every response under `out_dir/NNN/` and the `index.html` that shows them; returns its path."""
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    articles = []
-    for n, r in enumerate(responses):
-        d = out / f"{n:03d}"
+class ReportWriter:
+    """Writes responses under `out_dir/NNN/` as they come (`add`), rewriting `index.html` after each
+    addition: what is written survives an error in a later batch."""
+
+    def __init__(self, out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5"):
+        self.out = pathlib.Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.articles: list[str] = []
+
+    @property
+    def index(self) -> pathlib.Path:
+        return self.out / "index.html"
+
+    def add(self, responses: Sequence[Response]) -> pathlib.Path:
+        """Write these responses after the ones added before; returns the index path."""
+        for r in responses:
+            self.articles.append(self._write(r, len(self.articles)))
+        self.index.write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(self.articles)}"
+            "</body></html>", encoding="utf-8")
+        return self.index
+
+    def _write(self, r: Response, n: int) -> str:
+        """Response `n`'s folder (images, record.json, no files of an earlier run); returns its article."""
+        d = self.out / f"{n:03d}"
         d.mkdir(exist_ok=True)
+        for old in [*d.glob("input_*.png"), *d.glob("image_*.png"), d / "reference.png", d / "sd_baseline.png"]:
+            old.unlink(missing_ok=True)
         inputs = []
         for k, path in enumerate(r.prompt.images):
             name = f"input_{k + 1}.png"
@@ -82,11 +104,11 @@ def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *,
         if compare_html:
             caption = f"<p>caption: {html.escape(r.prompt.caption)}</p>" if r.prompt.caption else ""
             compare_html = f'<div class="compare"><h2>for comparison</h2>{caption}{compare_html}</div>'
-        articles.append(f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
-                        f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
-                        f'<div class="response">{response_html}</div>{compare_html}</article>')
-    index = out / "index.html"
-    index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                     f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(articles)}"
-                     "</body></html>", encoding="utf-8")
-    return index
+        return (f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
+                f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
+                f'<div class="response">{response_html}</div>{compare_html}</article>')
+
+
+def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5") -> pathlib.Path:
+    """Write every response under `out_dir/NNN/` and the `index.html` that shows them; returns its path."""
+    return ReportWriter(out_dir, title=title).add(responses)
