@@ -252,7 +252,7 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`; `x` and the sums in fp32."""
+    """Pre-norm block: `h = x + attn(norm(x)); out = h + mlp(norm(h))`; the sums in `x`'s (the residual) dtype."""
 
     def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attn_impl, rngs: nnx.Rngs):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -376,8 +376,8 @@ class LlamaForCausalLM(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         hidden = self.model.norm(x)
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden)
+        if self.lm_head is None:  # tied: the embedding matrix in the compute dtype (its lookups give the residual's)
+            logits = jnp.dot(hidden, self.model.embed_tokens.embedding[...].astype(self.dtype).T)
         else:
             logits = self.lm_head(hidden)
         new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid)
