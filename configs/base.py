@@ -71,8 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True  # the original does not shuffle; set False to reproduce its order
     c.data.strict = False  # True: a bad row or image is an error instead of a logged skip
     c.data.fix_img7_mask = False  # True: also mask [IMG7] from the text loss (the original supervises it)
-    c.data.input_features_dir = ""  # precomputed [32, D_llm] .npy per input image (skips the ViT)
-    c.data.output_moments_dir = ""  # precomputed VAE moments [8, 64, 64] .npy per target image
+    c.data.input_features_dir = ""  # precomputed [32, D_llm] .npy per input image (skips the ViT;
+    #                                 python -m mg5jax.encode_images --blip2-dir …)
+    c.data.output_moments_dir = ""  # precomputed VAE moments [8, 64, 64] .npy per target image (skips the
+    #                                 VAE encoder; python -m mg5jax.encode_images --vae …)
 
     # --- the loop ----------------------------------------------------------------------------------
     c.trainer = ml_collections.ConfigDict()

@@ -1,19 +1,31 @@
-"""Precompute input-image features: every image of a folder -> `<out>/<stem>.npy`, float32 `[Q, D_llm]`
-(the post-llama_proj Q-Former output that MiniGPT-5 splices in place of `<ImageHere>`).
+"""Precompute what training reads from image folders, so a run can skip the frozen encoders:
+every image of a folder -> `<out>/<stem>.npy`, float32.
 
-    python -m mg5jax.encode_images --lavis-vit eva_vit_g.pth --lavis-qformer blip2_pretrained_flant5xxl.pth \\
-        --minigpt4 prerained_minigpt4_7b.pth --images DIR --out DIR [--batch-size 16] [--dtype bfloat16]
-    python -m mg5jax.encode_images --blip2-dir BLIP2_DIR [--minigpt4 CKPT] --images DIR --out DIR
+* input features `[Q, D_llm]` (the post-llama_proj Q-Former output that MiniGPT-5 splices in place of
+  `<ImageHere>`; `data.input_features_dir`), from the ViT + Q-Former:
 
-Images get the test-time input transform (resize, centre crop, CLIP normalise; no flip). Files already
-written are skipped, so an interrupted run resumes. `<out>/sources.json` records the image each
-`<stem>.npy` came from: a second folder whose stems collide with the first is refused, and training
-checks that a sample's image is the one its features were computed from.
+      python -m mg5jax.encode_images --lavis-vit eva_vit_g.pth --lavis-qformer blip2_pretrained_flant5xxl.pth \\
+          --minigpt4 prerained_minigpt4_7b.pth --images DIR --out DIR [--batch-size 16] [--dtype bfloat16]
+      python -m mg5jax.encode_images --blip2-dir BLIP2_DIR [--minigpt4 CKPT] --images DIR --out DIR
+
+* output VAE moments `[2C, S/8, S/8]` (mean ‖ logvar after quant_conv, `[8, 64, 64]` for SD at 512;
+  `data.output_moments_dir`), from Stable Diffusion's VAE:
+
+      python -m mg5jax.encode_images --vae SD_DIR [--size 512] --images DIR --out DIR
+
+Input images get the test-time input transform (resize, centre crop, CLIP normalise); target images
+the output transform at `--size` (white square padding, resize, centre crop, scaled to [-1, 1], as the
+online path feeds the VAE; the original's preprocessing script stored moments of [0, 1] images, a bug).
+Neither is flipped, so training on stored moments has no flip augmentation of the target (as the
+original's). Files already written are skipped, so an interrupted run resumes. `<out>/sources.json`
+records the image each `<stem>.npy` came from: a second folder whose stems collide with the first is
+refused, and training checks that a sample's image is the one its file was computed from.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -28,8 +40,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from mg5jax.convert.sources import CheckpointError
-from mg5jax.data.images import ImageLoadError, input_image_transform, load_image
+from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
 from mg5jax.data.pipeline import FEATURE_SOURCES, read_feature_sources
+from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -52,15 +65,42 @@ def list_images(image_dir: str | os.PathLike) -> list[pathlib.Path]:
     return images
 
 
-def batched_encoder(encoder: VisionEncoder) -> Callable[[np.ndarray], jax.Array]:
-    """A jitted `pixels [B, 3, H, W] -> float32 [B, Q, D_llm]` (one compile per batch shape)."""
-    graphdef, state = nnx.split(encoder)
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+    """How a folder's images become arrays: `pixels` reads one image file as float32 `[3, size, size]`,
+    `encode` is a jitted `[B, 3, size, size] -> float32 [B, ...]` (one compile per batch size)."""
+
+    what: str  # progress-bar label
+    size: int
+    pixels: Callable[[pathlib.Path], np.ndarray]
+    encode: Callable[[np.ndarray], jax.Array]
+
+
+def _jitted(module: nnx.Module, fn: Callable[[nnx.Module, jax.Array], jax.Array]) -> Callable[[np.ndarray], jax.Array]:
+    graphdef, state = nnx.split(module)
 
     @jax.jit
     def encode(state, pixels):
-        return nnx.merge(graphdef, state)(pixels).astype(jnp.float32)
+        return fn(nnx.merge(graphdef, state), pixels).astype(jnp.float32)
 
     return lambda pixels: encode(state, pixels)
+
+
+def input_features(encoder: VisionEncoder) -> Encoding:
+    """Input images -> `[Q, D_llm]` LLM-input features (ViT + Q-Former + llama_proj)."""
+    size = encoder.config.vision.image_size
+    return Encoding("input features", size, lambda path: input_image_transform(load_image(path), size=size),
+                    _jitted(encoder, lambda m, x: m(x)))
+
+
+def output_moments(vae: AutoencoderKL, size: int = 512) -> Encoding:
+    """Target images at `size` -> VAE moments `[2C, size/f, size/f]` (mean ‖ logvar, what
+    `DiagonalGaussian.from_moments` takes)."""
+    factor = vae.config.downsample_factor
+    if size < factor or size % factor:
+        raise ValueError(f"--size {size}: expected a positive multiple of the VAE's downsample factor {factor}")
+    return Encoding("VAE moments", size, lambda path: output_image_transform(load_image(path), size=size),
+                    _jitted(vae, lambda m, x: m.encode(x).moments))
 
 
 def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
@@ -87,9 +127,10 @@ def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.P
         os.replace(tmp, target)
 
 
-def encode_folder(encoder: VisionEncoder, image_dir: str | os.PathLike, out_dir: str | os.PathLike,
+def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   batch_size: int = 16, *, progress: bool = True) -> list[pathlib.Path]:
-    """Encode every image in `image_dir` not yet in `out_dir`; returns the images encoded.
+    """Encode every image in `image_dir` not yet in `out_dir` (`input_features(...)` or
+    `output_moments(...)`); returns the images encoded.
 
     Batches have the static size `batch_size` (the last one is zero-padded), so one compile serves the
     whole folder; decoding the next batch overlaps with the device computing the current one.
@@ -102,17 +143,16 @@ def encode_folder(encoder: VisionEncoder, image_dir: str | os.PathLike, out_dir:
     _record_sources(out, images)
     todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
     log.info("%d images in %s, %d already encoded", len(images), image_dir, len(images) - len(todo))
-    size = encoder.config.vision.image_size
-    encode = batched_encoder(encoder)
+    size = encoding.size
     pending: tuple[list[pathlib.Path], jax.Array] | None = None
-    with tqdm(total=len(todo), desc="encoding images", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(todo), desc=f"encoding {encoding.what}", unit="img", disable=not progress) as bar:
         try:
             for start in range(0, len(todo), batch_size):
                 paths = todo[start:start + batch_size]
                 pixels = np.zeros((batch_size, 3, size, size), np.float32)
                 for i, path in enumerate(paths):
-                    pixels[i] = input_image_transform(load_image(path), size=size)
-                features = encode(pixels)
+                    pixels[i] = encoding.pixels(path)
+                features = encoding.encode(pixels)
                 if pending is not None:
                     _save(*pending, out)
                     bar.update(len(pending[0]))
@@ -126,39 +166,58 @@ def encode_folder(encoder: VisionEncoder, image_dir: str | os.PathLike, out_dir:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mg5jax.encode_images", description=__doc__.split("\n\n")[0])
-    p.add_argument("--lavis-vit", help="LAVIS eva_vit_g.pth")
-    p.add_argument("--lavis-qformer", help="LAVIS BLIP-2 stage checkpoint (e.g. blip2_pretrained_flant5xxl.pth)")
-    p.add_argument("--minigpt4", help="MiniGPT-4 checkpoint holding llama_proj (required with --lavis-*)")
-    p.add_argument("--blip2-dir", help="transformers BLIP-2 directory (instead of the LAVIS files)")
-    p.add_argument("--images", required=True, help="folder of input images")
-    p.add_argument("--out", required=True, help="folder for <stem>.npy features")
+    p.add_argument("--lavis-vit", help="input features: LAVIS eva_vit_g.pth")
+    p.add_argument("--lavis-qformer", help="input features: LAVIS BLIP-2 stage checkpoint "
+                                           "(e.g. blip2_pretrained_flant5xxl.pth)")
+    p.add_argument("--minigpt4", help="input features: MiniGPT-4 checkpoint holding llama_proj (required with --lavis-*)")
+    p.add_argument("--blip2-dir", help="input features: transformers BLIP-2 directory (instead of the LAVIS files)")
+    p.add_argument("--vae", help="output moments: a Stable Diffusion directory (its vae/) or a diffusers vae/ directory")
+    p.add_argument("--size", type=int, default=512, help="output moments: target image size (data.output_image_size)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="folder for the <stem>.npy files")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="storage and compute dtype of the encoder (the original runs it in bf16)")
+                   help="storage and compute dtype of the encoder (the original runs both in bf16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _encoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Encoding:
+    """The encoding the flags ask for, its weights loaded."""
+    lavis = [args.lavis_vit, args.lavis_qformer]
+    dtype = DTYPES[args.dtype]
+    if args.vae is not None:
+        if any(lavis) or args.blip2_dir or args.minigpt4:
+            parser.error("--vae (output moments) takes no input-feature encoder flags")
+        vae_dir = pathlib.Path(args.vae)
+        vae_dir = vae_dir / "vae" if (vae_dir / "vae" / "config.json").is_file() else vae_dir
+        if not (vae_dir / "config.json").is_file():
+            raise FileNotFoundError(f"--vae {args.vae}: neither a diffusers vae/ directory nor an SD directory "
+                                    "holding one (no config.json)")
+        return output_moments(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, param_dtype=dtype), args.size)
+    if args.blip2_dir is not None and any(lavis):
+        parser.error("give either --blip2-dir or --lavis-vit/--lavis-qformer/--minigpt4, not both")
+    if args.blip2_dir is None and not (all(lavis) and args.minigpt4):
+        parser.error("need --lavis-vit, --lavis-qformer and --minigpt4, or --blip2-dir (input features), "
+                     "or --vae (output moments)")
+    if args.blip2_dir is not None:
+        encoder = VisionEncoder.from_pretrained(args.blip2_dir, proj=args.minigpt4, dtype=dtype, param_dtype=dtype)
+    else:
+        encoder = VisionEncoder.from_lavis(args.lavis_vit, args.lavis_qformer, args.minigpt4, dtype=dtype,
+                                           param_dtype=dtype)
+    return input_features(encoder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    lavis = [args.lavis_vit, args.lavis_qformer]
-    if args.blip2_dir is not None and any(lavis):
-        parser.error("give either --blip2-dir or --lavis-vit/--lavis-qformer/--minigpt4, not both")
-    if args.blip2_dir is None and not (all(lavis) and args.minigpt4):
-        parser.error("need --lavis-vit, --lavis-qformer and --minigpt4 (or --blip2-dir)")
-    dtype = DTYPES[args.dtype]
     try:
-        if args.blip2_dir is not None:
-            encoder = VisionEncoder.from_pretrained(args.blip2_dir, proj=args.minigpt4, dtype=dtype, param_dtype=dtype)
-        else:
-            encoder = VisionEncoder.from_lavis(args.lavis_vit, args.lavis_qformer, args.minigpt4, dtype=dtype,
-                                               param_dtype=dtype)
-        done = encode_folder(encoder, args.images, args.out, args.batch_size, progress=not args.no_progress)
+        encoding = _encoding(parser, args)
+        done = encode_folder(encoding, args.images, args.out, args.batch_size, progress=not args.no_progress)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"encode_images: error: {e}", file=sys.stderr)
         return 1
-    print(f"encoded {len(done)} images into {args.out}")
+    print(f"encoded {len(done)} images ({encoding.what}) into {args.out}")
     return 0
 
 

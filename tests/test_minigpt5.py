@@ -306,3 +306,23 @@ def test_no_voken_batch_is_text_only(setup):
     batch["labels"] = np.where(np.isin(batch["labels"], VOKENS), IGNORE, batch["labels"])
     out = model.loss(jax.tree.map(jnp.asarray, batch), jax.random.key(0))
     np.testing.assert_allclose(float(out["loss"]), 0.01 * float(out["text_loss"]), rtol=1e-6)
+
+
+def test_stored_moments_give_the_loss_of_the_images(setup):
+    """`data.output_moments_dir` (VAE moments precomputed by `encode_images --vae`) trains on exactly what the
+    online path computes from the target images."""
+    model, _ = setup
+    rng = np.random.default_rng(4)
+    batch = make_batch(rng)
+    kw = dict(cfg_drop=jnp.asarray([False, True, False, False]), timesteps=jnp.asarray([3, 400, 999, 50]),
+              noise=jnp.asarray(rng.normal(size=(4, 4, 8, 8)), jnp.float32),
+              posterior_noise=jnp.asarray(rng.normal(size=(4, 4, 8, 8)), jnp.float32))
+    images = batch["output_images"]
+    moments = nnx.jit(lambda vae, x: vae.encode(x).moments)(model.vae, images.reshape(-1, *images.shape[2:]))
+    stored = {k: v for k, v in batch.items() if k != "output_images"}
+    stored["output_moments"] = np.asarray(moments).reshape(*images.shape[:2], *moments.shape[1:])
+    loss = nnx.jit(lambda m, b: m.loss(b, jax.random.key(0), **kw))
+    online, offline = loss(model, jax.tree.map(jnp.asarray, batch)), loss(model, jax.tree.map(jnp.asarray, stored))
+    for k in ("loss", "image_loss"):
+        np.testing.assert_allclose(float(offline[k]), float(online[k]), rtol=1e-5, err_msg=k)
+    assert float(online["image_loss"]) > 0

@@ -171,3 +171,43 @@ def test_posterior_samples_draw_fp32_noise_from_bf16_moments():
     chex.assert_type(sample, jnp.float32)
     values = np.asarray(sample).ravel()  # 262144 draws: the largest |ε| is beyond 3.5 with near certainty
     assert np.abs(values).max() > 3.5 and len(np.unique(values)) > 100_000
+
+
+def test_encode_images_writes_vae_moments(tiny_sd_dir, vae_pair, tmp_path, capsys):
+    """`python -m mg5jax.encode_images --vae` stores what diffusers' encoder gives for the online target
+    transform, in the layout `data.output_moments_dir` reads ([2C, S/8, S/8] per `<stem>.npy`)."""
+    from PIL import Image
+
+    from mg5jax import encode_images
+    from mg5jax.data.images import load_image, output_image_transform
+    from mg5jax.data.pipeline import read_feature_sources
+
+    images = tmp_path / "targets"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    for name, (w, h) in {"wide": (60, 30), "tall": (20, 45), "square": (32, 32)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    out = tmp_path / "moments"
+    argv = ["--vae", str(tiny_sd_dir), "--size", "32", "--images", str(images), "--out", str(out),
+            "--batch-size", "2", "--dtype", "float32", "--no-progress"]
+    assert encode_images.main(argv) == 0
+    assert "encoded 3 images (VAE moments)" in capsys.readouterr().out
+    assert read_feature_sources(out) == {s: str((images / f"{s}.png").resolve()) for s in ("wide", "tall", "square")}
+    _, theirs = vae_pair
+    for stem in ("wide", "tall", "square"):
+        x = output_image_transform(load_image(images / f"{stem}.png"), size=32)
+        with torch.no_grad():
+            ref = theirs.encode(torch.from_numpy(x[None])).latent_dist.parameters[0].numpy()
+        stored = np.load(out / f"{stem}.npy")
+        chex.assert_shape(stored, (8, 4, 4))
+        assert stored.dtype == np.float32
+        np.testing.assert_allclose(stored, ref, atol=1e-4, rtol=0)
+
+    # the vae/ folder itself works too; a size the VAE cannot take and a folder without a VAE are one-line errors
+    assert encode_images.main([*argv[:1], str(tiny_sd_dir / "vae"), *argv[2:]]) == 0
+    assert encode_images.main([*argv[:3], "30", *argv[4:]]) == 1
+    assert "--size 30" in capsys.readouterr().err
+    assert encode_images.main([*argv[:1], str(tmp_path), *argv[2:]]) == 1
+    assert f"--vae {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        encode_images.main([*argv, "--blip2-dir", str(tmp_path)])

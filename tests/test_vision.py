@@ -215,15 +215,15 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
     print(f"encode_images CLI: 3 images ({time.perf_counter() - t0:.1f}s)")
 
     (out / "b.npy").unlink()  # only the missing file is redone
-    assert [p.name for p in encode_images.encode_folder(hf_encoder, images, out, 2, progress=False)] == ["b.png"]
+    assert [p.name for p in encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)] == ["b.png"]
     other = tmp_path / "other_split"  # a.png again, from another folder: same stem, other features
     other.mkdir()
     shutil.copy(images / "b.png", other / "a.png")
     with pytest.raises(ValueError, match=r"a\.npy holds the features of .*images/a\.png, not of .*other_split/a\.png"):
-        encode_images.encode_folder(hf_encoder, other, out, 2, progress=False)
+        encode_images.encode_folder(encode_images.input_features(hf_encoder), other, out, 2, progress=False)
     (images / "d.png").write_bytes(b"not a png")
     with pytest.raises(ImageLoadError, match=r"d\.png"):
-        encode_images.encode_folder(hf_encoder, images, out, 2, progress=False)
+        encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)
     capsys.readouterr()
     assert encode_images.main(argv) == 1
     assert "d.png" in capsys.readouterr().err
