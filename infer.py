@@ -108,6 +108,8 @@ def flag_prompts():
         rows = _read_rows(path)
         if not isinstance(rows, list):
             raise ValueError(f"--prompts {path}: expected a list of prompts, got a {type(rows).__name__}")
+        if not rows:
+            raise ValueError(f"--prompts {path}: no prompts in the file")
         prompts = []
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or "text" not in row:
@@ -160,7 +162,7 @@ def run(cfg) -> int:
     if prompts is None:
         prompts = config_prompts(cfg, built.tokenizer)
     if not prompts:
-        raise ValueError("no prompts to generate (an empty --prompts file, or no samples in data.val_path)")
+        raise ValueError(f"no prompts to generate: no samples in data.val_path {cfg.data.val_path}")
     baseline = _SD_BASELINE.value and any(p.caption for p in prompts)
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")

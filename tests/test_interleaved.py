@@ -285,6 +285,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         "empty_reference.jsonl": ('{"text": "a", "reference_image": ""}', "entry 0: prompt reference_image must be"),
         "broken.json": ('[{"text": "a"', "not valid JSON"),
         "broken_line.jsonl": ('{"text": "a"}\n\n{"text": ', ", line 3: not valid JSON"),
+        "empty.jsonl": ("\n", "no prompts in the file"),
     }
     for name, (content, message) in cases.items():
         path = tmp_path / name
