@@ -140,6 +140,18 @@ def config_prompts(cfg, tokenizer):
     return build.generation_prompts(cfg, tokenizer, limit=_LIMIT.value, seed=_SEED.value)
 
 
+def check_init_from(cfg, run_dir: str) -> None:
+    """A run's checkpoint holds only what it trained: a stage-2 run also needs the stage-1 weights it
+    started from (fc, queries, voken rows it did not train). Refuse a config whose `model.init_from`
+    differs from the one the run recorded, rather than mix in another run's weights."""
+    from mg5jax.training.checkpoint import recorded_config
+
+    recorded = (recorded_config(run_dir) or {}).get("model", {})
+    if "init_from" in recorded and recorded["init_from"] != cfg.model.init_from:
+        raise ValueError(f"{run_dir} was trained from model.init_from={recorded['init_from']!r} but this config "
+                         f"gives {cfg.model.init_from!r}: add --config.model.init_from={recorded['init_from']}")
+
+
 def run(cfg) -> int:
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
@@ -148,6 +160,8 @@ def run(cfg) -> int:
 
     check_flags()
     prompts = flag_prompts()
+    if not _STAGE1.value:
+        check_init_from(cfg, _CHECKPOINT.value or cfg.trainer.workdir)
     build.enable_compile_cache()
     aot.preload("infer")  # the programs the last run used load while the weights do
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then

@@ -8,10 +8,14 @@ and module source, the mg5jax sources, the jax / jaxlib / flax / optax releases,
 devices, XLA_FLAGS, the host CPU, JAX's configuration, the static and donated argument numbers, the
 static arguments (pickled) and the dynamic arguments' tree, shapes, dtypes and shardings. Any change
 misses and compiles anew. Only module-level functions of mg5jax (or made `persist`) are stored;
-closures, lambdas, other functions, programs whose static arguments cannot be pickled or that cannot be
-serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no compilation cache
-directory is configured, JAX runs multi-process, or MG5JAX_AOT=0. Stored programs are kept to
-`MAX_BYTES` in all, the least recently used removed first.
+closures, lambdas, other functions, programs whose static arguments cannot be pickled or refer to classes
+or functions of other code (a user's own module inside a model: pickle names it without its code), and
+programs that cannot be serialized stay in memory, as a plain `jax.jit`'s do; so does everything when no
+compilation cache directory is configured, JAX runs multi-process, or MG5JAX_AOT=0. Stored programs are
+kept to `MAX_BYTES` in all, the least recently used removed first.
+
+The store holds pickles and native code that a run loads and executes: it must be a directory only
+trusted users can write to (as JAX's own compilation cache must be).
 
 Loading a stored program still costs its deserialization (0.01–0.2 s each on CPU for the generator's
 five). `preload(name)` moves that off the critical path: it loads, in a background thread, the programs
@@ -27,6 +31,7 @@ import functools
 import hashlib
 import importlib.metadata
 import inspect
+import io
 import json
 import logging
 import os
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import jax
 from jax._src import config as jax_config  # trace_context: what jit keys its own caches on
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mg5jax-program-2"
 MAX_BYTES = 4 << 30  # stored programs beyond this total are removed, least recently used first
-_PACKAGES = ("jax", "jaxlib", "flax", "optax")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 MAX_PRELOAD = 32  # programs a preload list holds (first used first)
 _UMASK = os.umask(0o022)  # read (and restored) once, at import: setting it is process-wide
 os.umask(_UMASK)
@@ -54,7 +60,7 @@ os.umask(_UMASK)
 
 @functools.cache
 def _installation() -> str:
-    """Python, the jax / jaxlib / flax / optax releases and a sha256 over every Python source of the
+    """Python, the jax / jaxlib / flax / optax / numpy releases and a sha256 over every Python source of the
     mg5jax package (what a traced program can run): fixed for the life of a process."""
     root = pathlib.Path(__file__).resolve().parent
     h = hashlib.sha256()
@@ -69,7 +75,7 @@ def _module_digest(fun, persist: bool) -> str | None:
     function, or not one of mg5jax unless `persist`: a closure's or a lambda's name and module do not
     say what it computes, the values it closes over may be baked into the program, and code outside
     mg5jax may call helpers in other files, whose sources are in no key."""
-    if "<" in fun.__qualname__ or getattr(fun, "__closure__", None) \
+    if not isinstance(fun, types.FunctionType) or "<" in fun.__qualname__ or fun.__closure__ \
             or not (persist or fun.__module__.startswith("mg5jax.")):
         return None
     try:
@@ -123,11 +129,40 @@ _DIGESTS: collections.OrderedDict = collections.OrderedDict()  # id -> (object, 
 #                                                               object keeps its id unique
 
 
+class _CodePickler(pickle.Pickler):
+    """A pickler that notes the module of every class and function it writes (pickle stores them by
+    name only: their code is in no pickle)."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=5)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj):
+        if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+            self.modules.add(getattr(obj, "__module__", None) or "?")
+        return NotImplemented
+
+
+def _keyed_code(module: str) -> bool:
+    """Whether the key covers a module's code: mg5jax's sources, the keyed packages' releases, and
+    Python's own standard library (with `sys.version`)."""
+    top = module.split(".", 1)[0]
+    return top in ("mg5jax", "builtins", *_PACKAGES) or top in sys.stdlib_module_names
+
+
 def _pickled_digest(obj) -> bytes:
-    """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms)."""
+    """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms).
+    A ValueError when it refers to a class or function of other code (a user's own module in a model
+    graph): pickle names it without its code, so an edit to it would go unnoticed."""
     held = _DIGESTS.get(id(obj))
     if held is None or held[0] is not obj:
-        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(pickle.dumps(obj, protocol=5)).digest())
+        buffer = io.BytesIO()
+        pickler = _CodePickler(buffer)
+        pickler.dump(obj)
+        foreign = sorted(m for m in pickler.modules if not _keyed_code(m))
+        if foreign:
+            raise ValueError(f"a static argument refers to code outside the key (modules {foreign})")
+        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(buffer.getvalue()).digest())
         if len(_DIGESTS) > _HELD:
             _DIGESTS.popitem(last=False)
     else:
@@ -140,6 +175,11 @@ def _plain(x) -> bool:
     if isinstance(x, tuple):
         return len(x) <= 16 and all(_plain(v) for v in x)
     return x is None or type(x) in (bool, int, float, str)
+
+
+def _typed(x) -> tuple:
+    """A plain static value as a key that tells 1, 1.0 and True apart, as `jax.jit` does."""
+    return type(x), x
 
 
 def _leaf_signature(x) -> tuple:
@@ -164,7 +204,10 @@ class Program:
 
     def __init__(self, fun, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = (),
                  persist: bool = False):
-        self.name = f"{fun.__module__}.{fun.__qualname__}"
+        if any(i < 0 for i in (*static_argnums, *donate_argnums)):
+            raise ValueError(f"Program: argument numbers must be >= 0, got static {static_argnums}, "
+                             f"donated {donate_argnums}")
+        self.name = f"{getattr(fun, '__module__', None)}.{getattr(fun, '__qualname__', type(fun).__name__)}"
         self._module_digest = _module_digest(fun, persist)
         self.static_argnums = tuple(static_argnums)
         self.donate_argnums = tuple(donate_argnums)
@@ -186,14 +229,17 @@ class Program:
         leaves, treedef = jax.tree.flatten(dynamic)
         dynamic_signature = (treedef, tuple(_leaf_signature(x) for x in leaves))
         # static arguments (graph definitions: slow to hash) are looked up by identity first; small
-        # plain values (a shape tuple made anew per call) by value
-        by_id = (tuple(a if _plain(a) else id(a) for a in static), dynamic_signature)
+        # plain values (a shape tuple made anew per call) by value and type; JAX's context (default
+        # device, x64, mesh) as jit's own cache does
+        context = jax_config.trace_context()
+        by_id = (tuple(_typed(a) if _plain(a) else id(a) for a in static), dynamic_signature, context)
         held = self._by_id.get(by_id)
         if held is not None and all(a is b or _plain(a) for a, b in zip(held[0], static)):
             self._by_id.move_to_end(by_id)
             return held[1]
         path = self._path(static, dynamic_signature)
-        signature = path or (static, dynamic_signature)  # a path is cheaper to hash than a model's graph
+        # a path is cheaper to hash than a model's graph (and holds the context)
+        signature = path or (tuple(_typed(a) if _plain(a) else a for a in static), dynamic_signature, context)
         compiled = self._compiled.get(signature)
         if compiled is None:
             start = time.perf_counter()
@@ -402,6 +448,10 @@ def _evict(directory: pathlib.Path, keep: pathlib.Path) -> None:
         if total <= MAX_BYTES:
             break
         if p != keep:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as e:  # another user's file in a shared store: leave it
+                log.debug("cannot remove %s (%s)", p, e)
+                continue
             total -= size
             log.info("removed the least recently used compiled program %s", p)

@@ -1,5 +1,7 @@
 """mg5jax.aot: compiled programs stored on disk and loaded by a later process without tracing."""
 
+import dataclasses
+import functools
 import json
 import logging
 import os
@@ -134,6 +136,37 @@ def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_
     np.testing.assert_array_equal(aot.Program(add_table, persist=True)(np.ones(3, np.float32)), [1.0, 2.0, 3.0])
     np.testing.assert_array_equal(aot.Program(lambda x: x * 3, persist=True)(np.ones(2, np.float32)), [3.0, 3.0])
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scale:  # a static argument whose class lives outside mg5jax: pickle would name it without its code
+    k: float
+
+    def __call__(self, x):
+        return x * self.k
+
+
+def test_static_arguments_that_refer_to_other_code_stay_in_memory(cache_dir):
+    program = aot.Program(_apply, static_argnums=(0,), persist=True)
+    np.testing.assert_array_equal(program(_Scale(3.0), np.ones(2, np.float32)), [3.0, 3.0])
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+def test_static_values_of_other_types_and_another_context_are_other_programs(cache_dir):
+    """As `jax.jit`: 1, 1.0 and True are different static arguments; the default device is part of the key."""
+    program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
+    x = np.ones(2, np.int32)
+    assert [program(k, x).dtype for k in (1, 1.0, True, 1)] == [jnp.int32, jnp.float32, jnp.int32, jnp.int32]
+    assert program(1.0, x).devices() == {jax.devices()[0]}
+    with jax.default_device(jax.devices()[1]):
+        assert program(1.0, x).devices() == {jax.devices()[1]}
+
+
+def test_partials_stay_in_memory_and_negative_argument_numbers_are_refused(cache_dir):
+    np.testing.assert_array_equal(aot.Program(functools.partial(_double_plus, 2))(np.ones(2, np.float32)), [4, 4])
+    assert not cache_dir.exists()
+    with pytest.raises(ValueError, match="argument numbers must be >= 0"):
+        aot.Program(_double_plus, static_argnums=(-2,))
 
 
 def test_mg5jax_aot_0_keeps_programs_in_memory(cache_dir, monkeypatch):

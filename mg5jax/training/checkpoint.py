@@ -260,3 +260,18 @@ def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.
     if not steps:
         raise CheckpointError(f"{field}: no complete checkpoint in {run / 'checkpoints'}")
     return run / "checkpoints" / str(steps[-1]) / "params", f"newest checkpoint, step {steps[-1]} (no validation)"
+
+
+def recorded_config(run_dir: str | os.PathLike) -> dict | None:
+    """The config an earlier run of ours recorded with its newest training checkpoint (what `train.py`
+    ran with), or None when it has no checkpoint or recorded none."""
+    checkpoints = pathlib.Path(run_dir) / "checkpoints"
+    steps = _complete_steps(checkpoints)
+    if not steps:
+        return None
+    path = checkpoints / str(steps[-1]) / "meta" / "metadata"
+    try:
+        config = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's metadata ({e})") from e
+    return config if isinstance(config, dict) else None
