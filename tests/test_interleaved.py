@@ -295,8 +295,16 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith(f"infer.py: --prompts {path}") and message in last, last
         assert "loading" not in r.stderr  # failed before any weights were read
+    # a stage-2 run's checkpoint holds only what it trained: the stage-1 weights must be the ones it started from
+    run = tmp_path / "stage2_run"
+    (run / "checkpoints" / "7" / "meta").mkdir(parents=True)
+    (run / "checkpoints" / "7" / "meta" / "metadata").write_text(
+        json.dumps({"step": 7, "config": {"model": {"init_from": "runs/stage1_cc3m"}}}))
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
-                           (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1")):
+                           (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
+                           (["--prompt", "a", "--checkpoint", str(run)],
+                            f"{run} was trained from model.init_from='runs/stage1_cc3m' but this config gives '': "
+                            "add --config.model.init_from=runs/stage1_cc3m")):
         r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"infer.py: {message}", r.stderr[-500:]
