@@ -59,8 +59,9 @@ def make_mesh(
     """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be >= 1, one of them may be -1 (the remaining devices); got "
+                         f"data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:

@@ -458,11 +458,10 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
 # ------------------------------------------------------------------------------------ generation
 
 
-def _decode_state_sharding(x: jax.ShapeDtypeStruct, batch: int, mesh: Mesh) -> NamedSharding:
-    """A decode-loop state leaf (all batch-major, the KV cache included) on the batch axes."""
-    if x.ndim == 0 or x.shape[0] != batch:
-        return NamedSharding(mesh, PartitionSpec())
-    return parallel.batch_sharding(mesh, x.ndim)
+def _decode_state_sharding(x: jax.ShapeDtypeStruct, batch: int, batch_sh, replicated) -> NamedSharding:
+    """A decode-loop state leaf: batch-major ones (the KV cache included) like the batch, the others
+    replicated."""
+    return batch_sh(x.ndim) if x.ndim and x.shape[0] == batch else replicated
 
 
 def _llm_sampling(settings: GenerationSettings, num_new: int,
@@ -492,8 +491,12 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     placed = abstract(state, shardings)
     model_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(placed))
     b = prompts
-    batch_sh = lambda ndim: parallel.batch_sharding(mesh, ndim)  # noqa: E731
     replicated = NamedSharding(mesh, PartitionSpec())
+    batch_devices = int(np.prod([mesh.shape[a] for a in parallel.batch_sharding(mesh, 1).spec[0] or ()]))
+
+    def batch_sh(ndim, rows=b):  # the batch over the batch axes, replicated where it does not split evenly
+        return parallel.batch_sharding(mesh, ndim) if rows % batch_devices == 0 else replicated
+
     programs: dict[str, dict] = {}
 
     def run(name, weight_args, fn, *args, **kwargs):
@@ -527,7 +530,7 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
         run("prefill", llm_placed, decode._start_program.jitted, llm_def, sampling, insertion, llm_placed, None,
             embeds, mask, key, seeds)
         # the loop state (KV cache included) split like the batch
-        decode_state = abstract(shapes, jax.tree.map(lambda x: _decode_state_sharding(x, b, mesh), shapes))
+        decode_state = abstract(shapes, jax.tree.map(lambda x: _decode_state_sharding(x, b, batch_sh, replicated), shapes))
         limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
         run("decode", llm_placed, decode._advance_program.jitted, llm_def, sampling, insertion, llm_placed,
             decode_state, limit)
@@ -536,7 +539,9 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
 
     # 4. render: the guided sampler's program (PNDM with CFG, then VAE decode) on every voken window's
     # conditioning (the mapper runs apart from it and is tiny)
-    n_images = min(prompts * settings.max_images, settings.render_batch)  # images per sampler call
+    # images per sampler call: its largest, as InterleavedGenerator pads it
+    n_images = interleaved.render_call_size(min(prompts * settings.max_images, settings.render_batch),
+                                            settings.render_batch)
     factor = sizes.vae.downsample_factor
     size = settings.image_size or sizes.unet.sample_size * factor
     latent_shape = (sizes.unet.in_channels, size // factor, size // factor)
@@ -548,9 +553,9 @@ def plan_generation(cfg, devices: Sequence, *, prompts: int = 8, text_length: in
     vae_def, vae_state = nnx.split(model.vae)
     weights = tuple(abstract(w, parallel.state_shardings(w, mesh)) for w in (unet_state, vae_state))
     cond = jax.ShapeDtypeStruct((n_images, sizes.mapper.num_queries, sizes.mapper.hidden), jnp.float32,
-                                sharding=batch_sh(3))
-    guidance = jax.ShapeDtypeStruct((n_images,), jnp.float32, sharding=batch_sh(1))
-    render_seeds = jax.ShapeDtypeStruct((n_images,), jnp.uint32, sharding=batch_sh(1))
+                                sharding=batch_sh(3, n_images))
+    guidance = jax.ShapeDtypeStruct((n_images,), jnp.float32, sharding=batch_sh(1, n_images))
+    render_seeds = jax.ShapeDtypeStruct((n_images,), jnp.uint32, sharding=batch_sh(1, n_images))
     with jax.set_mesh(mesh):
         run("render", weights, sampler_lib._sampler_program.jitted, unet_def, vae_def, scheduler, True, latent_shape,
             *weights, sched_state, cond, cond, guidance, None, render_seeds, key)
@@ -653,6 +658,10 @@ if __name__ == "__main__":
     from absl import flags
 
     logging.basicConfig(level=logging.WARNING)
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+        print(f"usage: python -m mg5jax.plan --config CONFIG [--config.a.b=value …] [flags]\n\n"
+              f"{_flags(sys.argv).get_help()}")
+        sys.exit(0)
     try:
         cli(sys.argv)
     except (ValueError, FileNotFoundError, flags.Error) as e:

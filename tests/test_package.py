@@ -58,3 +58,11 @@ def test_training_and_generation_code_loads_tokenizers_without_torch(tiny_tokeni
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("sizes", [dict(data=-1, fsdp=0), dict(data=-1, fsdp=-2), dict(data=-1, tensor=-1)])
+def test_mesh_sizes_below_one_are_named(sizes):
+    from mg5jax import parallel
+
+    with pytest.raises(ValueError, match="mesh axis sizes must be >= 1, one of them may be -1"):
+        parallel.make_mesh(**sizes)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mg5jax import plan
+from mg5jax.generation import interleaved
 from mg5jax.models.unet import UNetConfig
 from mg5jax.models.vae import VAEConfig
 
@@ -129,7 +130,23 @@ def test_generation_plan(tiny_dirs):
     assert s["kv_cache_slots"] == s["prompt_length"] + 256 + s["max_images_per_prompt"] * 7
     llm = report["parts"]["llm"]  # int8 projections: under 1 byte per parameter and device, not bf16's 2
     assert llm["frozen_bytes"] < 2 * llm["params"] / DEVICES
-    assert "text_encoder" not in report["parts"] and "vision" not in report["parts"]  # inference needs neither
+    assert "text_encoder" not in report["parts"] and "vision" not in report["parts"]  # stage 1 has no ViT
+
+
+def test_generation_plan_with_the_vision_encoder_and_a_batch_that_does_not_split(tiny_dirs):
+    """Stage 2's splice runs the (int8) ViT; 3 prompts do not split over 8 devices (replicated, as the
+    generator's host inputs are), and the sampler call is padded to a power of two as the generator pads it."""
+    argv = ["plan", *tiny_flags(tiny_dirs, "stage2_vist.py"), "--config.model.vision.kind=blip2",
+            "--config.model.int8_weights=True", "--generate", "--prompts=3"]
+    report = plan.cli(argv)
+    s = report["settings"]
+    assert s["prompt_length"] == 1 + 16 + 3 * 2  # 4 query tokens per image slot
+    assert s["max_images_per_prompt"] == 2  # 6 images: one sampler call of 8
+    assert s["images_per_render_call"] == interleaved.render_call_size(6, 8) == 8
+    assert "vision" in report["parts"] and "text_encoder" not in report["parts"]
+    assert report["programs"]["splice"]["flops"] > 0
+    # the KV cache is replicated: every device holds all 3 rows
+    assert report["kv_cache_bytes"] == 2 * 2 * 3 * s["kv_cache_slots"] * 64 * 2
 
 
 def test_part_of():

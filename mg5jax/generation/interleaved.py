@@ -158,6 +158,12 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
                              pad_id=tokenizer.ids.pad_id)
 
 
+def render_call_size(images: int, render_batch: int) -> int:
+    """Images a sampler call renders for a chunk of `images` (at most `render_batch`): padded to a power
+    of two, so few shapes are compiled."""
+    return min(1 << (images - 1).bit_length(), render_batch)
+
+
 def image_seed(prompt_seed: int, j: int) -> int:
     """The initial-noise seed of image j of a response: from its prompt's seed alone (not the batch, not
     max_images)."""
@@ -300,7 +306,7 @@ class InterleavedGenerator:
         per_call = self.settings.render_batch
         for i in range(0, len(seeds), per_call):
             chunk = inputs[i : i + per_call]
-            n = min(1 << (len(chunk) - 1).bit_length(), per_call)
+            n = render_call_size(len(chunk), per_call)
             cond, uncond = conditioning(np.concatenate([chunk, np.repeat(chunk[:1], n - len(chunk), axis=0)]))
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale,
