@@ -10,7 +10,8 @@ from flax import nnx
 
 from mg5jax import parallel
 from mg5jax.convert import keymap as km
-from mg5jax.convert.sources import CheckpointError, DictSource, SafetensorsSource, open_weights, write_sharded_safetensors
+from mg5jax.convert.sources import (CheckpointError, DictSource, SafetensorsSource, TorchSource, open_weights,
+                                   write_sharded_safetensors)
 from mg5jax.models import layers
 
 
@@ -67,6 +68,40 @@ def test_strict_errors_name_the_key_and_file():
         km.load_params(abstract, DictSource(bad, "tiny.bin"), KEYMAP)
     with pytest.raises(CheckpointError, match=r"no conversion rule for our parameter 'norm\.(scale|bias)'"):
         km.KeyMap(KEYMAP.rules[:4]).bind(km.flat_params(abstract))
+    uneven = dict(sd, in_proj_weight=np.zeros((13, 4), np.float32))  # a fused qkv that does not split in three
+    with pytest.raises(CheckpointError, match=r"'in_proj_weight' in tiny.bin: cannot convert it to qkv\.0\.kernel"):
+        km.load_params(abstract, DictSource(uneven, "tiny.bin"), KEYMAP)
+
+
+def test_transforms_that_drop_axes_refuse_axes_that_are_not_singletons():
+    np.testing.assert_array_equal(km.SQUEEZE0.to_ours(np.ones((1, 2, 3))), np.ones((2, 3)))
+    np.testing.assert_array_equal(km.CONV1X1_AS_LINEAR.to_ours(np.ones((4, 3, 1, 1))), np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"expected size 1 on axes \(0,\), got shape \(2, 3, 2\)"):
+        km.SQUEEZE0.to_ours(np.ones((2, 3, 2)))
+    with pytest.raises(ValueError, match=r"axes \(2, 3\), got shape \(4, 3, 3, 3\)"):
+        km.CONV1X1_AS_LINEAR.to_ours(np.ones((4, 3, 3, 3)))
+
+
+def test_torch_tensors_in_a_dict_source_and_zero_dimensional_arrays(tmp_path):
+    import ml_dtypes
+    import torch
+
+    source = DictSource({"w": torch.ones(2, dtype=torch.bfloat16)})
+    assert source["w"].dtype == ml_dtypes.bfloat16
+    write_sharded_safetensors(tmp_path, {"scalar": np.float32(3.5), "v": np.arange(3, dtype=np.float32)})
+    stored = open_weights(tmp_path)
+    assert stored["scalar"].shape == () and float(stored["scalar"]) == 3.5
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: its weight_map lists no tensors"):
+        open_weights(tmp_path)
+
+
+def test_a_torch_file_in_the_old_format_loads(tmp_path):
+    import torch
+
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    np.testing.assert_array_equal(TorchSource([tmp_path / "old.bin"])["w"], np.arange(4.0))
 
 
 def test_sharded_safetensors_and_mesh_load(tmp_path):

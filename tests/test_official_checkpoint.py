@@ -108,6 +108,7 @@ def test_export_import_round_trip(official, tmp_path):
     keys2 = export_official(model, tmp_path / "s2.ckpt", stage=2)
     assert set(keys2) == set(torch.load(d / "stage2_vist.ckpt")["state_dict"])
     assert set(keys1) == set(torch.load(d / "stage1_cc3m.ckpt")["state_dict"])
+    assert torch.load(tmp_path / "s2.ckpt")["pytorch-lightning_version"] == "2.0.2"  # Lightning's loader needs it
     again = build_ours(d / "llm", with_lora=True)
     import_official(again, tmp_path / "s1.ckpt", tmp_path / "s2.ckpt")
     a, b = km.flat_params(nnx.state(model, nnx.Param)), km.flat_params(nnx.state(again, nnx.Param))
@@ -124,6 +125,10 @@ def test_errors_name_the_culprit(official, tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointError, match=r"unexpected key 'model\.llama_model\.model\.extra\.weight'.*bad\.ckpt"):
         load_official(build_ours(d / "llm", with_lora=False), tmp_path / "bad.ckpt", stage=1)
+    other_scale = build_ours(d / "llm", with_lora=False)
+    lora.apply_lora(other_scale.llm, rank=8, alpha=32, dropout=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(CheckpointError, match=r"alpha / r = 2\.0; this model's LoRA scales by \[4\.0\]"):
+        load_official(other_scale, d / "stage2_vist.ckpt", stage=2)
     torch.save({"model": sd}, tmp_path / "nested.ckpt")
     with pytest.raises(CheckpointError, match="state_dict"):
         load_official(build_ours(d / "llm", with_lora=False), tmp_path / "nested.ckpt", stage=1)

@@ -44,10 +44,18 @@ IDENTITY = Transform("identity", lambda x: x, lambda x: x)
 LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
 # torch Conv2d weight [O, I, kh, kw] <-> flax Conv kernel [kh, kw, I, O]
 CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
+def _squeeze(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """`np.squeeze`, refusing an axis that is not of size 1 (it would drop data silently)."""
+    if any(x.ndim <= a or x.shape[a] != 1 for a in axes):
+        raise ValueError(f"expected size 1 on axes {axes}, got shape {tuple(x.shape)}")
+    return np.squeeze(x, axes)
+
+
 # a leading singleton axis in the checkpoint ([1, N, D] <-> [N, D])
-SQUEEZE0 = Transform("squeeze0", lambda x: x[0], lambda x: x[None])
+SQUEEZE0 = Transform("squeeze0", lambda x: _squeeze(x, (0,)), lambda x: x[None])
 # a 1x1 torch conv used as a linear layer: [O, I, 1, 1] <-> kernel [I, O]
-CONV1X1_AS_LINEAR = Transform("conv1x1_as_linear", lambda w: w[:, :, 0, 0].T, lambda w: w.T[:, :, None, None])
+CONV1X1_AS_LINEAR = Transform("conv1x1_as_linear", lambda w: _squeeze(w, (2, 3)).T,
+                              lambda w: w.T[:, :, None, None])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +187,14 @@ def load_params(
     flat_shardings = flat_params(shardings) if shardings is not None else {}
     values: dict[str, jax.Array] = {}
     for b in tqdm(bound, desc=f"loading {what}", unit="tensor", leave=False, disable=len(bound) < 64):
-        tensor = source[b.theirs]
-        for path, arr in zip(b.ours, b.to_ours(tensor)):
+        try:
+            converted = b.to_ours(source[b.theirs])
+        except CheckpointError:
+            raise
+        except Exception as e:  # a transform or split the tensor does not fit, an unreadable dtype
+            raise CheckpointError(f"{what}: key {b.theirs!r} in {source.where(b.theirs)}: cannot convert it to "
+                                  f"{', '.join(b.ours)} ({b.transform.name}: {type(e).__name__}: {e})") from e
+        for path, arr in zip(b.ours, converted):
             var = flat[path]
             if tuple(arr.shape) != tuple(var.shape):
                 raise CheckpointError(
@@ -210,7 +224,7 @@ def export_params(state: nnx.State, keymap: KeyMap, dtype=None) -> Iterator[tupl
         for p in b.ours:
             a = np.asarray(jax.device_get(flat[p].get_value()))
             arrays.append(a.astype(dtype) if dtype is not None else a)
-        yield b.theirs, np.ascontiguousarray(b.to_theirs(arrays))
+        yield b.theirs, np.require(b.to_theirs(arrays), requirements="C")  # 0-d stays 0-d
 
 
 def abstract_rngs(seed: int = 0) -> nnx.Rngs:

@@ -19,8 +19,10 @@ from mg5jax.convert import keymap as km
 from mg5jax.convert.llama import peft_keymap
 from mg5jax.convert.mapper import mapper_keymap
 from mg5jax.convert.sources import CheckpointError, TorchSource
+from mg5jax.models.lora import LoraLinear
 
 LLM_PREFIX = "model.llama_model."
+LIGHTNING_VERSION = "2.0.2"  # the original's pinned lightning>=2.0.2, written into exported files
 _STAGE1_LLM = km.KeyMap([
     km.Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
     km.Rule("lm_head.weight", "lm_head.kernel", km.LINEAR),
@@ -29,8 +31,20 @@ _STAGE1_PARAMS = r"^(llm\.model\.embed_tokens\.|llm\.lm_head\.|mapper\.)"
 _STAGE2_PARAMS = r"^(llm\.model\.embed_tokens\.|llm\.lm_head\.|llm\..*\.lora_[ab]$|mapper\.(encoder|decoder)\.)"
 
 
+OFFICIAL_LORA_SCALING = 16 / 8  # the original's peft LoraConfig(r=8, lora_alpha=16)
+
+
 def _has_lora(model) -> bool:
     return any(re.search(r"\.lora_[ab]$", p) for p in km.flat_params(nnx.state(model.llm, nnx.Param)))
+
+
+def _check_lora_scaling(model) -> None:
+    """The official adapters were trained at scale alpha / r = 2.0: at another scale they load (only r is
+    in their shapes) but compute something else."""
+    scalings = {m.scaling for _, m in nnx.iter_graph(model.llm) if isinstance(m, LoraLinear)}
+    if scalings != {OFFICIAL_LORA_SCALING}:
+        raise CheckpointError(f"the official stage-2 LoRA runs at alpha / r = {OFFICIAL_LORA_SCALING}; this model's "
+                              f"LoRA scales by {sorted(scalings)} (model.lora.alpha=16 with rank 8)")
 
 
 def stage_keymap(model, stage: int) -> km.KeyMap:
@@ -41,6 +55,7 @@ def stage_keymap(model, stage: int) -> km.KeyMap:
         if not _has_lora(model):
             raise CheckpointError("a stage-2 checkpoint holds LoRA adapters: build the model with LoRA "
                                   "(model.lora.enabled=True)")
+        _check_lora_scaling(model)
         llm = peft_keymap(model.llm, lora_only=True, modules_to_save=True)
         transformer = km.KeyMap([r for r in mapper_keymap(ours_prefix="mapper.").rules
                                  if r.theirs.startswith("llm_to_t2i_mapping.")])
@@ -75,5 +90,7 @@ def export_official(model, path: str | os.PathLike, stage: int) -> list[str]:
     import torch
 
     arrays = dict(km.export_params(_stage_state(model, stage), stage_keymap(model, stage), dtype=np.float32))
-    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}}, path)
+    # the version key lets Lightning's own `load_from_checkpoint` (the original's loading) read the file
+    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+                "pytorch-lightning_version": LIGHTNING_VERSION, "epoch": 0, "global_step": 0}, path)
     return sorted(arrays)

@@ -134,7 +134,12 @@ class TorchSource(TensorSource):
         self.paths = [str(f) for f in files]
         for path in self.paths:
             try:
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                try:
+                    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                except RuntimeError as e:  # the pre-1.6 format cannot be memory-mapped: read it whole
+                    if "_use_new_zipfile_serialization" not in str(e):
+                        raise
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
                 raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
             if subkey is not None:
@@ -175,7 +180,10 @@ class DictSource(TensorSource):
         self.name = name
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return np.asarray(self._tensors[key])
+        value = self._tensors[key]
+        if type(value).__module__.startswith("torch"):  # a loaded torch state dict (bf16 included)
+            return _torch_to_numpy(value)
+        return np.asarray(value)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -223,6 +231,8 @@ def _index_files(index: pathlib.Path) -> list[pathlib.Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{index}: not a valid weight index ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: its weight_map lists no tensors")
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
@@ -236,7 +246,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     offset = 0
     arrays = {}
     for k, v in tensors.items():
-        a = np.ascontiguousarray(v)
+        a = np.require(v, requirements="C")  # a 0-d array stays 0-d
         if a.dtype not in _DTYPE_NAMES:
             raise CheckpointError(f"{path}: cannot store key {k!r} with dtype {a.dtype}")
         header[k] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
@@ -250,7 +260,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays.values():
-            f.write(a.tobytes())
+            f.write(a.reshape(-1).view(np.uint8).data)  # no copy of the tensor
     os.replace(tmp, path)
 
 
