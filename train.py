@@ -3,7 +3,7 @@
 Reads the config, builds the model and the data, and runs the trainer; resumes from the newest
 checkpoint in `trainer.workdir` automatically. Every `trainer.sample_every` steps the current
 weights write stories for the first `sample_prompts` validation prompts to
-`<workdir>/samples/step_<N>/index.html`. Errors in the config, paths or data end the run with one
+`<workdir>/samples/step_<NNNNNN>/index.html`. Errors in the config, paths or data end the run with one
 line that names the culprit.
 """
 

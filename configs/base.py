@@ -71,21 +71,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle = True  # the original does not shuffle; set False to reproduce its order
     c.data.strict = False  # True: a bad row or image is an error instead of a logged skip
     c.data.fix_img7_mask = False  # True: also mask [IMG7] from the text loss (the original supervises it)
-    c.data.input_features_dir = ""  # precomputed [32, D_llm] .npy per input image (skips the ViT;
-    #                                 python -m mg5jax.encode_images --blip2-dir …)
-    c.data.output_moments_dir = ""  # precomputed VAE moments [8, 64, 64] .npy per target image (skips the
-    #                                 VAE encoder; python -m mg5jax.encode_images --vae …)
+    c.data.input_features_dir = ""  # precomputed [32, D_llm] .npy per input image, used instead of the ViT
+    #                                 (python -m mg5jax.encode_images --blip2-dir …; model.vision.kind="none"
+    #                                 then skips loading it)
+    c.data.output_moments_dir = ""  # precomputed VAE moments [8, 64, 64] .npy per target image, used instead
+    #                                 of the VAE encoder (python -m mg5jax.encode_images --vae …)
+    c.data.val_input_features_dir = ""  # the same for the validation images ("" = input_features_dir)
+    c.data.val_output_moments_dir = ""  # the same for the validation targets ("" = output_moments_dir)
 
     # --- the loop ----------------------------------------------------------------------------------
     c.trainer = ml_collections.ConfigDict()
     c.trainer.workdir = "runs/minigpt5"  # checkpoints/ and metrics.jsonl go here
     c.trainer.seed = c.get_ref("seed")
-    c.trainer.num_steps = ml_collections.config_dict.placeholder(int)  # micro-steps; None = from num_epochs
+    c.trainer.num_steps = ml_collections.config_dict.placeholder(int)  # micro-steps; None = num_epochs passes
     c.trainer.log_every = 10  # steps per metrics line
     c.trainer.save_every = 500  # steps between checkpoints
     c.trainer.keep_checkpoints = 2  # newest checkpoints kept
     c.trainer.async_checkpointing = True  # write checkpoints in the background
-    c.trainer.eval_every = 500  # steps between validation passes (0 = never)
+    c.trainer.eval_every = 500  # steps between validation passes (0 = never); evals_per_epoch overrides it
     c.trainer.sample_every = 0  # steps between sample generations into <workdir>/samples/ (0 = never)
     # -1 takes the remaining devices. FSDP over all of them: the 7B LLM, SD and the ViT-g do not fit replicated
     # in a 16 GiB chip; sharded 8 ways they take 2.3 GiB per chip
@@ -97,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.optimizer.eps = 1e-8
     c.trainer.optimizer.weight_decay = 0.01  # on trainable params only (never on the old vocab rows)
     c.trainer.optimizer.warmup_steps = 1000  # linear warmup from 0, then linear decay to 0
-    c.trainer.optimizer.total_steps = ml_collections.config_dict.placeholder(int)  # None = from num_epochs
+    # optimizer steps of the lr schedule; None = what the run makes (from num_steps if set, else num_epochs)
+    c.trainer.optimizer.total_steps = ml_collections.config_dict.placeholder(int)
     c.trainer.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # None = no clipping
     c.trainer.optimizer.grad_accum_steps = ml_collections.config_dict.placeholder(int)  # None = derived
     c.trainer.optimizer.trainable = ()  # ordered (regex over param paths, lr multiplier | None)

@@ -2,7 +2,8 @@
 
 `make demo` first builds the tiny hub-layout weights and the data under outputs/demo
 (`python -m mg5jax.tiny --root outputs/demo`), then runs
-`python train.py --config configs/demo.py` and `python infer.py --config configs/demo.py`.
+`python train.py --config configs/demo.py`, then `python infer.py --config configs/demo.py` on a prompts
+file it writes (`mg5jax/demo.py` has the exact flags).
 The models are random and tiny, so the pictures only show that every stage runs end to end.
 """
 
@@ -41,7 +42,7 @@ def get_config():
     c.trainer.log_every = 10
     c.trainer.save_every = 150
     c.trainer.eval_every = 150
-    c.trainer.sample_every = 150  # stories from the current weights in run/samples/step_<N>/
+    c.trainer.sample_every = 150  # stories from the current weights in run/samples/step_<NNNNNN>/
     c.trainer.mesh.data = -1
     c.trainer.mesh.fsdp = 1  # tiny models: plain data parallelism
     c.trainer.optimizer.learning_rate = 3e-3  # tiny models learn fast; the original uses 2e-5

@@ -372,12 +372,17 @@ def caption_fn(tokenizer: CLIPTokenizer):
 
 
 def make_builder(cfg, built: Built, batch_size: int, *, train: bool) -> pipeline.ExampleBuilder:
+    """The example builder of the training (`train`) or validation data: validation reads precomputed
+    files from the `val_` folders when they are set (its images are another folder, often with the
+    same file names)."""
     d = cfg.data
+    features = d.input_features_dir if train else d.val_input_features_dir or d.input_features_dir
+    moments = d.output_moments_dir if train else d.val_output_moments_dir or d.output_moments_dir
     return pipeline.ExampleBuilder(
         built.tokenizer, batch_spec(cfg, built, batch_size),
         caption_tokenizer=caption_fn(built.caption_tokenizer) if cfg.loss.caption_weight > 0 else None,
-        train=train, fix_img7_mask=d.fix_img7_mask, input_features_dir=d.input_features_dir or None,
-        output_moments_dir=d.output_moments_dir or None, strict=d.strict)
+        train=train, fix_img7_mask=d.fix_img7_mask, input_features_dir=features or None,
+        output_moments_dir=moments or None, strict=d.strict)
 
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:

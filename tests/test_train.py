@@ -67,7 +67,16 @@ def first_batches(demo_root, tmp_path_factory):
     samples = build.read_samples("vist", cfg.data.train_path, test=False, seed=0, strict=True)
     ds = pipeline.make_dataset(samples, build.make_builder(cfg, built, 8, train=True), seed=0)
     it = iter(ds)
-    return [next(it) for _ in range(3)]
+    batches = [next(it) for _ in range(3)]
+    # validation reads its own precomputed folders when they are set, else the training ones
+    cfg.data.input_features_dir, cfg.data.output_moments_dir = "feats/train", "moments/train"
+    val = build.make_builder(cfg, built, 8, train=False)
+    assert (str(val.input_features_dir), str(val.output_moments_dir)) == ("feats/train", "moments/train")
+    cfg.data.val_input_features_dir, cfg.data.val_output_moments_dir = "feats/val", "moments/val"
+    val, train = (build.make_builder(cfg, built, 8, train=t) for t in (False, True))
+    assert (str(val.input_features_dir), str(val.output_moments_dir)) == ("feats/val", "moments/val")
+    assert (str(train.input_features_dir), str(train.output_moments_dir)) == ("feats/train", "moments/train")
+    return batches
 
 
 def run_steps(demo_root, workdir, batches, mesh):
