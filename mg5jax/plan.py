@@ -51,7 +51,7 @@ from mg5jax.models.minigpt5 import MiniGPT5
 from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
 from mg5jax.models.vae import AutoencoderKL, VAEConfig
 from mg5jax.models.vision import VisionEncoder, VisionEncoderConfig
-from mg5jax.training.optimizer import OptimizerConfig, build_optimizer
+from mg5jax.training.optimizer import OptimizerConfig, build_optimizer, resolve_masks
 from mg5jax.training.trainer import make_train_step
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,7 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
             _place_batch(train_batch(cfg, sizes, global_batch, text_length), mesh),
             jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())))
     step = make_train_step(model_def, opt_def, trainable, jax.random.key(cfg.seed), param_shardings=param_sh,
-                           opt_shardings=opt_sh, mesh=mesh)
+                           opt_shardings=opt_sh, mesh=mesh, grad_masks=resolve_masks(masks, params))
     with jax.set_mesh(mesh):
         _, report = compile_program(step, args, {}, device_hbm(devices))
     q = sizes.vision.qformer.num_query_tokens if sizes.vision is not None else 32

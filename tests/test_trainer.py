@@ -283,3 +283,18 @@ def test_train_steps_run_dropout_and_evaluation_does_not(tmp_path):
     again = Trainer(DropoutModel(nnx.Rngs(0, dropout=1)), cfg, devices=jax.devices()[:1])
     assert again.train_step(batch)["loss"] == losses[0]  # masks follow the step, not the process
     again.close()
+
+
+def test_logged_grad_norm_is_what_clipping_sees(tmp_path, initial_state):
+    """The update masks apply to the gradients first: entries they zero (old vocab rows) count toward no
+    clipping norm, nor toward the logged grad_norm."""
+    opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=((r"embed", 1.0),
+                                                                                           (r".*", None)))
+    cfg = TrainerConfig(workdir=str(tmp_path), optimizer=opt, mesh=MeshConfig(data=1), log_every=2)
+    norms = {}
+    for name, mask in (("no mask", None), ("all rows masked", np.zeros((16, 1), np.float32))):
+        trainer = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1],
+                          update_masks=None if mask is None else {"embed": mask})
+        norms[name] = trainer.train_step(make_batch(0))["grad_norm"]
+        trainer.close()
+    assert norms["no mask"] > 0 and norms["all rows masked"] == 0.0

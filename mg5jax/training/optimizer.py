@@ -140,6 +140,17 @@ def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> opt
     return schedule
 
 
+def masked_global_norm(grads: nnx.State, masks: Mapping[str, np.ndarray]) -> jax.Array:
+    """The global norm of `grads` times `resolve_masks`' masks: what clipping sees, since the optimizer
+    applies the masks first."""
+    total = jnp.zeros((), jnp.float32)
+    for path, v in nnx.to_flat_state(grads):
+        g = v.get_value().astype(jnp.float32)
+        mask = masks.get(_dotted(path))
+        total += jnp.sum(jnp.square(g if mask is None else g * jnp.asarray(mask, jnp.float32)))
+    return jnp.sqrt(total)
+
+
 def _scale_by_path(factors: Mapping[str, np.ndarray | float]) -> optax.GradientTransformation:
     """Multiply the update of each listed path by its factor (scalar or broadcastable array)."""
 
@@ -159,7 +170,9 @@ def _scale_by_path(factors: Mapping[str, np.ndarray | float]) -> optax.GradientT
     return optax.GradientTransformation(init, update)
 
 
-def _resolve_masks(masks: UpdateMasks | None, state: nnx.State) -> dict[str, np.ndarray]:
+def resolve_masks(masks: UpdateMasks | None, state: nnx.State) -> dict[str, np.ndarray]:
+    """`{param path: mask}` for the trainable `state` (a callable `masks` asked per path); a path that
+    is not trainable or a mask that does not broadcast to its param is an error."""
     if masks is None:
         return {}
     values = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(state)}
@@ -196,7 +209,7 @@ def build_optimizer(
         raise ValueError(f"no trainable parameters: the rules {list(cfg.trainable)} match none of "
                          f"{len(labels)} params (first: {list(labels)[:3]})")
     wrt = TrainableFilter(multipliers)
-    masks = _resolve_masks(update_masks, nnx.state(model, wrt))
+    masks = resolve_masks(update_masks, nnx.state(model, wrt))
     schedule = linear_warmup_decay(cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
     tx = optax.chain(
         _scale_by_path(masks),

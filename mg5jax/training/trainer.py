@@ -31,14 +31,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mg5jax import parallel
 from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer
-from mg5jax.training.optimizer import OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay
+from mg5jax.training.optimizer import (OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay,
+                                      masked_global_norm, resolve_masks)
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class Trainer:
         self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._model = parallel.shard_model(model, self.mesh)
         tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
+        masks = resolve_masks(update_masks, nnx.state(model, self.trainable))
         self._optimizer = parallel.shard_model(nnx.Optimizer(model, tx, wrt=self.trainable), self.mesh)
         self._model_def, self._params, self._frozen = nnx.split(model, self.trainable, ...)
         self._opt_def, self._opt_state = nnx.split(self._optimizer)
@@ -178,7 +179,8 @@ class Trainer:
         train_key, eval_key = jax.random.split(jax.random.key(cfg.seed))
         self._train_step = make_train_step(self._model_def, self._opt_def, self.trainable, train_key,
                                            param_shardings=_shardings(self._params),
-                                           opt_shardings=_shardings(self._opt_state), mesh=self.mesh)
+                                           opt_shardings=_shardings(self._opt_state), mesh=self.mesh,
+                                           grad_masks=masks)
         self._eval_step = self._make_eval_step(eval_key)
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self._params))
         n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.filter_state(self._frozen, nnx.Param)))
@@ -408,13 +410,14 @@ class Trainer:
 
 
 def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, train_key: jax.Array, *,
-                    param_shardings, opt_shardings, mesh: jax.sharding.Mesh):
+                    param_shardings, opt_shardings, mesh: jax.sharding.Mesh, grad_masks=None):
     """The jitted train step `(params, opt_state, frozen, batch, step) -> (params, opt_state, terms)`.
 
     `params` are the trainable variables (`trainable` filter), `frozen` the rest of the model,
     `opt_state` the split `nnx.Optimizer`; the step's rng is `fold_in(train_key, step)`. Params and
     optimizer state are donated and kept on `param_shardings` / `opt_shardings`; `terms` (the
-    model's loss terms and `grad_norm`) are replicated. Call it, or `.lower()` it on
+    model's loss terms and `grad_norm`, the norm of the gradients after `grad_masks` as clipping sees
+    it) are replicated. Call it, or `.lower()` it on
     `jax.ShapeDtypeStruct`s for an ahead-of-time compile, inside `jax.set_mesh(mesh)`.
     """
 
@@ -432,7 +435,7 @@ def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, t
         model = nnx.merge(model_def, params, frozen)
         optimizer = nnx.merge(opt_def, opt_state)
         optimizer.update(model, grads)
-        terms = dict(terms, grad_norm=optax.tree.norm(grads))
+        terms = dict(terms, grad_norm=masked_global_norm(grads, grad_masks or {}))
         return nnx.state(model, trainable), nnx.state(optimizer), terms
 
     replicated = NamedSharding(mesh, PartitionSpec())
