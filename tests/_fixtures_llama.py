@@ -1,7 +1,7 @@
 """Tiny random transformers `LlamaForCausalLM` references saved in the hub layout (built offline).
 
-Two shapes: `llama_gqa` (grouped-query attention, untied lm_head) and `llama_odd` (3 heads, 3 layers,
-odd widths, rope_theta 5e5, tied embeddings). RMSNorm weights are random (not torch's ones) and the
+Two shapes: `llama_gqa` (grouped-query attention, untied lm_head) and `llama_odd` (3 heads of 32, 3 layers,
+widths that are no powers of two: 96 / 200 / vocab 150, rope_theta 5e5, tied embeddings). RMSNorm weights are random (not torch's ones) and the
 init scale is large enough for attention to be far from uniform, so layout or RoPE mistakes show.
 Artifacts are memoised per session so that every test module importing these fixtures shares them.
 """

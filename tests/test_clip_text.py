@@ -20,13 +20,19 @@ TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_la
             pad_token_id=1)  # fmt: skip
 
 
+# a second layout: odd width and head size, three layers, another LayerNorm eps
+ODD = dict(TINY, hidden_size=36, intermediate_size=100, num_hidden_layers=3, num_attention_heads=3,
+           layer_norm_eps=1e-6, projection_dim=36)
+CONFIGS = {"gelu": dict(TINY, hidden_act="gelu"), "quick_gelu": dict(ODD, hidden_act="quick_gelu")}
+
+
 def _torch_text_encoder(tmp_path_factory, act: str, seed: int):
     import torch
     from transformers import CLIPTextConfig as HFConfig
     from transformers import CLIPTextModel as HFModel
 
     torch.manual_seed(seed)
-    model = perturb_norms(HFModel(HFConfig(**TINY, hidden_act=act)), seed).eval()
+    model = perturb_norms(HFModel(HFConfig(**CONFIGS[act])), seed).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -67,7 +73,7 @@ def test_last_hidden_state_parity(text_pair, clip_tokenizer):
     assert (ids[:, 0] == 998).all() and (ids[[0, 1], n - 1] == 999).all() and (ids[0, n[0]:] == 0).all() and n[0] < n[1]
     for attention_mask in (None, mask):
         ours = np.asarray(model(jnp.asarray(ids), None if attention_mask is None else jnp.asarray(attention_mask)))
-        chex.assert_shape(ours, (2, 77, 32))
+        chex.assert_shape(ours, (2, 77, torch_model.config.hidden_size))
         ref = _torch_hidden(torch_model, ids, attention_mask)
         err = np.abs(ours - ref).max()
         print(f"{model.config.hidden_act} mask={attention_mask is not None}: max-abs {err:.2e}")

@@ -73,6 +73,8 @@ def test_parity_with_transformers(name, request):
     # the tied model really ties: logits are hidden @ embedding.T
     if cfg.tie_word_embeddings:
         assert ref.model.lm_head is None
+        tied = np.asarray(out_ids.hidden_states) @ np.asarray(ref.model.model.embed_tokens.embedding[...]).T
+        np.testing.assert_allclose(np.asarray(out_ids.logits), tied, atol=1e-4, rtol=0)
 
 
 def test_kv_cache_decode_matches_full_forward(llama_gqa):

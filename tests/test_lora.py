@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from _fixtures_llama import llama_gqa  # noqa: F401
+from _fixtures_llama import llama_gqa, llama_odd  # noqa: F401
 from flax import nnx
 
 from mg5jax.convert import llama as convert_llama
@@ -108,6 +108,35 @@ def test_peft_parity_import_export_and_merge(llama_gqa, peft_reference):
     merge_err = np.abs(np.asarray(logits(model, *args)) - ours)[real].max()
     print(f"merged vs unmerged max-abs error: {merge_err:.2e}")
     assert merge_err <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_peft_parity_on_other_targets_rank_and_a_tied_model(llama_odd):
+    """LoRA on k / o / MLP projections at r=3, alpha=7 of the odd-sized tied LLaMA, against peft."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["k_proj", "o_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=3, lora_alpha=7, lora_dropout=0.0, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(llama_odd.torch_model), config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model = LlamaForCausalLM.from_pretrained(llama_odd.path, param_dtype=jnp.float32)
+    wrapped = lora.apply_lora(model, targets=r"\.(k_proj|o_proj|up_proj|down_proj)$", rank=3, alpha=7.0,
+                              dropout=0.0, rngs=nnx.Rngs(0))
+    assert len(wrapped) == 4 * llama_odd.model.config.num_hidden_layers
+    convert_llama.load_peft(model, DictSource({k: v.numpy() for k, v in peft_model.state_dict().items()}, "peft"))
+    ids = np.random.default_rng(2).integers(3, llama_odd.model.config.vocab_size, size=(2, 7))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(logits(model, jnp.asarray(ids), jnp.ones((2, 7), jnp.int32)))
+    err = np.abs(ours - want).max()
+    print(f"peft LoRA (k/o/up/down, r=3, tied) logits max-abs error: {err:.2e}")
+    assert err <= 1e-4 and np.abs(want - np.asarray(logits(llama_odd.model, jnp.asarray(ids),
+                                                           jnp.ones((2, 7), jnp.int32)))).max() > 1e-2
 
 
 def test_training_lora_params_only_leaves_base_untouched(llama_gqa):

@@ -35,6 +35,28 @@ def vae_pair(tiny_sd_dir):
     return ours, TorchVAE.from_pretrained(str(tiny_sd_dir / "vae")).eval()
 
 
+# a second layout: three levels (downsample 4), two resnets per encoder level (three per decoder level),
+# 16 groups over 32 / 48 / 64 channels, three latent channels
+ODD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=3, layers_per_block=2, block_out_channels=(32, 48, 64),
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
+    sample_size=24, scaling_factor=0.5,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session", params=["sd2", "odd"])
+def parity_pair(request, vae_pair, tmp_path_factory):
+    """(ours, diffusers', input size, latent size) for each tiny layout."""
+    if request.param == "sd2":
+        return (*vae_pair, 32, 4)
+    from _fixtures_sd import build_tiny_vae
+
+    directory = tmp_path_factory.mktemp("odd_vae")
+    theirs = build_tiny_vae(ODD_VAE, 5)
+    theirs.save_pretrained(str(directory), safe_serialization=True)
+    return AutoencoderKL.from_pretrained(directory, param_dtype=jnp.float32), theirs, 24, 6
+
+
 @nnx.jit
 def _moments(vae, x):
     return vae.encode(x).moments
@@ -45,11 +67,12 @@ def _decode(vae, z):
     return vae.decode(z)
 
 
-def test_encoder_moments_parity(vae_pair):
-    ours, theirs = vae_pair
-    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, 32, 32)).astype(np.float32)
+def test_encoder_moments_parity(parity_pair):
+    ours, theirs, size, latent = parity_pair
+    x = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, size, size)).astype(np.float32)
     moments = _moments(ours, x)
-    chex.assert_shape(moments, (2, 8, 4, 4))
+    c = theirs.config.latent_channels
+    chex.assert_shape(moments, (2, 2 * c, latent, latent))
     chex.assert_type(moments, jnp.float32)
     with torch.no_grad():
         ref = theirs.encode(torch.from_numpy(x)).latent_dist.parameters.numpy()
@@ -58,11 +81,11 @@ def test_encoder_moments_parity(vae_pair):
     assert err <= 1e-4
 
 
-def test_decoder_parity(vae_pair):
-    ours, theirs = vae_pair
-    z = np.random.default_rng(1).normal(size=(2, 4, 4, 4)).astype(np.float32)
+def test_decoder_parity(parity_pair):
+    ours, theirs, size, latent = parity_pair
+    z = np.random.default_rng(1).normal(size=(2, theirs.config.latent_channels, latent, latent)).astype(np.float32)
     image = _decode(ours, z)
-    chex.assert_shape(image, (2, 3, 32, 32))
+    chex.assert_shape(image, (2, 3, size, size))
     with torch.no_grad():
         ref = theirs.decode(torch.from_numpy(z)).sample.numpy()
     err = float(np.abs(np.asarray(image) - ref).max())
@@ -203,8 +226,11 @@ def test_encode_images_writes_vae_moments(tiny_sd_dir, vae_pair, tmp_path, capsy
         assert stored.dtype == np.float32
         np.testing.assert_allclose(stored, ref, atol=1e-4, rtol=0)
 
-    # the vae/ folder itself works too; a size the VAE cannot take and a folder without a VAE are one-line errors
+    # the vae/ folder itself works too; another size into the same folder, a size the VAE cannot take and a
+    # folder without a VAE are one-line errors
     assert encode_images.main([*argv[:1], str(tiny_sd_dir / "vae"), *argv[2:]]) == 0
+    assert encode_images.main([*argv[:3], "16", *argv[4:]]) == 1
+    assert "holds VAE moments at 32 px, not VAE moments at 16 px" in capsys.readouterr().err
     assert encode_images.main([*argv[:3], "30", *argv[4:]]) == 1
     assert "--size 30" in capsys.readouterr().err
     assert encode_images.main([*argv[:1], str(tmp_path), *argv[2:]]) == 1

@@ -112,13 +112,16 @@ class KeyMap:
         return KeyMap(self.rules + other.rules, [p.pattern for p in self.ignore + other.ignore])
 
     def prefixed(self, theirs: str = "", ours: str = "") -> KeyMap:
-        """The same map with prefixes added to the checkpoint keys and/or our paths."""
+        """The same map with prefixes added to the checkpoint keys and/or our paths (ignore patterns
+        anchored at the key's start are anchored after the new prefix)."""
         rules = [
             dataclasses.replace(r, theirs=theirs + r.theirs,
                                 ours=tuple(ours + p for p in r.ours_patterns))
             for r in self.rules
         ]
-        return KeyMap(rules, [p.pattern for p in self.ignore])
+        ignore = [f"^{re.escape(theirs)}{p.pattern[1:]}" if p.pattern.startswith("^") else p.pattern
+                  for p in self.ignore]
+        return KeyMap(rules, ignore)
 
     def bind(self, our_paths: Iterable[str]) -> list[BoundRule]:
         """Concrete rules for exactly these parameter paths; a path no rule covers is an error."""
@@ -188,10 +191,15 @@ def load_params(
     values: dict[str, jax.Array] = {}
     for b in tqdm(bound, desc=f"loading {what}", unit="tensor", leave=False, disable=len(bound) < 64):
         try:
-            converted = b.to_ours(source[b.theirs])
+            tensor = source[b.theirs]
         except CheckpointError:
             raise
-        except Exception as e:  # a transform or split the tensor does not fit, an unreadable dtype
+        except Exception as e:  # an unreadable dtype or a broken file
+            raise CheckpointError(f"{what}: key {b.theirs!r} in {source.where(b.theirs)}: cannot read it "
+                                  f"({type(e).__name__}: {e})") from e
+        try:
+            converted = b.to_ours(tensor)
+        except Exception as e:  # a transform or split the tensor does not fit
             raise CheckpointError(f"{what}: key {b.theirs!r} in {source.where(b.theirs)}: cannot convert it to "
                                   f"{', '.join(b.ours)} ({b.transform.name}: {type(e).__name__}: {e})") from e
         for path, arr in zip(b.ours, converted):
