@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import pathlib
 import sys
 
@@ -140,6 +141,16 @@ def config_prompts(cfg, tokenizer):
     return build.generation_prompts(cfg, tokenizer, limit=_LIMIT.value, seed=_SEED.value)
 
 
+def _same_path(a: str, b: str) -> bool:
+    """Two settings name the same file or directory ("" only equals "")."""
+    if not a or not b:
+        return a == b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (here)
+        return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
 def check_init_from(cfg, run_dir: str) -> None:
     """A run's checkpoint holds only what it trained: a stage-2 run also needs the stage-1 weights it
     started from (fc, queries, voken rows it did not train). Refuse a config whose `model.init_from`
@@ -147,7 +158,7 @@ def check_init_from(cfg, run_dir: str) -> None:
     from mg5jax.training.checkpoint import recorded_config
 
     recorded = (recorded_config(run_dir) or {}).get("model", {})
-    if "init_from" in recorded and recorded["init_from"] != cfg.model.init_from:
+    if "init_from" in recorded and not _same_path(recorded["init_from"], cfg.model.init_from):
         raise ValueError(f"{run_dir} was trained from model.init_from={recorded['init_from']!r} but this config "
                          f"gives {cfg.model.init_from!r}: add --config.model.init_from={recorded['init_from']}")
 

@@ -78,8 +78,9 @@ def main() -> None:
         runs = [timed(batch) for _ in range(args.repeats)]
         return min(s for s, _ in runs), runs[0][1]
 
-    # the same eight prompts one at a time and as one batch: the same work (a row's response does not
-    # depend on its batch), so the time ratio is the throughput ratio
+    # the same eight prompts one at a time and as one batch: the same responses (a row's does not depend
+    # on its batch), so the time ratio is the throughput ratio (the batch's sampler call may render a few
+    # padding images: calls are padded to a power of two)
     singles = [best([p]) for p in prompts]
     batched = best(prompts)
     for b, (seconds, out) in ((1, (sum(s for s, _ in singles), [r for _, o in singles for r in o])), (8, batched)):

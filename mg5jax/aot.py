@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "mg5jax-program-2"
 MAX_BYTES = 4 << 30  # stored programs beyond this total are removed, least recently used first
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes")
 MAX_PRELOAD = 32  # programs a preload list holds (first used first)
 _UMASK = os.umask(0o022)  # read (and restored) once, at import: setting it is process-wide
 os.umask(_UMASK)
@@ -60,7 +60,7 @@ os.umask(_UMASK)
 
 @functools.cache
 def _installation() -> str:
-    """Python, the jax / jaxlib / flax / optax / numpy releases and a sha256 over every Python source of the
+    """Python, the jax / jaxlib / flax / optax / numpy / ml_dtypes releases and a sha256 over every Python source of the
     mg5jax package (what a traced program can run): fixed for the life of a process."""
     root = pathlib.Path(__file__).resolve().parent
     h = hashlib.sha256()
@@ -143,30 +143,32 @@ class _CodePickler(pickle.Pickler):
         return NotImplemented
 
 
-def _keyed_code(module: str) -> bool:
-    """Whether the key covers a module's code: mg5jax's sources, the keyed packages' releases, and
-    Python's own standard library (with `sys.version`)."""
+def _keyed_code(module: str, own: str | None = None) -> bool:
+    """Whether the key covers a module's code: mg5jax's sources, the keyed packages' releases,
+    Python's own standard library (with `sys.version`), and `own`, the stored function's module (its
+    file's digest)."""
     top = module.split(".", 1)[0]
-    return top in ("mg5jax", "builtins", *_PACKAGES) or top in sys.stdlib_module_names
+    return module == own or top in ("mg5jax", "builtins", *_PACKAGES) or top in sys.stdlib_module_names
 
 
-def _pickled_digest(obj) -> bytes:
+def _pickled_digest(obj, own: str | None = None) -> bytes:
     """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms).
     A ValueError when it refers to a class or function of other code (a user's own module in a model
     graph): pickle names it without its code, so an edit to it would go unnoticed."""
-    held = _DIGESTS.get(id(obj))
+    key = (id(obj), own)  # what counts as keyed code depends on the program's own module
+    held = _DIGESTS.get(key)
     if held is None or held[0] is not obj:
         buffer = io.BytesIO()
         pickler = _CodePickler(buffer)
         pickler.dump(obj)
-        foreign = sorted(m for m in pickler.modules if not _keyed_code(m))
+        foreign = sorted(m for m in pickler.modules if not _keyed_code(m, own))
         if foreign:
             raise ValueError(f"a static argument refers to code outside the key (modules {foreign})")
-        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(buffer.getvalue()).digest())
+        held = _DIGESTS[key] = (obj, hashlib.sha256(buffer.getvalue()).digest())
         if len(_DIGESTS) > _HELD:
             _DIGESTS.popitem(last=False)
     else:
-        _DIGESTS.move_to_end(id(obj))
+        _DIGESTS.move_to_end(key)
     return held[1]
 
 
@@ -209,6 +211,7 @@ class Program:
                              f"donated {donate_argnums}")
         self.name = f"{getattr(fun, '__module__', None)}.{getattr(fun, '__qualname__', type(fun).__name__)}"
         self._module_digest = _module_digest(fun, persist)
+        self._module = getattr(fun, "__module__", None)
         self.static_argnums = tuple(static_argnums)
         self.donate_argnums = tuple(donate_argnums)
         self.jitted = jax.jit(fun, static_argnums=static_argnums, donate_argnums=donate_argnums)
@@ -283,7 +286,7 @@ class Program:
             h.update(self._module_digest.encode())
             h.update(repr((self.static_argnums, self.donate_argnums)).encode())
             for obj in static:
-                h.update(_pickled_digest(obj))
+                h.update(_pickled_digest(obj, self._module))
         except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
             log.debug("%s: not kept on disk (%s)", self.name, e)
             return None

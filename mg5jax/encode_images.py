@@ -19,7 +19,8 @@ online path feeds the VAE; the original's preprocessing script stored moments of
 Neither is flipped, so training on stored moments has no flip augmentation of the target (as the
 original's). Files already written are skipped, so an interrupted run resumes. `<out>/sources.json`
 records the image each `<stem>.npy` came from: a second folder whose stems collide with the first is
-refused, and training checks that a sample's image is the one its file was computed from.
+refused, and training checks that a sample's image is the one its file was computed from;
+`<out>/encoding.json` records what the files hold, and another encoding or size is refused.
 """
 
 from __future__ import annotations
@@ -103,6 +104,31 @@ def output_moments(vae: AutoencoderKL, size: int = 512) -> Encoding:
                     _jitted(vae, lambda m, x: m.encode(x).moments))
 
 
+ENCODING = "encoding.json"  # in an output folder: what its files hold ({"what", "size"})
+
+
+def _check_encoding(out: pathlib.Path, encoding: Encoding) -> None:
+    """Record what `out` holds, or refuse to add another kind or size to it (its finished files would
+    be skipped as done, and training would meet the mismatch sample by sample)."""
+    path, this = out / ENCODING, {"what": encoding.what, "size": encoding.size}
+    if path.is_file():
+        try:
+            held = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not readable JSON ({e})") from e
+        if held != this:
+            raise ValueError(f"{out} holds {held['what']} at {held['size']} px, not {this['what']} at "
+                             f"{this['size']} px: use another --out folder")
+        return
+    _write_text(path, json.dumps(this))
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
     """Add this folder's images to `out/sources.json`; an image whose stem already stands for another
     image's features is an error (features are found by file stem alone)."""
@@ -112,9 +138,7 @@ def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
         if known != str(p.resolve()):
             raise ValueError(f"{out / (p.stem + '.npy')} holds the features of {known}, not of {p}: "
                              "use one --out folder per image folder")
-    tmp = out / f".{FEATURE_SOURCES}.tmp"
-    tmp.write_text(json.dumps(sources, indent=0, sort_keys=True))
-    os.replace(tmp, out / FEATURE_SOURCES)
+    _write_text(out / FEATURE_SOURCES, json.dumps(sources, indent=0, sort_keys=True))
 
 
 def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.Path) -> None:
@@ -140,6 +164,7 @@ def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = list_images(image_dir)
+    _check_encoding(out, encoding)
     _record_sources(out, images)
     todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
     log.info("%d images in %s, %d already encoded", len(images), image_dir, len(images) - len(todo))

@@ -139,17 +139,29 @@ def test_closures_lambdas_and_unpicklable_static_arguments_stay_in_memory(cache_
 
 
 @dataclasses.dataclass(frozen=True)
-class _Scale:  # a static argument whose class lives outside mg5jax: pickle would name it without its code
+class _Scale:  # a static argument whose class lives in the stored function's own (digested) module
     k: float
 
     def __call__(self, x):
         return x * self.k
 
 
+def _scale_by(settings, x):
+    return x * settings.k
+
+
 def test_static_arguments_that_refer_to_other_code_stay_in_memory(cache_dir):
+    """ml_collections is in no key: pickle names its class without its code, so the program is not stored.
+    A class of the stored function's own module is keyed by that file's digest."""
+    import ml_collections
+
+    settings = ml_collections.FrozenConfigDict({"k": 3.0})
+    program = aot.Program(_scale_by, static_argnums=(0,), persist=True)
+    np.testing.assert_array_equal(program(settings, np.ones(2, np.float32)), [3.0, 3.0])
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())
     program = aot.Program(_apply, static_argnums=(0,), persist=True)
     np.testing.assert_array_equal(program(_Scale(3.0), np.ones(2, np.float32)), [3.0, 3.0])
-    assert not cache_dir.exists() or not list(cache_dir.iterdir())
+    assert len(list(cache_dir.iterdir())) == 1
 
 
 def test_static_values_of_other_types_and_another_context_are_other_programs(cache_dir):
@@ -157,13 +169,15 @@ def test_static_values_of_other_types_and_another_context_are_other_programs(cac
     program = aot.Program(_double_plus, static_argnums=(0,), persist=True)
     x = np.ones(2, np.int32)
     assert [program(k, x).dtype for k in (1, 1.0, True, 1)] == [jnp.int32, jnp.float32, jnp.int32, jnp.int32]
+    assert len(program._compiled) == len(list(cache_dir.iterdir())) == 3
     assert program(1.0, x).devices() == {jax.devices()[0]}
     with jax.default_device(jax.devices()[1]):
         assert program(1.0, x).devices() == {jax.devices()[1]}
 
 
 def test_partials_stay_in_memory_and_negative_argument_numbers_are_refused(cache_dir):
-    np.testing.assert_array_equal(aot.Program(functools.partial(_double_plus, 2))(np.ones(2, np.float32)), [4, 4])
+    np.testing.assert_array_equal(aot.Program(functools.partial(_double_plus, 2), persist=True)(np.ones(2, np.float32)),
+                                  [4, 4])
     assert not cache_dir.exists()
     with pytest.raises(ValueError, match="argument numbers must be >= 0"):
         aot.Program(_double_plus, static_argnums=(-2,))

@@ -285,9 +285,9 @@ def test_train_steps_run_dropout_and_evaluation_does_not(tmp_path):
     again.close()
 
 
-def test_logged_grad_norm_is_what_clipping_sees(tmp_path, initial_state):
+def test_logged_grad_norm_leaves_out_what_the_masks_zero(tmp_path, initial_state):
     """The update masks apply to the gradients first: entries they zero (old vocab rows) count toward no
-    clipping norm, nor toward the logged grad_norm."""
+    clipping norm, nor toward the logged grad_norm (a micro-step's)."""
     opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=((r"embed", 1.0),
                                                                                            (r".*", None)))
     cfg = TrainerConfig(workdir=str(tmp_path), optimizer=opt, mesh=MeshConfig(data=1), log_every=2)

@@ -201,7 +201,7 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
     argv = ["--blip2-dir", str(blip2[1]), "--images", str(images), "--out", str(out), "--batch-size", "2",
             "--dtype", "float32", "--no-progress"]
     assert encode_images.main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "c.npy", "sources.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.npy", "b.npy", "c.npy", "encoding.json", "sources.json"]
     assert read_feature_sources(out) == {s: str((images / f"{s}.png").resolve()) for s in "abc"}
     size = hf_encoder.config.vision.image_size
     stems = ["a", "b", "c"]

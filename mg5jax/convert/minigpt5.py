@@ -91,6 +91,6 @@ def export_official(model, path: str | os.PathLike, stage: int) -> list[str]:
 
     arrays = dict(km.export_params(_stage_state(model, stage), stage_keymap(model, stage), dtype=np.float32))
     # the version key lets Lightning's own `load_from_checkpoint` (the original's loading) read the file
-    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
+    torch.save({"state_dict": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()},
                 "pytorch-lightning_version": LIGHTNING_VERSION, "epoch": 0, "global_step": 0}, path)
     return sorted(arrays)
