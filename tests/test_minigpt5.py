@@ -19,7 +19,7 @@ from mg5jax.convert import keymap as km
 from mg5jax.convert.mapper import load_mapper_params
 from mg5jax.convert.sources import DictSource
 from mg5jax.diffusion import schedulers
-from mg5jax.models.clip_text import CLIPTextModel
+from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
 from mg5jax.models.llama import LlamaForCausalLM
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
@@ -66,7 +66,9 @@ def make_batch(rng: np.random.Generator):
 def setup(tiny_sd_dir, tmp_path_factory):  # noqa: F811
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
+    from diffusers import DDPMScheduler
     from transformers import CLIPTextModel as TorchCLIP
+    from transformers import CLIPTokenizer
 
     torch_llm = build_torch_llama(LLAMA, seed=3)
     llm_dir = tmp_path_factory.mktemp("mg5_llm")
@@ -85,9 +87,13 @@ def setup(tiny_sd_dir, tmp_path_factory):  # noqa: F811
 
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_dir / "text_encoder", param_dtype=jnp.float32)
     torch_text = TorchCLIP.from_pretrained(tiny_sd_dir / "text_encoder").eval()
-    empty_ids = np.array([[0, 999] + [0] * 75], np.int32)  # "" through the tokenizer: <bos> <eos> pad…
-    empty_mask = (np.arange(77)[None] < 2).astype(np.int32)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_dir / "tokenizer"))
+    # the CFG-dropped caption target: "" through the tokenizer and the encoder, ours as build.py makes it
+    # and the original's encode_caption in torch
+    empty_ids, empty_mask = encode_prompts(tokenizer, [""])
     empty = np.asarray(text_encoder(jnp.asarray(empty_ids), attention_mask=jnp.asarray(empty_mask)))[0]
+    with torch.no_grad():
+        torch_empty = torch_text(**tokenizer("", padding="max_length", max_length=77, return_tensors="pt"))[0][0]
     schedule_cfg = json.loads((tiny_sd_dir / "scheduler" / "scheduler_config.json").read_text())
     config = MiniGPT5Config(voken_ids=VOKENS, image_placeholder_id=PLACEHOLDER, bos_id=1, num_query_tokens=Q,
                             groups_per_sample=2)
@@ -103,8 +109,8 @@ def setup(tiny_sd_dir, tmp_path_factory):  # noqa: F811
         llm=torch_llm, mapper=torch_mapper, text=torch_text,
         unet=TorchUNet.from_pretrained(tiny_sd_dir / "unet").eval(),
         vae=TorchVAE.from_pretrained(tiny_sd_dir / "vae").eval(),
-        alphas_cumprod=torch.tensor(np.asarray(model.alphas_cumprod[...])),
-        empty=torch.tensor(empty))
+        alphas_cumprod=DDPMScheduler.from_config(schedule_cfg).alphas_cumprod,
+        empty=torch_empty)
     return model, torch_parts
 
 
