@@ -151,25 +151,28 @@ def _keyed_code(module: str, own: str | None = None) -> bool:
     return module == own or top in ("mg5jax", "builtins", *_PACKAGES) or top in sys.stdlib_module_names
 
 
-def _pickled_digest(obj, own: str | None = None) -> bytes:
-    """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms).
-    A ValueError when it refers to a class or function of other code (a user's own module in a model
-    graph): pickle names it without its code, so an edit to it would go unnoticed."""
-    key = (id(obj), own)  # what counts as keyed code depends on the program's own module
-    held = _DIGESTS.get(key)
+def _pickled_digest(obj) -> bytes:
+    """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms)."""
+    held = _DIGESTS.get(id(obj))
     if held is None or held[0] is not obj:
-        buffer = io.BytesIO()
-        pickler = _CodePickler(buffer)
-        pickler.dump(obj)
-        foreign = sorted(m for m in pickler.modules if not _keyed_code(m, own))
-        if foreign:
-            raise ValueError(f"a static argument refers to code outside the key (modules {foreign})")
-        held = _DIGESTS[key] = (obj, hashlib.sha256(buffer.getvalue()).digest())
+        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(pickle.dumps(obj, protocol=5)).digest())
         if len(_DIGESTS) > _HELD:
             _DIGESTS.popitem(last=False)
     else:
-        _DIGESTS.move_to_end(key)
+        _DIGESTS.move_to_end(id(obj))
     return held[1]
+
+
+def _foreign_code(static: tuple, own: str | None) -> list[str]:
+    """Modules outside the key whose classes or functions the static arguments refer to (a user's own
+    module in a model graph): pickle names them without their code, so an edit would go unnoticed.
+    Checked before a program is stored (a Python-level pickler is several times slower than the key's):
+    a stored file's key is the same pickle bytes, and so the same module names, as a checked one."""
+    pickler = _CodePickler(io.BytesIO())
+    for obj in static:
+        if not _plain(obj):
+            pickler.dump(obj)
+    return sorted(m for m in pickler.modules if not _keyed_code(m, own))
 
 
 def _plain(x) -> bool:
@@ -256,7 +259,11 @@ class Program:
             else:
                 compiled = self._compile_fresh(args)
                 log.info("%s: traced and compiled in %.2f s", self.name, time.perf_counter() - start)
-                self._store(path, compiled, in_tree)
+                if foreign := _foreign_code(static, self._module):
+                    log.debug("%s: not kept on disk (static arguments refer to %s)", self.name, foreign)
+                    path = None
+                else:
+                    self._store(path, compiled, in_tree)
             self._compiled[signature] = compiled
             if path is not None:
                 _used(path)
@@ -286,7 +293,7 @@ class Program:
             h.update(self._module_digest.encode())
             h.update(repr((self.static_argnums, self.donate_argnums)).encode())
             for obj in static:
-                h.update(_pickled_digest(obj, self._module))
+                h.update(_pickled_digest(obj))
         except Exception as e:  # an unpicklable static argument: no stable key, compile as usual
             log.debug("%s: not kept on disk (%s)", self.name, e)
             return None
