@@ -140,6 +140,29 @@ def test_saving_again_removes_the_earlier_weight_files(tmp_path):
     np.testing.assert_array_equal(open_weights(tmp_path)["norm.weight"], sd["norm.weight"])
 
 
+def test_tensors_are_written_one_at_a_time(tmp_path):
+    """(key, array) pairs stream into the files: an exported model never sits in host memory whole."""
+    import weakref
+
+    sd = torch_like_state(np.random.default_rng(3))
+    alive = []
+
+    def pairs():
+        for k, v in sd.items():
+            if len(alive) >= 2:
+                assert alive[-2]() is None, "an array written two tensors ago is still held"
+            a = v.copy()
+            alive.append(weakref.ref(a))
+            yield k, a
+            del a
+
+    names = write_sharded_safetensors(tmp_path, pairs(), max_shard_bytes=100)
+    assert len(names) > 1 and not list(tmp_path.glob(".*"))  # no temporary files left
+    src = open_weights(tmp_path)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(src[k], v)
+
+
 def test_logical_rules_unknown_name_is_an_error(caplog):
     with pytest.raises(KeyError, match="'bogus'"):
         parallel.logical_to_mesh(("embed", "bogus"))

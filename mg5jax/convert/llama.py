@@ -7,7 +7,7 @@ projections convert with a plain transpose (no head permutation).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import numpy as np
 from flax import nnx
@@ -120,9 +120,3 @@ def export_peft(
     """`(peft key, array)` for the parameters of a LoRA-wrapped model (or only its trainable set)."""
     keys = peft_keymap(model, adapter_name=adapter_name, lora_only=lora_only, modules_to_save=modules_to_save)
     return km.export_params(nnx.state(model, peft_params(lora_only, modules_to_save)), keys)
-
-
-def hf_state_dict(model: nnx.Module) -> Mapping[str, np.ndarray]:
-    """The HF state dict of a (LoRA-free) model, as numpy arrays in their stored dtypes."""
-    return dict(km.export_params(nnx.state(model, nnx.Param), keymap(model.config.tie_word_embeddings)))
-

@@ -12,7 +12,9 @@ import mmap
 import os
 import pathlib
 import re
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 
 import ml_dtypes
@@ -240,59 +242,99 @@ def _index_files(index: pathlib.Path) -> list[pathlib.Path]:
     return [index.parent / f for f in files]
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
-    """Write one .safetensors file (any numpy dtype including ml_dtypes.bfloat16)."""
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = {}
-    for k, v in tensors.items():
-        a = np.require(v, requirements="C")  # a 0-d array stays 0-d
+class _FileWriter:
+    """One .safetensors file written a tensor at a time: the data goes to a temporary file as each tensor
+    comes, the header (which precedes the data) is written when the file is finished."""
+
+    def __init__(self, directory: pathlib.Path, metadata=None):
+        self.header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.size = 0
+        fd, name = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=directory)
+        self.data_path = pathlib.Path(name)
+        self._data = os.fdopen(fd, "wb")
+
+    def add(self, key: str, a: np.ndarray, where: str) -> None:
         if a.dtype not in _DTYPE_NAMES:
-            raise CheckpointError(f"{path}: cannot store key {k!r} with dtype {a.dtype}")
-        header[k] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
-                     "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays[k] = a
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays.values():
-            f.write(a.reshape(-1).view(np.uint8).data)  # no copy of the tensor
-    os.replace(tmp, path)
+            raise CheckpointError(f"{where}: cannot store key {key!r} with dtype {a.dtype}")
+        self.header[key] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                            "data_offsets": [self.size, self.size + a.nbytes]}
+        self._data.write(a.reshape(-1).view(np.uint8).data)  # no copy of the tensor
+        self.size += a.nbytes
+
+    def finish(self, path: pathlib.Path) -> None:
+        """Header + data into `path` (through a temporary name: a reader sees the old file or the new one)."""
+        self._data.close()
+        blob = json.dumps(self.header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        tmp = path.parent / f".{path.name}.tmp"
+        with open(tmp, "wb") as f, open(self.data_path, "rb") as data:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            shutil.copyfileobj(data, f, 64 << 20)
+        os.replace(tmp, path)
+
+    def discard(self) -> None:
+        self._data.close()
+        self.data_path.unlink(missing_ok=True)
 
 
-def write_sharded_safetensors(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]):
+    return tensors.items() if isinstance(tensors, Mapping) else tensors
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                      metadata=None) -> None:
+    """Write one .safetensors file (any numpy dtype including ml_dtypes.bfloat16) from a mapping or from
+    `(key, array)` pairs, which are consumed one at a time."""
+    path = pathlib.Path(path)
+    writer = _FileWriter(path.parent, metadata)
+    try:
+        for k, v in _items(tensors):
+            writer.add(k, np.require(v, requirements="C"), str(path))  # a 0-d array stays 0-d
+        writer.finish(path)
+    finally:
+        writer.discard()
+
+
+def write_sharded_safetensors(directory: str | os.PathLike,
+                              tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                               stem: str = "model", max_shard_bytes: int | None = None) -> list[str]:
-    """Write `<stem>.safetensors`, or shards plus `<stem>.safetensors.index.json` as the hub does.
-    Once the new files are complete, the `<stem>` weight files of an earlier save that are not part of
-    them are removed (a loader would pick a stale single file before the new index)."""
+    """Write `<stem>.safetensors`, or shards of at most `max_shard_bytes` plus
+    `<stem>.safetensors.index.json` as the hub does. `(key, array)` pairs are consumed one at a time, so
+    a model exported tensor by tensor never sits in host memory whole. Once the new files are complete,
+    the `<stem>` weight files of an earlier save that are not part of them are removed (a loader would
+    pick a stale single file before the new index)."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    if max_shard_bytes is None or sum(np.asarray(v).nbytes for v in tensors.values()) <= max_shard_bytes:
-        write_safetensors(d / f"{stem}.safetensors", tensors)
-        _remove_stale(d, stem, keep={f"{stem}.safetensors"})
-        return [f"{stem}.safetensors"]
-    shards: list[dict] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        nbytes = np.asarray(v).nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        write_safetensors(d / name, shard)
-        weight_map.update({k: name for k in shard})
-    total = sum(np.asarray(v).nbytes for v in tensors.values())
-    (d / f"{stem}.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    _remove_stale(d, stem, keep={*names, f"{stem}.safetensors.index.json"})
+    shards: list[_FileWriter] = []
+    weight_map: dict[str, int] = {}
+    try:
+        for k, v in _items(tensors):
+            a = np.require(v, requirements="C")
+            if not shards or (max_shard_bytes is not None and shards[-1].size
+                              and shards[-1].size + a.nbytes > max_shard_bytes):
+                shards.append(_FileWriter(d))
+            shards[-1].add(k, a, str(d))
+            weight_map[k] = len(shards) - 1
+        if not shards:
+            shards.append(_FileWriter(d))
+        if len(shards) == 1:
+            names = [f"{stem}.safetensors"]
+        else:
+            names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            shard.finish(d / name)
+    finally:
+        for shard in shards:
+            shard.discard()
+    if len(names) > 1:
+        index = {"metadata": {"total_size": sum(s.size for s in shards)},
+                 "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        (d / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        names_kept = {*names, f"{stem}.safetensors.index.json"}
+    else:
+        names_kept = set(names)
+    _remove_stale(d, stem, keep=names_kept)
     return names
 
 

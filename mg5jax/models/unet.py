@@ -541,5 +541,4 @@ def save_diffusers(model: nnx.Module, config: dict, keymap: km.KeyMap, path: str
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    tensors = dict(km.export_params(nnx.state(model, nnx.Param), keymap, dtype))
-    write_sharded_safetensors(path, tensors, stem=WEIGHTS_STEM)
+    write_sharded_safetensors(path, km.export_params(nnx.state(model, nnx.Param), keymap, dtype), stem=WEIGHTS_STEM)
