@@ -1,5 +1,7 @@
 """The conversion core: key maps, strict loading, export round trip, safetensors I/O."""
 
+import collections
+import json
 import logging
 
 import jax
@@ -176,3 +178,24 @@ def test_logical_rules_unknown_name_is_an_error(caplog):
         spec = parallel.state_shardings(vocab, mesh)["lm_head"].get_value().spec
     assert spec == jax.sharding.PartitionSpec("fsdp", None)
     assert "lm_head (64, 32009): vocab=32009 not split over the mesh" in caplog.text
+
+
+def test_a_weight_index_that_misplaces_a_key_is_named(tmp_path):
+    sd = torch_like_state(np.random.default_rng(4))
+    write_sharded_safetensors(tmp_path, sd, max_shard_bytes=100)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    counts = collections.Counter(index["weight_map"].values())
+    full = next(name for name, n in counts.items() if n > 1)  # still listed after one key moves away
+    other = next(name for name in counts if name != full)
+    shards = [full, other]
+    key = next(k for k, v in index["weight_map"].items() if v == full)
+    index["weight_map"][key] = other
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"places key '{key}' in {shards[1]}, but it is in .*{shards[0]}"):
+        open_weights(tmp_path)
+    index["weight_map"]["not.there"] = shards[0]
+    index["weight_map"][key] = shards[0]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"places key 'not.there' in .*, but no shard holds it"):
+        open_weights(tmp_path)

@@ -106,6 +106,9 @@ class SafetensorsSource(TensorSource):
     def __len__(self) -> int:
         return len(self._index)
 
+    def __contains__(self, key) -> bool:  # without reading the tensor, as Mapping's would
+        return key in self._index
+
     def where(self, key: str) -> str:
         return self._index[key].path if key in self._index else self.description
 
@@ -166,6 +169,9 @@ class TorchSource(TensorSource):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def __contains__(self, key) -> bool:
+        return key in self._tensors
+
     def where(self, key: str) -> str:
         return self._where.get(key, self.description)
 
@@ -215,20 +221,22 @@ def open_weights(directory: str | os.PathLike, stems: Iterable[str] = WEIGHT_STE
             return SafetensorsSource([d / f"{stem}.safetensors"])
         index = d / f"{stem}.safetensors.index.json"
         if index.is_file():
-            return SafetensorsSource(_index_files(index))
+            return _checked(index, SafetensorsSource)
     for stem in ("pytorch_model", *stems):
         if (d / f"{stem}.bin").is_file():
             return TorchSource([d / f"{stem}.bin"])
         index = d / f"{stem}.bin.index.json"
         if index.is_file():
-            return TorchSource(_index_files(index))
+            return _checked(index, TorchSource)
     raise FileNotFoundError(
         f"no weights in {d}: expected one of {[s + '.safetensors' for s in stems]}, "
         "a *.safetensors.index.json, or pytorch_model.bin"
     )
 
 
-def _index_files(index: pathlib.Path) -> list[pathlib.Path]:
+def _checked(index: pathlib.Path, kind) -> TensorSource:
+    """The shards a weight index lists, opened as one source; a key the index places in a shard that
+    does not hold it is an error naming both."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
@@ -239,7 +247,13 @@ def _index_files(index: pathlib.Path) -> list[pathlib.Path]:
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
         raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
-    return [index.parent / f for f in files]
+    source = kind([index.parent / f for f in files])
+    for key, name in weight_map.items():
+        found = source.where(key) if key in source else None
+        if found != str(index.parent / name):
+            raise CheckpointError(f"{index}: places key {key!r} in {name}, but "
+                                  + (f"it is in {found}" if found else "no shard holds it"))
+    return source
 
 
 class _FileWriter:
