@@ -197,6 +197,15 @@ def test_checkpoint_errors_name_key_and_file(llama_gqa, tmp_path):
         LlamaForCausalLM.from_pretrained(wrong)
     ignored = attempt("ignored", tensors | {"model.rotary_emb.inv_freq": np.ones(8, np.float32)})
     LlamaForCausalLM.from_pretrained(ignored)
+    # a config that says tied over a file whose lm_head is its own matrix
+    untied = attempt("said_tied", tensors)
+    (untied / "config.json").write_text(json.dumps(
+        json.loads((untied / "config.json").read_text()) | {"tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"said_tied/model.safetensors: config.json says tie_word_embeddings"):
+        LlamaForCausalLM.from_pretrained(untied)
+    copy = attempt("tied_copy", tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"]})
+    (copy / "config.json").write_text((untied / "config.json").read_text())
+    LlamaForCausalLM.from_pretrained(copy)  # a copy of the embedding is what a tied file may hold
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_odd"])

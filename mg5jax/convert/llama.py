@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mg5jax.convert import keymap as km
-from mg5jax.convert.sources import TensorSource
+from mg5jax.convert.sources import CheckpointError, TensorSource
 from mg5jax.models import lora
 
 _LAYER_RULES = (
@@ -90,6 +90,15 @@ def peft_keymap(
     if lora_only:
         return km.KeyMap(rules, ignore)
     return km.KeyMap(rules, ignore) + km.KeyMap(rest, [p.pattern for p in base.ignore]).prefixed(theirs=PEFT_PREFIX)
+
+
+def check_tied(source: TensorSource, tied: bool) -> None:
+    """A tied model's file may hold a copy of the embedding as `lm_head.weight` (which the key map then
+    ignores); a different matrix there means the config's tie_word_embeddings is wrong."""
+    head, embed = _VOCAB_KEYS[1], _VOCAB_KEYS[0]
+    if tied and head in source and embed in source and not np.array_equal(source[head], source[embed]):
+        raise CheckpointError(f"{source.where(head)}: config.json says tie_word_embeddings=true, but "
+                              f"{head!r} is not a copy of {embed!r}")
 
 
 def peft_params(lora_only: bool = False, modules_to_save: bool = False) -> nnx.filterlib.Filter:

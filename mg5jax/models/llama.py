@@ -396,7 +396,9 @@ class LlamaForCausalLM(nnx.Module):
         graphdef, abstract = km.abstract_model(lambda: cls(
             config, dtype=dtype, param_dtype=param_dtype, residual_dtype=residual_dtype, attn_impl=attn_impl,
             remat=remat, rngs=nnx.Rngs(0)))
-        state = km.load_params(abstract, open_weights(path), convert_llama.keymap(config.tie_word_embeddings),
+        source = open_weights(path)
+        convert_llama.check_tied(source, config.tie_word_embeddings)
+        state = km.load_params(abstract, source, convert_llama.keymap(config.tie_word_embeddings),
                                mesh=mesh, rules=rules, what=f"LLaMA {path}")
         return km.materialize(graphdef, state)
 
