@@ -199,3 +199,22 @@ def test_a_weight_index_that_misplaces_a_key_is_named(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"places key 'not.there' in .*, but no shard holds it"):
         open_weights(tmp_path)
+
+
+def test_a_failed_save_leaves_the_earlier_one_whole(tmp_path):
+    sd = torch_like_state(np.random.default_rng(5))
+    names = write_sharded_safetensors(tmp_path, sd, max_shard_bytes=100)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing():
+        for i, item in enumerate(sd.items()):
+            if i == 5:
+                raise RuntimeError("export failed")
+            yield item[0], item[1] + 1
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        write_sharded_safetensors(tmp_path, failing(), max_shard_bytes=100)
+    with pytest.raises(CheckpointError, match=r"key 'norm.bias' given twice"):
+        write_sharded_safetensors(tmp_path, [*sd.items(), ("norm.bias", sd["norm.bias"])], max_shard_bytes=100)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either
+    assert len(names) > 1

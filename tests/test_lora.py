@@ -11,7 +11,7 @@ from _fixtures_llama import llama_gqa, llama_odd  # noqa: F401
 from flax import nnx
 
 from mg5jax.convert import llama as convert_llama
-from mg5jax.convert.sources import DictSource
+from mg5jax.convert.sources import CheckpointError, DictSource
 from mg5jax.models import lora
 from mg5jax.models.llama import LlamaForCausalLM
 
@@ -64,7 +64,7 @@ def test_apply_lora_structure_and_init(llama_gqa):
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-def test_peft_parity_import_export_and_merge(llama_gqa, peft_reference):
+def test_peft_parity_import_export_and_merge(llama_gqa, peft_reference, tmp_path):
     model, _ = lora_model(llama_gqa.path)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, llama_gqa.model.config.vocab_size, size=(2, 8))
@@ -100,6 +100,13 @@ def test_peft_parity_import_export_and_merge(llama_gqa, peft_reference):
     convert_llama.load_peft(fresh, DictSource(adapter_sd, "adapter_model.safetensors"), adapter_name=None,
                             lora_only=True)
     np.testing.assert_array_equal(np.asarray(logits(fresh, *args)), ours)
+
+    saved = llama_gqa.model.save_pretrained(tmp_path / "saved")
+    config = (tmp_path / "saved" / "config.json").read_text()
+    with pytest.raises(CheckpointError, match=r"no conversion rule for our parameter .*lora_a"):  # no HF name
+        model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").read_text() == config and saved == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
 
     merged = lora.merge(model)
     assert len(merged) == 4 and not lora.lora_paths(model)

@@ -15,6 +15,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 import ml_dtypes
@@ -258,9 +259,11 @@ def _checked(index: pathlib.Path, kind) -> TensorSource:
 
 class _FileWriter:
     """One .safetensors file written a tensor at a time: the data goes to a temporary file as each tensor
-    comes, the header (which precedes the data) is written when the file is finished."""
+    comes; `finish` puts the header (which precedes the data) and the data into another temporary
+    file, named so that `_remove_stale` sweeps it if the process dies, for the caller to rename."""
 
     def __init__(self, directory: pathlib.Path, metadata=None):
+        self.directory = directory
         self.header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         self.size = 0
         fd, name = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=directory)
@@ -268,6 +271,8 @@ class _FileWriter:
         self._data = os.fdopen(fd, "wb")
 
     def add(self, key: str, a: np.ndarray, where: str) -> None:
+        if key in self.header:
+            raise CheckpointError(f"{where}: key {key!r} given twice")
         if a.dtype not in _DTYPE_NAMES:
             raise CheckpointError(f"{where}: cannot store key {key!r} with dtype {a.dtype}")
         self.header[key] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
@@ -275,17 +280,23 @@ class _FileWriter:
         self._data.write(a.reshape(-1).view(np.uint8).data)  # no copy of the tensor
         self.size += a.nbytes
 
-    def finish(self, path: pathlib.Path) -> None:
-        """Header + data into `path` (through a temporary name: a reader sees the old file or the new one)."""
+    def finish(self) -> pathlib.Path:
+        """The whole file (header + data) under a temporary name; the data file is gone."""
         self._data.close()
         blob = json.dumps(self.header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        tmp = path.parent / f".{path.name}.tmp"
-        with open(tmp, "wb") as f, open(self.data_path, "rb") as data:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            shutil.copyfileobj(data, f, 64 << 20)
-        os.replace(tmp, path)
+        fd, name = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f, open(self.data_path, "rb") as data:
+                f.write(struct.pack("<Q", len(blob)))
+                f.write(blob)
+                shutil.copyfileobj(data, f, 64 << 20)
+        except BaseException:
+            pathlib.Path(name).unlink(missing_ok=True)
+            raise
+        finally:
+            self.data_path.unlink(missing_ok=True)
+        return pathlib.Path(name)
 
     def discard(self) -> None:
         self._data.close()
@@ -296,16 +307,22 @@ def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]])
     return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
+def _write_text_atomically(path: pathlib.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                       metadata=None) -> None:
     """Write one .safetensors file (any numpy dtype including ml_dtypes.bfloat16) from a mapping or from
-    `(key, array)` pairs, which are consumed one at a time."""
+    `(key, array)` pairs, which are consumed one at a time; a reader sees the old file or the new one."""
     path = pathlib.Path(path)
     writer = _FileWriter(path.parent, metadata)
     try:
         for k, v in _items(tensors):
             writer.add(k, np.require(v, requirements="C"), str(path))  # a 0-d array stays 0-d
-        writer.finish(path)
+        os.replace(writer.finish(), path)
     finally:
         writer.discard()
 
@@ -315,45 +332,61 @@ def write_sharded_safetensors(directory: str | os.PathLike,
                               stem: str = "model", max_shard_bytes: int | None = None) -> list[str]:
     """Write `<stem>.safetensors`, or shards of at most `max_shard_bytes` plus
     `<stem>.safetensors.index.json` as the hub does. `(key, array)` pairs are consumed one at a time, so
-    a model exported tensor by tensor never sits in host memory whole. Once the new files are complete,
-    the `<stem>` weight files of an earlier save that are not part of them are removed (a loader would
-    pick a stale single file before the new index)."""
+    a model exported tensor by tensor never sits in host memory whole (nor on disk twice: each shard is
+    finished when it fills). The files take their names only once all are written, so a failed save
+    leaves an earlier one as it was; then the `<stem>` weight files of an earlier save that are not
+    part of the new one are removed (a loader would pick a stale single file before the new index)."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    shards: list[_FileWriter] = []
-    weight_map: dict[str, int] = {}
+    finished: list[tuple[pathlib.Path, dict, int]] = []  # (temporary file, header, bytes)
+    writer: _FileWriter | None = None
     try:
         for k, v in _items(tensors):
             a = np.require(v, requirements="C")
-            if not shards or (max_shard_bytes is not None and shards[-1].size
-                              and shards[-1].size + a.nbytes > max_shard_bytes):
-                shards.append(_FileWriter(d))
-            shards[-1].add(k, a, str(d))
-            weight_map[k] = len(shards) - 1
-        if not shards:
-            shards.append(_FileWriter(d))
-        if len(shards) == 1:
+            if writer is not None and max_shard_bytes is not None and writer.size \
+                    and writer.size + a.nbytes > max_shard_bytes:
+                finished.append((writer.finish(), writer.header, writer.size))
+                writer = None
+            if writer is None:
+                writer = _FileWriter(d)
+            if any(k in header for _, header, _ in finished):
+                raise CheckpointError(f"{d}: key {k!r} given twice")
+            writer.add(k, a, str(d))
+        if writer is not None or not finished:
+            writer = writer or _FileWriter(d)
+            finished.append((writer.finish(), writer.header, writer.size))
+            writer = None
+        if len(finished) == 1:
             names = [f"{stem}.safetensors"]
         else:
-            names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            shard.finish(d / name)
+            names = [f"{stem}-{i + 1:05d}-of-{len(finished):05d}.safetensors" for i in range(len(finished))]
+        for name, (tmp, _, _) in zip(names, finished):
+            os.replace(tmp, d / name)
     finally:
-        for shard in shards:
-            shard.discard()
+        if writer is not None:
+            writer.discard()
+        for tmp, _, _ in finished:
+            tmp.unlink(missing_ok=True)
+    keep = set(names)
     if len(names) > 1:
-        index = {"metadata": {"total_size": sum(s.size for s in shards)},
-                 "weight_map": {k: names[i] for k, i in weight_map.items()}}
-        (d / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        names_kept = {*names, f"{stem}.safetensors.index.json"}
-    else:
-        names_kept = set(names)
-    _remove_stale(d, stem, keep=names_kept)
+        weight_map = {k: name for name, (_, header, _) in zip(names, finished) for k in header if k != "__metadata__"}
+        index = {"metadata": {"total_size": sum(size for _, _, size in finished)}, "weight_map": weight_map}
+        _write_text_atomically(d / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
+        keep.add(f"{stem}.safetensors.index.json")
+    _remove_stale(d, stem, keep=keep)
     return names
 
 
 def _remove_stale(directory: pathlib.Path, stem: str, keep: set[str]) -> None:
+    """Remove an earlier save's `<stem>` weight files not in `keep`, and temporary files that a killed
+    save left an hour ago or more."""
     pattern = re.compile(rf"{re.escape(stem)}(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
     for p in directory.iterdir():
         if p.name not in keep and pattern.fullmatch(p.name):
             p.unlink()
+        elif p.name.startswith(".tensors.") and p.name.endswith(".tmp"):
+            try:
+                if time.time() - p.stat().st_mtime > 3600:
+                    p.unlink()
+            except FileNotFoundError:
+                continue

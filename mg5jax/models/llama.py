@@ -408,10 +408,11 @@ class LlamaForCausalLM(nnx.Module):
         `convert.llama.export_peft`."""
         d = pathlib.Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        dtype = self.model.embed_tokens.embedding.dtype
-        (d / "config.json").write_text(json.dumps(self.config.to_hf(dtype), indent=2))
         tensors = km.export_params(nnx.state(self, nnx.Param), convert_llama.keymap(self.config.tie_word_embeddings))
-        return write_sharded_safetensors(d, tensors, max_shard_bytes=max_shard_bytes)  # a tensor at a time
+        files = write_sharded_safetensors(d, tensors, max_shard_bytes=max_shard_bytes)  # a tensor at a time
+        # after the weights: a save that fails midway leaves an earlier one whole
+        (d / "config.json").write_text(json.dumps(self.config.to_hf(self.model.embed_tokens.embedding.dtype), indent=2))
+        return files
 
 
 def add_voken_rows(model: LlamaForCausalLM, num_new: int, *, vocab_size: int | None = None,

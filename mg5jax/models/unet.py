@@ -540,5 +540,5 @@ def save_diffusers(model: nnx.Module, config: dict, keymap: km.KeyMap, path: str
     """Write `config.json` and the parameters (diffusers names, optionally cast to `dtype`) to `path`."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     write_sharded_safetensors(path, km.export_params(nnx.state(model, nnx.Param), keymap, dtype), stem=WEIGHTS_STEM)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))  # after: a failed save changes nothing
