@@ -218,3 +218,16 @@ def test_a_failed_save_leaves_the_earlier_one_whole(tmp_path):
         write_sharded_safetensors(tmp_path, [*sd.items(), ("norm.bias", sd["norm.bias"])], max_shard_bytes=100)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either
     assert len(names) > 1
+
+
+def test_loading_into_a_sharded_model_keeps_its_shardings():
+    """Official / peft imports load into a built model: its arrays stay where the mesh put them."""
+    sd = torch_like_state(np.random.default_rng(6))
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    model = parallel.shard_model(Tiny(rngs=nnx.Rngs(0)), mesh)
+    before = {p: v.get_value().sharding for p, v in km.flat_params(nnx.state(model)).items()}
+    nnx.update(model, km.load_params(nnx.state(model), DictSource(sd, "tiny.bin"), KEYMAP))
+    after = km.flat_params(nnx.state(model))
+    assert {p: v.get_value().sharding for p, v in after.items()} == before
+    assert before["blocks.0.kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].kernel[...]), sd["blocks.0.weight"].T)

@@ -168,10 +168,11 @@ def load_params(
     rules=parallel.DEFAULT_RULES,
     what: str = "model",
 ) -> nnx.State:
-    """Fill an abstract state (from `nnx.eval_shape`) with converted tensors from `source`.
+    """Fill an abstract state (from `nnx.eval_shape`), or replace a live one's values, with converted
+    tensors from `source`.
 
-    Each tensor is read, transformed, cast to the abstract dtype and put on device (sharded by its
-    logical names when `mesh` is given) before the next one is read.
+    Each tensor is read, transformed, cast to the state's dtype and put on device before the next one
+    is read: sharded by its logical names when `mesh` is given, else where a live value already is.
     """
     flat = flat_params(abstract_state)
     bound = keymap.bind(flat)
@@ -210,7 +211,10 @@ def load_params(
                     f"{tuple(var.shape)} for {path!r} (after {b.transform.name}), got {tuple(arr.shape)}")
             value = np.asarray(arr).astype(var.dtype)
             sharding = flat_shardings.get(path)
-            values[path] = jax.device_put(value, sharding.get_value() if sharding is not None else None)
+            current = var.get_value()  # a live model's array keeps its placement
+            target = sharding.get_value() if sharding is not None else \
+                current.sharding if isinstance(current, jax.Array) else None
+            values[path] = jax.device_put(value, target)
     log.info("loaded %s: %d tensors from %s", what, len(bound), source.description)
     return _replace_values(abstract_state, values)
 
