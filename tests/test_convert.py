@@ -3,6 +3,7 @@
 import collections
 import json
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,7 @@ def test_logical_rules_unknown_name_is_an_error(caplog):
     assert "lm_head (64, 32009): vocab=32009 not split over the mesh" in caplog.text
 
 
-def test_a_weight_index_that_misplaces_a_key_is_named(tmp_path):
+def test_a_weight_index_that_misplaces_a_key_is_named(tmp_path, caplog):
     sd = torch_like_state(np.random.default_rng(4))
     write_sharded_safetensors(tmp_path, sd, max_shard_bytes=100)
     index_path = tmp_path / "model.safetensors.index.json"
@@ -197,8 +198,9 @@ def test_a_weight_index_that_misplaces_a_key_is_named(tmp_path):
     index["weight_map"]["not.there"] = shards[0]
     index["weight_map"][key] = shards[0]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=r"places key 'not.there' in .*, but no shard holds it"):
-        open_weights(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="mg5jax.convert.sources"):
+        open_weights(tmp_path)  # the loader fails on a missing key only if it needs it
+    assert "lists key 'not.there' in" in caplog.text and "but no shard holds it" in caplog.text
 
 
 def test_a_failed_save_leaves_the_earlier_one_whole(tmp_path):
@@ -231,3 +233,24 @@ def test_loading_into_a_sharded_model_keeps_its_shardings():
     assert {p: v.get_value().sharding for p, v in after.items()} == before
     assert before["blocks.0.kernel"].spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(model.blocks[0].kernel[...]), sd["blocks.0.weight"].T)
+
+
+def test_a_resave_interrupted_while_renaming_leaves_no_index_over_a_mix(tmp_path, monkeypatch):
+    sd = torch_like_state(np.random.default_rng(7))
+    write_sharded_safetensors(tmp_path, sd, max_shard_bytes=100)
+    renames = []
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_sharded_safetensors(tmp_path, {k: v + 1 for k, v in sd.items()}, max_shard_bytes=100)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no weights in"):  # loud, not old and new shards mixed
+        open_weights(tmp_path)
+    assert not list(tmp_path.glob(".*"))

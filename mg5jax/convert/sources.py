@@ -8,6 +8,7 @@ time, so a 7B model never needs twice its size in host RAM.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import pathlib
@@ -34,6 +35,9 @@ SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
 }
 _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -236,8 +240,9 @@ def open_weights(directory: str | os.PathLike, stems: Iterable[str] = WEIGHT_STE
 
 
 def _checked(index: pathlib.Path, kind) -> TensorSource:
-    """The shards a weight index lists, opened as one source; a key the index places in a shard that
-    does not hold it is an error naming both."""
+    """The shards a weight index lists, opened as one source. A key the index places in one shard but
+    another holds is an error naming both (index and shards disagree: e.g. an interrupted save); a
+    listed key no shard holds is a warning (the loader fails on it only if it needs it)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, json.JSONDecodeError, KeyError) as e:
@@ -250,10 +255,10 @@ def _checked(index: pathlib.Path, kind) -> TensorSource:
         raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
     source = kind([index.parent / f for f in files])
     for key, name in weight_map.items():
-        found = source.where(key) if key in source else None
-        if found != str(index.parent / name):
-            raise CheckpointError(f"{index}: places key {key!r} in {name}, but "
-                                  + (f"it is in {found}" if found else "no shard holds it"))
+        if key not in source:
+            log.warning("%s: lists key %r in %s, but no shard holds it", index, key, name)
+        elif source.where(key) != str(index.parent / name):
+            raise CheckpointError(f"{index}: places key {key!r} in {name}, but it is in {source.where(key)}")
     return source
 
 
@@ -307,10 +312,17 @@ def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]])
     return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
-def _write_text_atomically(path: pathlib.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `path` through a unique temporary file renamed into place (a reader sees the old or the new text)."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
@@ -322,7 +334,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     try:
         for k, v in _items(tensors):
             writer.add(k, np.require(v, requirements="C"), str(path))  # a 0-d array stays 0-d
-        os.replace(writer.finish(), path)
+        done = writer.finish()
+        try:
+            os.replace(done, path)
+        except BaseException:
+            done.unlink(missing_ok=True)
+            raise
     finally:
         writer.discard()
 
@@ -333,8 +350,9 @@ def write_sharded_safetensors(directory: str | os.PathLike,
     """Write `<stem>.safetensors`, or shards of at most `max_shard_bytes` plus
     `<stem>.safetensors.index.json` as the hub does. `(key, array)` pairs are consumed one at a time, so
     a model exported tensor by tensor never sits in host memory whole (nor on disk twice: each shard is
-    finished when it fills). The files take their names only once all are written, so a failed save
-    leaves an earlier one as it was; then the `<stem>` weight files of an earlier save that are not
+    finished when it fills). The files take their names only once all are written, so a save that fails
+    before (in the export or the writing) leaves an earlier one as it was; one interrupted while renaming
+    leaves no index rather than a mix. Then the `<stem>` weight files of an earlier save that are not
     part of the new one are removed (a loader would pick a stale single file before the new index)."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -356,10 +374,14 @@ def write_sharded_safetensors(directory: str | os.PathLike,
             writer = writer or _FileWriter(d)
             finished.append((writer.finish(), writer.header, writer.size))
             writer = None
+        index_path = d / f"{stem}.safetensors.index.json"
         if len(finished) == 1:
             names = [f"{stem}.safetensors"]
         else:
             names = [f"{stem}-{i + 1:05d}-of-{len(finished):05d}.safetensors" for i in range(len(finished))]
+            # the index is the commit point: an earlier one goes before its shards may be overwritten, so
+            # an interruption leaves no index (a loud error), never one over a mix of old and new shards
+            index_path.unlink(missing_ok=True)
         for name, (tmp, _, _) in zip(names, finished):
             os.replace(tmp, d / name)
     finally:
@@ -371,7 +393,7 @@ def write_sharded_safetensors(directory: str | os.PathLike,
     if len(names) > 1:
         weight_map = {k: name for name, (_, header, _) in zip(names, finished) for k in header if k != "__metadata__"}
         index = {"metadata": {"total_size": sum(size for _, _, size in finished)}, "weight_map": weight_map}
-        _write_text_atomically(d / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
+        write_text_atomically(d / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
         keep.add(f"{stem}.safetensors.index.json")
     _remove_stale(d, stem, keep=keep)
     return names
@@ -379,14 +401,14 @@ def write_sharded_safetensors(directory: str | os.PathLike,
 
 def _remove_stale(directory: pathlib.Path, stem: str, keep: set[str]) -> None:
     """Remove an earlier save's `<stem>` weight files not in `keep`, and temporary files that a killed
-    save left an hour ago or more."""
+    save left a day ago or more (a save still running keeps its newer ones)."""
     pattern = re.compile(rf"{re.escape(stem)}(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
     for p in directory.iterdir():
         if p.name not in keep and pattern.fullmatch(p.name):
             p.unlink()
         elif p.name.startswith(".tensors.") and p.name.endswith(".tmp"):
             try:
-                if time.time() - p.stat().st_mtime > 3600:
+                if time.time() - p.stat().st_mtime > 86400:
                     p.unlink()
             except FileNotFoundError:
                 continue
