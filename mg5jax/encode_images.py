@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mg5jax.convert.sources import CheckpointError
+from mg5jax.convert.sources import CheckpointError, write_text_atomically
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
 from mg5jax.data.pipeline import FEATURE_SOURCES, read_feature_sources
 from mg5jax.models.vae import AutoencoderKL
@@ -117,16 +117,10 @@ def _check_encoding(out: pathlib.Path, encoding: Encoding) -> None:
         except ValueError as e:
             raise ValueError(f"{path}: not readable JSON ({e})") from e
         if held != this:
-            raise ValueError(f"{out} holds {held['what']} at {held['size']} px, not {this['what']} at "
-                             f"{this['size']} px: use another --out folder")
+            what = f"{held.get('what')} at {held.get('size')} px" if isinstance(held, dict) else repr(held)
+            raise ValueError(f"{out} holds {what}, not {this['what']} at {this['size']} px: use another --out folder")
         return
-    _write_text(path, json.dumps(this))
-
-
-def _write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(this))
 
 
 def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
@@ -138,7 +132,7 @@ def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
         if known != str(p.resolve()):
             raise ValueError(f"{out / (p.stem + '.npy')} holds the features of {known}, not of {p}: "
                              "use one --out folder per image folder")
-    _write_text(out / FEATURE_SOURCES, json.dumps(sources, indent=0, sort_keys=True))
+    write_text_atomically(out / FEATURE_SOURCES, json.dumps(sources, indent=0, sort_keys=True))
 
 
 def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.Path) -> None:
