@@ -39,7 +39,6 @@ import pathlib
 import pickle
 import re
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -48,14 +47,14 @@ import jax
 from jax._src import config as jax_config  # trace_context: what jit keys its own caches on
 from jax.experimental import serialize_executable
 
+from mg5jax.convert.sources import write_atomically
+
 log = logging.getLogger(__name__)
 
 FORMAT = "mg5jax-program-2"
 MAX_BYTES = 4 << 30  # stored programs beyond this total are removed, least recently used first
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml_dtypes")
 MAX_PRELOAD = 32  # programs a preload list holds (first used first)
-_UMASK = os.umask(0o022)  # read (and restored) once, at import: setting it is process-wide
-os.umask(_UMASK)
 
 
 @functools.cache
@@ -324,24 +323,10 @@ class Program:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, data)
+            write_atomically(path, data, prefix=f"{path.name}.")  # readable as a plain file is (umask)
             _evict(path.parent, keep=path)
         except OSError as e:  # a read-only or full store: the program stays in memory only
             log.warning("%s: cannot store the compiled program in %s (%s)", self.name, path.parent, e)
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    """Write through a unique temporary file renamed into place (a reader sees the old file or the whole
-    new one), readable by others as a plain file would be (umask), for a cache shared between users."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: pathlib.Path, in_tree=None) -> jax.stages.Compiled:
@@ -432,7 +417,7 @@ def _used(path: pathlib.Path) -> None:
         names.append(path.name)
         text = json.dumps({"environment": _RECORD["environment"], "programs": names})
     try:
-        _write_atomically(listing, text.encode())
+        write_atomically(listing, text, prefix=f"{listing.name}.")
     except OSError as e:
         log.debug("cannot write the preload list %s (%s)", listing, e)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mg5jax.convert.sources import CheckpointError, write_text_atomically
+from mg5jax.convert.sources import CheckpointError, write_atomically
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
 from mg5jax.data.pipeline import FEATURE_SOURCES, read_feature_sources
 from mg5jax.models.vae import AutoencoderKL
@@ -120,7 +121,7 @@ def _check_encoding(out: pathlib.Path, encoding: Encoding) -> None:
             what = f"{held.get('what')} at {held.get('size')} px" if isinstance(held, dict) else repr(held)
             raise ValueError(f"{out} holds {what}, not {this['what']} at {this['size']} px: use another --out folder")
         return
-    write_text_atomically(path, json.dumps(this))
+    write_atomically(path, json.dumps(this))
 
 
 def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
@@ -132,17 +133,15 @@ def _record_sources(out: pathlib.Path, images: Sequence[pathlib.Path]) -> None:
         if known != str(p.resolve()):
             raise ValueError(f"{out / (p.stem + '.npy')} holds the features of {known}, not of {p}: "
                              "use one --out folder per image folder")
-    write_text_atomically(out / FEATURE_SOURCES, json.dumps(sources, indent=0, sort_keys=True))
+    write_atomically(out / FEATURE_SOURCES, json.dumps(sources, indent=0, sort_keys=True))
 
 
 def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.Path) -> None:
     """Write each image's `[Q, D]` row block atomically (a partial file never looks finished)."""
     for path, feature in zip(paths, np.asarray(features)):
-        target = out_dir / f"{path.stem}.npy"
-        tmp = out_dir / f".{path.stem}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, feature)
-        os.replace(tmp, target)
+        buffer = io.BytesIO()
+        np.save(buffer, feature)
+        write_atomically(out_dir / f"{path.stem}.npy", buffer.getvalue())
 
 
 def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str | os.PathLike,

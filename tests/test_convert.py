@@ -140,6 +140,9 @@ def test_saving_again_removes_the_earlier_weight_files(tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     write_sharded_safetensors(tmp_path, sd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "notes.txt"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain file, not 0600
     np.testing.assert_array_equal(open_weights(tmp_path)["norm.weight"], sd["norm.weight"])
 
 

@@ -29,20 +29,25 @@ def lora_model(path):
     return model, wrapped
 
 
-@pytest.fixture(scope="module")
-def peft_reference(llama_gqa):
-    """The GQA reference wrapped by peft (MiniGPT-5's stage-2 config) with random non-zero A and B."""
+def peft_wrapped(torch_model, *, r: int, alpha: float, dropout: float, targets: list[str], seed: int):
+    """A copy of a transformers LLaMA wrapped by peft, with random non-zero LoRA A and B (eval mode)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
-                        bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(llama_gqa.torch_model), config).eval()
-    gen = torch.Generator().manual_seed(0)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(torch_model), config).eval()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return peft_model
+
+
+@pytest.fixture(scope="module")
+def peft_reference(llama_gqa):
+    """The GQA reference wrapped by peft (MiniGPT-5's stage-2 config) with random non-zero A and B."""
+    return peft_wrapped(llama_gqa.torch_model, r=8, alpha=16, dropout=0.05, targets=["q_proj", "v_proj"], seed=0)
 
 
 def test_apply_lora_structure_and_init(llama_gqa):
@@ -120,17 +125,8 @@ def test_peft_parity_import_export_and_merge(llama_gqa, peft_reference, tmp_path
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_peft_parity_on_other_targets_rank_and_a_tied_model(llama_odd):
     """LoRA on k / o / MLP projections at r=3, alpha=7 of the odd-sized tied LLaMA, against peft."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = ["k_proj", "o_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=3, lora_alpha=7, lora_dropout=0.0, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(copy.deepcopy(llama_odd.torch_model), config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    peft_model = peft_wrapped(llama_odd.torch_model, r=3, alpha=7, dropout=0.0,
+                              targets=["k_proj", "o_proj", "up_proj", "down_proj"], seed=1)
     model = LlamaForCausalLM.from_pretrained(llama_odd.path, param_dtype=jnp.float32)
     wrapped = lora.apply_lora(model, targets=r"\.(k_proj|o_proj|up_proj|down_proj)$", rank=3, alpha=7.0,
                               dropout=0.0, rngs=nnx.Rngs(0))

@@ -39,6 +39,31 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 log = logging.getLogger(__name__)
 
+_UMASK = os.umask(0o022)  # read (and restored) once, at import: setting it is process-wide
+os.umask(_UMASK)
+TEMPORARY_PREFIX = ".tensors."  # temporary files of the weight writers (swept by `_remove_stale`)
+
+
+def _temporary(directory: pathlib.Path, prefix: str = TEMPORARY_PREFIX) -> tuple[int, pathlib.Path]:
+    """A new temporary file in `directory` (its descriptor and path), with the permissions a plain file
+    gets (umask), not mkstemp's owner-only ones: it is renamed into place for others to read."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    os.chmod(name, 0o666 & ~_UMASK)
+    return fd, pathlib.Path(name)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes | str, prefix: str = TEMPORARY_PREFIX) -> None:
+    """Write `path` through a temporary file renamed into place: a reader sees the old content or the new."""
+    path = pathlib.Path(path)
+    fd, tmp = _temporary(path.parent, prefix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
 
 class CheckpointError(ValueError):
     """A checkpoint on disk does not match what the model expects (names the key and the file)."""
@@ -271,8 +296,7 @@ class _FileWriter:
         self.directory = directory
         self.header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         self.size = 0
-        fd, name = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=directory)
-        self.data_path = pathlib.Path(name)
+        fd, self.data_path = _temporary(directory)
         self._data = os.fdopen(fd, "wb")
 
     def add(self, key: str, a: np.ndarray, where: str) -> None:
@@ -290,18 +314,18 @@ class _FileWriter:
         self._data.close()
         blob = json.dumps(self.header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        fd, name = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=self.directory)
+        fd, name = _temporary(self.directory)
         try:
             with os.fdopen(fd, "wb") as f, open(self.data_path, "rb") as data:
                 f.write(struct.pack("<Q", len(blob)))
                 f.write(blob)
                 shutil.copyfileobj(data, f, 64 << 20)
         except BaseException:
-            pathlib.Path(name).unlink(missing_ok=True)
+            name.unlink(missing_ok=True)
             raise
         finally:
             self.data_path.unlink(missing_ok=True)
-        return pathlib.Path(name)
+        return name
 
     def discard(self) -> None:
         self._data.close()
@@ -310,19 +334,6 @@ class _FileWriter:
 
 def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]):
     return tensors.items() if isinstance(tensors, Mapping) else tensors
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write `path` through a unique temporary file renamed into place (a reader sees the old or the new text)."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tensors.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
@@ -358,6 +369,7 @@ def write_sharded_safetensors(directory: str | os.PathLike,
     d.mkdir(parents=True, exist_ok=True)
     finished: list[tuple[pathlib.Path, dict, int]] = []  # (temporary file, header, bytes)
     writer: _FileWriter | None = None
+    keys: set[str] = set()
     try:
         for k, v in _items(tensors):
             a = np.require(v, requirements="C")
@@ -367,8 +379,9 @@ def write_sharded_safetensors(directory: str | os.PathLike,
                 writer = None
             if writer is None:
                 writer = _FileWriter(d)
-            if any(k in header for _, header, _ in finished):
+            if k in keys:
                 raise CheckpointError(f"{d}: key {k!r} given twice")
+            keys.add(k)
             writer.add(k, a, str(d))
         if writer is not None or not finished:
             writer = writer or _FileWriter(d)
@@ -393,7 +406,7 @@ def write_sharded_safetensors(directory: str | os.PathLike,
     if len(names) > 1:
         weight_map = {k: name for name, (_, header, _) in zip(names, finished) for k in header if k != "__metadata__"}
         index = {"metadata": {"total_size": sum(size for _, _, size in finished)}, "weight_map": weight_map}
-        write_text_atomically(d / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
+        write_atomically(d / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
         keep.add(f"{stem}.safetensors.index.json")
     _remove_stale(d, stem, keep=keep)
     return names
@@ -406,7 +419,7 @@ def _remove_stale(directory: pathlib.Path, stem: str, keep: set[str]) -> None:
     for p in directory.iterdir():
         if p.name not in keep and pattern.fullmatch(p.name):
             p.unlink()
-        elif p.name.startswith(".tensors.") and p.name.endswith(".tmp"):
+        elif p.name.startswith(TEMPORARY_PREFIX) and p.name.endswith(".tmp"):
             try:
                 if time.time() - p.stat().st_mtime > 86400:
                     p.unlink()

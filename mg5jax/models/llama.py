@@ -29,7 +29,7 @@ from flax import nnx
 from mg5jax import parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert import llama as convert_llama
-from mg5jax.convert.sources import open_weights, write_sharded_safetensors, write_text_atomically
+from mg5jax.convert.sources import open_weights, write_sharded_safetensors, write_atomically
 from mg5jax.models import layers
 
 
@@ -411,7 +411,7 @@ class LlamaForCausalLM(nnx.Module):
         tensors = km.export_params(nnx.state(self, nnx.Param), convert_llama.keymap(self.config.tie_word_embeddings))
         files = write_sharded_safetensors(d, tensors, max_shard_bytes=max_shard_bytes)  # a tensor at a time
         # after the weights: a save that fails midway leaves an earlier one whole
-        write_text_atomically(d / "config.json",
+        write_atomically(d / "config.json",
                               json.dumps(self.config.to_hf(self.model.embed_tokens.embedding.dtype), indent=2))
         return files
 

@@ -28,7 +28,7 @@ from flax import nnx
 
 from mg5jax.convert import keymap as km
 from mg5jax.convert.diffusers import unet_keymap
-from mg5jax.convert.sources import open_weights, write_sharded_safetensors, write_text_atomically
+from mg5jax.convert.sources import open_weights, write_sharded_safetensors, write_atomically
 from mg5jax.models import layers
 
 CROSS_ATTN_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -541,4 +541,4 @@ def save_diffusers(model: nnx.Module, config: dict, keymap: km.KeyMap, path: str
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_sharded_safetensors(path, km.export_params(nnx.state(model, nnx.Param), keymap, dtype), stem=WEIGHTS_STEM)
-    write_text_atomically(path / "config.json", json.dumps(config, indent=2, sort_keys=True))  # after: a failed save changes nothing
+    write_atomically(path / "config.json", json.dumps(config, indent=2, sort_keys=True))  # after: a failed save changes nothing
