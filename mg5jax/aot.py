@@ -19,7 +19,8 @@ trusted users can write to (as JAX's own compilation cache must be).
 
 Loading a stored program still costs its deserialization (0.01–0.2 s each on CPU for the generator's
 five). `preload(name)` moves that off the critical path: it loads, in a background thread, the programs
-that the last run under the same name used (listed in `programs/<name>.json`), while the caller goes on
+that the last run under the same name used (listed in `programs/<name>.json`), and runs one small program
+(the backend sets up its GEMM and reduction libraries on their first use), while the caller goes on
 loading weights; a program asked for later takes the loaded executable, waiting for it if need be.
 """
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copyreg
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -44,6 +47,8 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax._src import config as jax_config  # trace_context: what jit keys its own caches on
 from jax.experimental import serialize_executable
 
@@ -150,11 +155,52 @@ def _keyed_code(module: str, own: str | None = None) -> bool:
     return module == own or top in ("mg5jax", "builtins", *_PACKAGES) or top in sys.stdlib_module_names
 
 
+_DATACLASS_GETSTATE = getattr(dataclasses, "_dataclass_getstate", None)  # slotted dataclasses' __getstate__
+
+
+class _Reductions(dict):
+    """A pickler's dispatch table that gives the bytes `pickle.dumps` gives, faster for a model's graph:
+    a slotted dataclass (flax's graph nodes, thousands of them) is reduced as `object.__reduce_ex__`
+    would reduce it, without a `dataclasses.fields` call per object; classes are saved by name and
+    everything else by its own `__reduce_ex__`, as pickle does (copyreg's table first)."""
+
+    def __missing__(self, cls):
+        names = None
+        if _DATACLASS_GETSTATE is not None and getattr(cls, "__getstate__", None) is _DATACLASS_GETSTATE \
+                and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__:
+            names = tuple(f.name for f in dataclasses.fields(cls))
+        if cls in copyreg.dispatch_table:
+            reduce = copyreg.dispatch_table[cls]
+        elif names is not None:
+            def reduce(obj):
+                return copyreg.__newobj__, (cls,), [getattr(obj, n) for n in names]
+        elif issubclass(cls, type):
+            def reduce(obj):
+                return obj.__qualname__
+        else:
+            def reduce(obj):
+                return obj.__reduce_ex__(5)
+        self[cls] = reduce
+        return reduce
+
+
+_REDUCTIONS = _Reductions()
+
+
+def _pickled(obj) -> bytes:
+    """`pickle.dumps(obj, protocol=5)`, through `_REDUCTIONS`."""
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=5)
+    pickler.dispatch_table = _REDUCTIONS
+    pickler.dump(obj)
+    return out.getvalue()
+
+
 def _pickled_digest(obj) -> bytes:
     """sha256 of a static argument, pickled; kept per object (pickling a model's graph takes ~10 ms)."""
     held = _DIGESTS.get(id(obj))
     if held is None or held[0] is not obj:
-        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(pickle.dumps(obj, protocol=5)).digest())
+        held = _DIGESTS[id(obj)] = (obj, hashlib.sha256(_pickled(obj)).digest())
         if len(_DIGESTS) > _HELD:
             _DIGESTS.popitem(last=False)
     else:
@@ -190,13 +236,17 @@ def _leaf_signature(x) -> tuple:
     return (x.shape, x.dtype, getattr(x, "weak_type", False), getattr(x, "sharding", None))
 
 
-def _sharding_text(sharding) -> str:
+@functools.lru_cache(maxsize=4096)
+def _leaf_text(shape: tuple, dtype, weak_type: bool, sharding) -> str:
+    """A dynamic argument's part of the key (kept per signature: a model's parameters share a few)."""
     if sharding is None:
-        return "-"
-    mesh = getattr(sharding, "mesh", None)
-    ids = [d.id for d in mesh.devices.flat] if mesh is not None and hasattr(mesh, "devices") else \
-        sorted(d.id for d in sharding.device_set)
-    return f"{_stable_repr(sharding)}{ids}"
+        placed = "-"
+    else:
+        mesh = getattr(sharding, "mesh", None)
+        ids = [d.id for d in mesh.devices.flat] if mesh is not None and hasattr(mesh, "devices") else \
+            sorted(d.id for d in sharding.device_set)
+        placed = f"{_stable_repr(sharding)}{ids}"
+    return f"{tuple(shape)}{dtype}{bool(weak_type)}{placed}"
 
 
 class Program:
@@ -298,8 +348,7 @@ class Program:
             return None
         treedef, leaves = dynamic_signature
         h.update(str(treedef).encode())
-        for shape, dtype, weak_type, sharding in leaves:
-            h.update(f"{tuple(shape)}{dtype}{bool(weak_type)}{_sharding_text(sharding)}".encode())
+        h.update("".join(_leaf_text(*leaf) for leaf in leaves).encode())
         return pathlib.Path(directory) / "programs" / f"{self.name.rsplit('.', 1)[-1]}-{h.hexdigest()[:32]}.bin"
 
     def _load(self, path: pathlib.Path, in_tree) -> jax.stages.Compiled | None:
@@ -388,10 +437,29 @@ def preload(name: str) -> threading.Thread | None:
                 log.info("preloaded %s in %.2f s", p.name, time.perf_counter() - start)
             except Exception as e:  # gone or unreadable: the caller loads or compiles it itself
                 future.set_exception(e)
+        _warm_up_kernels()
 
     thread = threading.Thread(target=load_all, name=f"mg5jax-preload-{name}", daemon=True)
     thread.start()
     return thread
+
+
+def _first_kernels(x):
+    y = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True))
+    return y @ y.T
+
+
+def _warm_up_kernels() -> None:
+    """Run one small program with a matrix product and a row reduction. A process's first of each sets
+    up a library (XLA:CPU: oneDNN generates its GEMM kernels, 25 ms of the interleaved generator's first
+    30 ms splice here; YNNPACK initialises, ~5 ms), which would otherwise fall on the first real call."""
+    start = time.perf_counter()
+    try:
+        jax.block_until_ready(jax.jit(_first_kernels)(np.ones((64, 256), np.float32)))
+    except Exception as e:  # a backend that cannot: the first real call pays instead
+        log.debug("kernel warm-up failed (%s: %s)", type(e).__name__, e)
+        return
+    log.info("kernel warm-up in %.2f s", time.perf_counter() - start)
 
 
 def _preloaded(path: pathlib.Path, in_tree) -> jax.stages.Compiled | None:

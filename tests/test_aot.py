@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -75,7 +76,7 @@ def test_a_second_process_loads_the_programs_without_tracing(tmp_path):
     assert first["traces"] == 2 and second["traces"] == 0  # one device, then the mesh
     assert not first["preloaded"] and second["preloaded"] and second["left"] == 0  # all six loaded early, all used
     assert first == {**second, "traces": 2, "preloaded": False}
-    assert log2.count("mg5jax.aot:preloaded ") == 6
+    assert log2.count("mg5jax.aot:preloaded ") == 6 and "mg5jax.aot:kernel warm-up in" in log2
     assert first["donated"] and second["donated"]  # donation survives serialization
     assert first["out"] == [[4.0, 6.0, 8.0], [10.0, 12.0, 14.0]]
     assert first["sharded"] == (np.arange(32.0).reshape(4, 8) * 3).tolist() and second["sharding_kept"]
@@ -92,6 +93,28 @@ def cache_dir(tmp_path):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path))
     yield tmp_path / "programs"
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Slotted:
+    a: int
+    b: tuple
+
+
+def test_the_key_pickler_writes_pickles_bytes():
+    """Static arguments are keyed by their pickle, written by a faster pickler: the bytes must be
+    `pickle.dumps`'s, for a model's graph as for other values."""
+    from flax import nnx
+
+    from mg5jax.generation import SamplingConfig
+    from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    graphdef, _ = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    for obj in (graphdef, cfg, SamplingConfig(max_new_tokens=3, stop_sequences=((1, 2),)), _Slotted(1, (2, "x")),
+                (np.dtype("float32"), jnp.bfloat16, 1.5, None, complex(1, 2)), LlamaForCausalLM, _double_plus):
+        assert aot._pickled(obj) == pickle.dumps(obj, protocol=5), obj
 
 
 def _double_plus(k, x):
