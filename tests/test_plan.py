@@ -102,6 +102,11 @@ def test_stage2_train_step_plan(tiny_dirs, capsys):
     assert parts["llm"]["frozen_bytes"] < 2 * parts["llm"]["params"] / 4
     # voken rows: embed_tokens + lm_head, 129 rows x 64, fp32 (the tokenizer-less vocab is 120 + 9)
     assert parts["voken_rows"]["params"] == 2 * 129 * 64
+    # our per-device accounting against XLA's: the donated buffers are exactly the trainable state and
+    # the optimizer's (the frozen weights are arguments too, less the ones the step never reads)
+    assert mem["alias_bytes"] == sum(p["trainable_bytes"] + p["optimizer_bytes"] for p in parts.values())
+    assert mem["argument_bytes"] <= sum(p["frozen_bytes"] + p["trainable_bytes"] + p["optimizer_bytes"]
+                                        for p in parts.values()) + 64 * 1024  # + the batch
 
 
 def test_generation_plan(tiny_dirs):
