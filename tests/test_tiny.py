@@ -106,6 +106,7 @@ def test_llm_dir_loads_everywhere(demo):
 def test_sd_dir_runs_in_diffusers_and_loads_in_mg5jax(demo):
     from diffusers import StableDiffusionPipeline
 
+    from mg5jax.diffusion import StableDiffusionPipeline as OurPipeline
     from mg5jax.models.clip_text import CLIPTextConfig
     from mg5jax.models.unet import UNetConfig
     from mg5jax.models.vae import VAEConfig
@@ -126,6 +127,17 @@ def test_sd_dir_runs_in_diffusers_and_loads_in_mg5jax(demo):
     assert unet.block_out_channels == (32, 64) and unet.num_attention_heads == (2, 4)
     assert VAEConfig.from_json(sd / "vae" / "config.json").downsample_factor == 8
     assert CLIPTextConfig.from_json(sd / "text_encoder" / "config.json").hidden_size == 32
+
+    ours = OurPipeline.from_pretrained(sd)  # the same weights: text features and one U-Net prediction agree
+    prompt = "a red circle on a white background ."
+    features = np.asarray(ours.encode_prompt([prompt]))
+    with torch.no_grad():
+        expected = pipe.encode_prompt(prompt, "cpu", 1, False)[0].numpy()
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        eps = pipe.unet(latents, 500, encoder_hidden_states=torch.from_numpy(features.copy())).sample.numpy()
+    assert np.abs(features - expected).max() <= 1e-4
+    got = np.asarray(ours.unet(jnp.asarray(latents.numpy()), jnp.asarray([500]), jnp.asarray(features)))
+    assert np.abs(got - eps).max() <= 1e-4 and np.abs(eps).mean() > 0.1
 
 
 def test_blip2_dir_projects_to_the_llm_width(demo):
