@@ -26,6 +26,7 @@ loading weights; a program asked for later takes the loaded executable, waiting 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import copyreg
@@ -158,6 +159,14 @@ def _keyed_code(module: str, own: str | None = None) -> bool:
 _DATACLASS_GETSTATE = getattr(dataclasses, "_dataclass_getstate", None)  # slotted dataclasses' __getstate__
 
 
+def _plain_dataclass(cls) -> bool:
+    """A slotted dataclass that `object.__reduce_ex__` reduces to its class and its fields' values alone."""
+    return (_DATACLASS_GETSTATE is not None and getattr(cls, "__getstate__", None) is _DATACLASS_GETSTATE
+            and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and not hasattr(cls, "__getnewargs__") and not hasattr(cls, "__getnewargs_ex__")
+            and not issubclass(cls, (list, dict)))  # their items would be pickled too
+
+
 class _Reductions(dict):
     """A pickler's dispatch table that gives the bytes `pickle.dumps` gives, faster for a model's graph:
     a slotted dataclass (flax's graph nodes, thousands of them) is reduced as `object.__reduce_ex__`
@@ -165,18 +174,16 @@ class _Reductions(dict):
     everything else by its own `__reduce_ex__`, as pickle does (copyreg's table first)."""
 
     def __missing__(self, cls):
-        names = None
-        if _DATACLASS_GETSTATE is not None and getattr(cls, "__getstate__", None) is _DATACLASS_GETSTATE \
-                and cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__:
-            names = tuple(f.name for f in dataclasses.fields(cls))
         if cls in copyreg.dispatch_table:
             reduce = copyreg.dispatch_table[cls]
-        elif names is not None:
+        elif _plain_dataclass(cls):
+            names = tuple(f.name for f in dataclasses.fields(cls))
+
             def reduce(obj):
                 return copyreg.__newobj__, (cls,), [getattr(obj, n) for n in names]
         elif issubclass(cls, type):
             def reduce(obj):
-                return obj.__qualname__
+                return getattr(obj, "__qualname__", None) or obj.__name__
         else:
             def reduce(obj):
                 return obj.__reduce_ex__(5)
@@ -427,8 +434,12 @@ def preload(name: str) -> threading.Thread | None:
         for p, future in futures.items():
             _PRELOADED.setdefault(p, future)
 
+    exiting = threading.Event()
+
     def load_all():
         for p, future in futures.items():
+            if exiting.is_set():
+                return
             if _PRELOADED.get(p) is not future or not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -437,10 +448,16 @@ def preload(name: str) -> threading.Thread | None:
                 log.info("preloaded %s in %.2f s", p.name, time.perf_counter() - start)
             except Exception as e:  # gone or unreadable: the caller loads or compiles it itself
                 future.set_exception(e)
-        _warm_up_kernels()
+        if not exiting.is_set():
+            _warm_up_kernels()
+
+    def finish():  # an interpreter that exits while the thread is inside XLA aborts (SIGABRT)
+        exiting.set()
+        thread.join()
 
     thread = threading.Thread(target=load_all, name=f"mg5jax-preload-{name}", daemon=True)
     thread.start()
+    atexit.register(finish)
     return thread
 
 

@@ -60,12 +60,14 @@ print(json.dumps({"preloaded": preloading is not None, "left": len(aot._PRELOADE
 """
 
 
+ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
 def _run(cache: pathlib.Path) -> tuple[dict, str]:
     script = cache / "script.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, str(script), str(cache)], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+                          env={**os.environ, **ENV}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -101,6 +103,11 @@ class _Slotted:
     b: tuple
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _SlottedList(list):  # its items are pickled too
+    a: int
+
+
 def test_the_key_pickler_writes_pickles_bytes():
     """Static arguments are keyed by their pickle, written by a faster pickler: the bytes must be
     `pickle.dumps`'s, for a model's graph as for other values."""
@@ -112,9 +119,35 @@ def test_the_key_pickler_writes_pickles_bytes():
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     graphdef, _ = nnx.split(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    items = _SlottedList(1)
+    items.append("x")
     for obj in (graphdef, cfg, SamplingConfig(max_new_tokens=3, stop_sequences=((1, 2),)), _Slotted(1, (2, "x")),
-                (np.dtype("float32"), jnp.bfloat16, 1.5, None, complex(1, 2)), LlamaForCausalLM, _double_plus):
+                (np.dtype("float32"), jnp.bfloat16, 1.5, None, complex(1, 2)), LlamaForCausalLM, _double_plus,
+                items):
         assert aot._pickled(obj) == pickle.dumps(obj, protocol=5), obj
+
+
+EXITS_EARLY = """
+import sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+from mg5jax import aot
+print(aot.preload("script") is not None, flush=True)
+raise SystemExit("the weights are missing")
+"""
+
+
+def test_a_process_that_exits_while_programs_preload_exits_as_it_meant(tmp_path):
+    """The preload thread is inside XLA when the interpreter exits: without joining it, the process
+    aborted (SIGABRT) and lost its own exit status and message."""
+    _run(tmp_path)  # stores programs and their preload list
+    script = tmp_path / "exits_early.py"
+    script.write_text(EXITS_EARLY)
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                              cwd=REPO, env={**os.environ, **ENV}, timeout=300)
+        assert (proc.stdout, proc.returncode, proc.stderr.strip().splitlines()[-1]) == \
+            ("True\n", 1, "the weights are missing")
 
 
 def _double_plus(k, x):
