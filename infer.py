@@ -12,6 +12,7 @@ response, and with `--sd_baseline` CC3M prompts also get Stable Diffusion's imag
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -22,6 +23,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from mg5jax.cli import flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).", lock_config=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
@@ -50,9 +53,25 @@ log = logging.getLogger("mg5jax.infer")
 
 
 def _require_images(images, where: str) -> None:
+    """Every image exists and is one PIL can read (checked before any model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
     for image in images:
         if not pathlib.Path(image).is_file():
             raise FileNotFoundError(f"{where}: image file not found: {image}")
+        try:
+            with Image.open(image) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{where}: cannot read image {image} ({e})") from e
+
+
+def _require_slots(text: str, images, where: str) -> None:
+    from mg5jax.data.tokenization import IMAGE_PLACEHOLDER
+
+    if text.count(IMAGE_PLACEHOLDER) != len(images):
+        raise ValueError(f"{where}: the text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} slots but "
+                         f"{len(images)} images are given")
 
 
 def check_flags() -> None:
@@ -73,63 +92,93 @@ def check_flags() -> None:
         raise ValueError(f"--out {_OUT.value}: exists and is not a directory")
 
 
-def _read_rows(path: pathlib.Path) -> list:
-    """The rows of a .json list or a .jsonl file; a parse error names the file and line."""
+def _read_rows(path: pathlib.Path) -> list[tuple[str, object]]:
+    """`(where, row)` for the rows of a .json list ("entry 1", …) or a .jsonl file ("line 3", …); a parse
+    error names the file and line."""
     try:
         text = path.read_text()
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts {path}: not text ({e})") from e
-    try:
-        if path.suffix == ".json":
-            return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--prompts {path}: not valid JSON ({e})") from e
+        if not isinstance(rows, list):
+            raise ValueError(f"--prompts {path}: expected a list of prompts, got a {type(rows).__name__}")
+        return [(f"entry {i}", row) for i, row in enumerate(rows, 1)]
     rows = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise ValueError(f"--prompts {path}, line {line_no}: not valid JSON ({e.msg})") from e
     return rows
 
 
 def flag_prompts():
-    """The prompts given by --prompt / --prompts (checked before any model loads), or None."""
+    """The prompts given by --prompt / --prompts (checked before any model loads) and where each came
+    from, or (None, None)."""
     from mg5jax.generation.interleaved import Prompt
 
     seed = _SEED.value
     if _PROMPT.value is not None:
         _require_images(_IMAGE.value, "--image")
-        return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)]
+        _require_slots(_PROMPT.value, _IMAGE.value, "--prompt")
+        return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)], ["--prompt"]
     if _PROMPTS.value is not None:
         path = pathlib.Path(_PROMPTS.value)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts: file not found: {path}")
         rows = _read_rows(path)
-        if not isinstance(rows, list):
-            raise ValueError(f"--prompts {path}: expected a list of prompts, got a {type(rows).__name__}")
         if not rows:
             raise ValueError(f"--prompts {path}: no prompts in the file")
-        prompts = []
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or "text" not in row:
-                raise ValueError(f"--prompts {path}: entry {i} has no 'text'")
+        prompts, labels = [], []
+        for i, (where, row) in enumerate(rows):
+            where = f"--prompts {path}, {where}"
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f"{where}: no 'text' string")
             images = row.get("images", [])
             if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-                raise ValueError(f"--prompts {path}: entry {i}: 'images' must be a list of file paths, got {images!r}")
+                raise ValueError(f"{where}: 'images' must be a list of file paths, got {images!r}")
+            # relative paths are relative to the prompts file
             images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
-            _require_images(images, f"--prompts {path}: entry {i}")
+            _require_images(images, where)
+            _require_slots(row["text"], images, where)
             reference = row.get("reference_image")
             if isinstance(reference, str) and reference.strip():
                 reference = str(path.parent / reference)  # an absolute path stays itself
-                _require_images([reference], f"--prompts {path}: entry {i}: reference_image")
+                _require_images([reference], f"{where}: reference_image")
             try:
                 prompts.append(Prompt(row["text"], images, row.get("seed", seed + i), row.get("caption"), reference))
             except ValueError as e:
-                raise ValueError(f"--prompts {path}: entry {i}: {e}") from e
-        return prompts
-    return None
+                raise ValueError(f"{where}: {e}") from e
+            labels.append(where)
+        return prompts, labels
+    return None, None
+
+
+def check_prompts(prompts, labels: list[str], cfg, max_tokens: int) -> None:
+    """What generation would refuse after loading the model: more input images than the config takes, input
+    images without a vision encoder, a prompt longer than the largest length bucket (tokenized as
+    generation will)."""
+    from mg5jax import build
+    from mg5jax.data.tokenization import MiniGPT5Tokenizer
+
+    for prompt, where in zip(prompts, labels):
+        if len(prompt.images) > cfg.data.max_input_images:
+            raise ValueError(f"{where}: {len(prompt.images)} input images, more than data.max_input_images="
+                             f"{cfg.data.max_input_images}")
+        if prompt.images and cfg.model.vision.kind == "none":
+            raise ValueError(f"{where}: the prompt has input images but the config's model has no vision encoder "
+                             "(model.vision.kind='none')")
+    llm_dir = build.require_dir(cfg.model.llm_path, "model.llm_path")
+    tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=cfg.model.num_vokens)
+    for prompt, where in zip(prompts, labels):
+        n = len(tokenizer.encode(prompt.text))
+        if n > max_tokens:
+            raise ValueError(f"{where}: the prompt has {n} tokens, more than the {max_tokens} generation takes")
 
 
 def config_prompts(cfg, tokenizer):
@@ -168,11 +217,21 @@ def run(cfg) -> int:
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import ReportWriter
+    from mg5jax.training.checkpoint import trained_params_dir
 
     check_flags()
-    prompts = flag_prompts()
+    prompts, labels = flag_prompts()
+    settings = GenerationSettings(
+        do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
+        guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
+        image_size=cfg.data.output_image_size, sd_baseline=_SD_BASELINE.value)
+    if prompts is not None:
+        check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
     if not _STAGE1.value:
-        check_init_from(cfg, _CHECKPOINT.value or cfg.trainer.workdir)
+        run_dir = _CHECKPOINT.value or cfg.trainer.workdir
+        field = "--checkpoint" if _CHECKPOINT.value else "trainer.workdir"
+        trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
+        check_init_from(cfg, run_dir)
     build.enable_compile_cache()
     aot.preload("infer")  # the programs the last run used load while the weights do
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
@@ -180,8 +239,7 @@ def run(cfg) -> int:
     if _STAGE1.value:
         import_official(built.model, _STAGE1.value, _STAGE2.value)
     else:
-        run_dir = _CHECKPOINT.value or cfg.trainer.workdir
-        build.load_trainable(built.model, run_dir, "--checkpoint" if _CHECKPOINT.value else "trainer.workdir")
+        build.load_trainable(built.model, run_dir, field)
     if cfg.model.int8_weights:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
     if prompts is None:
@@ -191,10 +249,7 @@ def run(cfg) -> int:
     baseline = _SD_BASELINE.value and any(p.caption for p in prompts)
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
-    settings = GenerationSettings(
-        do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
-        guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
-        image_size=cfg.data.output_image_size, sd_baseline=baseline)
+    settings = dataclasses.replace(settings, sd_baseline=baseline)
     scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
@@ -242,4 +297,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("infer.py"))

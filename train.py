@@ -13,9 +13,11 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import app
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from mg5jax.cli import flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
                                           lock_config=True)
@@ -126,7 +128,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except flags.Error as e:
-        sys.exit(f"train.py: {e}")
+    app.run(main, flags_parser=flags_parser("train.py"))

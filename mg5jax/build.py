@@ -68,7 +68,8 @@ def config_dtype(name: str, field: str):
     return DTYPES[name]
 
 
-def _require_dir(path: str, field: str) -> pathlib.Path:
+def require_dir(path: str, field: str) -> pathlib.Path:
+    """`path` as a Path; an error naming the setting `field` when it is not a directory."""
     p = pathlib.Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{field}: directory not found: {p}")
@@ -104,8 +105,8 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     m = cfg.model
     frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
     compute = config_dtype(m.compute_dtype, "model.compute_dtype")
-    llm_dir = _require_dir(m.llm_path, "model.llm_path")
-    sd_dir = _require_dir(m.sd_path, "model.sd_path")
+    llm_dir = require_dir(m.llm_path, "model.llm_path")
+    sd_dir = require_dir(m.sd_path, "model.sd_path")
     rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
 
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
@@ -179,7 +180,7 @@ def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
     model's, when it has one for the caption loss): the original's `image_pipeline`, whose image of a
     caption is its CC3M baseline (REFERENCE §7)."""
     m = cfg.model
-    sd_dir = _require_dir(m.sd_path, "model.sd_path")
+    sd_dir = require_dir(m.sd_path, "model.sd_path")
     encoder = built.model.text_encoder
     if encoder is None:
         compute = config_dtype(m.compute_dtype, "model.compute_dtype")
@@ -203,7 +204,7 @@ def _build_vision(m, frozen, compute) -> VisionEncoder | None:
                                         dtype=compute, param_dtype=frozen)
     if v.kind == "blip2":
         proj = _require_file(v.proj_path, "model.vision.proj_path") if v.proj_path else None
-        return VisionEncoder.from_pretrained(_require_dir(v.blip2_dir, "model.vision.blip2_dir"), proj=proj,
+        return VisionEncoder.from_pretrained(require_dir(v.blip2_dir, "model.vision.blip2_dir"), proj=proj,
                                              dtype=compute, param_dtype=frozen)
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
 

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
 from mg5jax.build import config_dtype, minigpt5_config, quantize_for_inference, voken_row_masks
+from mg5jax.cli import parse_flags
 from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
@@ -641,7 +642,7 @@ def _flags(argv: Sequence[str]):
 def cli(argv: Sequence[str]) -> dict:
     """`python -m mg5jax.plan` with `argv` (program name first): print the JSON report and return it."""
     fv = _flags(argv)
-    fv(list(argv))
+    parse_flags("mg5jax.plan", list(argv), fv)
     if fv.config is None:
         raise ValueError("--config is required, e.g. --config configs/stage2_vist.py")
     report = plan(fv.config, fv.topology, generate=fv.generate, batch_per_device=fv.batch_per_device,

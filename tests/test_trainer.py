@@ -197,8 +197,10 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     assert not (tmp_path / "best").exists()
     params_dir, chosen = trained_params_dir(tmp_path, "model.init_from")
     assert params_dir == tmp_path / "checkpoints" / "8" / "params" and "newest" in chosen
-    with pytest.raises(FileNotFoundError, match=r"model.init_from: no checkpoints/ directory in .*nowhere"):
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: no such directory: .*nowhere"):
         trained_params_dir(tmp_path / "nowhere", "model.init_from")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoints/ directory in .*params \(give a run's directory"):
+        trained_params_dir(tmp_path / "checkpoints" / "8" / "params", "--checkpoint")  # a step's folder
 
 
 def test_params_saved_on_another_device_count_load(tmp_path):

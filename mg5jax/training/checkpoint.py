@@ -138,7 +138,7 @@ class Checkpointer:
             if meta is None or data_state is None or meta.get("step") != step:
                 raise ValueError(f"metadata is missing or names another step: {meta!r}")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
-            raise CheckpointError(f"{path}: cannot restore training checkpoint ({type(e).__name__}: {e})") from e
+            raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)})") from e
         log.info("checkpoint: restored step %d from %s", step, path)
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
                         meta.get("config"))
@@ -233,6 +233,8 @@ def read_params(params_dir: pathlib.Path) -> Any:
     """The params saved under `params_dir` as a tree of host arrays, whatever mesh or device count
     wrote them (orbax, left to itself, rebuilds the saving topology and refuses another one)."""
     checkpointer = ocp.StandardCheckpointer()
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_no_item_metadata_warning)
     try:
         meta = checkpointer.metadata(params_dir)
         tree = getattr(meta, "item_metadata", meta)
@@ -241,7 +243,21 @@ def read_params(params_dir: pathlib.Path) -> Any:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
         return jax.tree.map(np.asarray, checkpointer.restore(params_dir, target))
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
-        raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({_reason(e)})") from e
+    finally:
+        absl_log.removeFilter(_no_item_metadata_warning)
+
+
+def _reason(e: Exception) -> str:
+    """An orbax error in a line: TensorStore appends its whole spec (tens of lines) to its message."""
+    lines = str(e).split(" See full TensorStore details")[0].strip().splitlines() or [""]
+    cut = len(lines) > 1 or len(lines[0]) > 300
+    return f"{type(e).__name__}: {lines[0][:300]}{' …' if cut else ''}"
+
+
+def _no_item_metadata_warning(record: logging.LogRecord) -> bool:
+    """Orbax warns that a checkpoint item's folder has no _CHECKPOINT_METADATA: only a step's folder has one."""
+    return not record.getMessage().startswith("Metadata file does not exist")
 
 
 def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.Path, str]:
@@ -249,13 +265,16 @@ def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.
     chosen: its best validation step (`best/`), else its newest training checkpoint (a run without
     validation). `field` names the setting that gave `run_dir` in errors."""
     run = pathlib.Path(run_dir).absolute()
+    if not run.is_dir():
+        raise FileNotFoundError(f"{field}: no such directory: {run_dir}")
     best = _complete_steps(run / "best")
     if best:
         meta = _read_best_meta(run / "best", best[-1])
         return run / "best" / str(best[-1]) / "params", f"best validation step {best[-1]} " \
             f"(val loss {meta.get('val_loss', float('nan')):.6g})"
     if not (run / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{field}: no checkpoints/ directory in {run_dir}")
+        raise FileNotFoundError(f"{field}: no checkpoints/ directory in {run_dir} (give a run's directory: the "
+                                "trainer.workdir that holds checkpoints/ and best/)")
     steps = _complete_steps(run / "checkpoints")
     if not steps:
         raise CheckpointError(f"{field}: no complete checkpoint in {run / 'checkpoints'}")
