@@ -45,9 +45,12 @@ def run(cfg) -> int:
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
         raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
                          f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
+    for field in ("train_path", "val_path"):  # before any weights load
+        if field == "train_path" or d[field]:
+            build.require_file(d[field], f"data.{field}")
     built = build.build_model(cfg, train=True)
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
-                                       tokenizer=built.tokenizer)
+                                       tokenizer=built.tokenizer, field="data.train_path")
     if not train_samples:
         raise DataError(f"data.train_path {d.train_path}: no samples (see the skipped rows logged above)")
     per_process = d.per_device_batch_size * jax.local_device_count()
@@ -74,7 +77,7 @@ def run(cfg) -> int:
     val_samples = []
     if d.val_path:
         val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
-                                         tokenizer=built.tokenizer)
+                                         tokenizer=built.tokenizer, field="data.val_path")
         if not val_samples:
             log.warning("data.val_path %s gives no samples: no validation", d.val_path)
         elif len(val_samples) < global_batch:
@@ -88,6 +91,9 @@ def run(cfg) -> int:
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
                                        seed=cfg.seed, shuffle=False, num_epochs=1)
         eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
+        if next(iter(eval_data()), None) is None:  # found now, not at the first validation
+            raise DataError(f"data.val_path {d.val_path}: no validation batch can be built (see the skipped samples "
+                            f"logged above, e.g. longer than the largest of data.length_buckets {tuple(d.length_buckets)})")
 
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
     schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],
@@ -102,7 +108,8 @@ def run(cfg) -> int:
         print(f"preempted at step {result.step}: checkpoint saved in {trainer_cfg.workdir}/checkpoints")
         return 0
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items())
-    print(f"finished at step {result.step}: {summary}")
+    print(f"finished at step {result.step}: {summary}" if summary else
+          f"nothing to train: {trainer_cfg.workdir} is already at step {result.step}")
     print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl")
     if trainer.best.val_loss is not None:
         print(f"best validation loss {trainer.best.val_loss:.4g}: {trainer.best.directory} "
@@ -123,7 +130,7 @@ def main(argv) -> None:
 
     try:
         sys.exit(run(cfg))
-    except (FileNotFoundError, CheckpointError, DataError, ValueError, NonFiniteLossError) as e:
+    except (OSError, CheckpointError, DataError, ValueError, NonFiniteLossError) as e:
         sys.exit(f"train.py: {e}")
 
 

@@ -76,7 +76,7 @@ def require_dir(path: str, field: str) -> pathlib.Path:
     return p
 
 
-def _require_file(path: str, field: str) -> pathlib.Path:
+def require_file(path: str, field: str) -> pathlib.Path:
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{field}: file not found: {p}")
@@ -85,7 +85,7 @@ def _require_file(path: str, field: str) -> pathlib.Path:
 
 def read_json(path, field: str):
     """The JSON in `path`; a missing file is an error naming `field`, bad JSON one naming the file."""
-    return datasets.load_json(_require_file(str(path), field))
+    return datasets.load_json(require_file(str(path), field))
 
 
 def scheduler_config(sd_path) -> dict:
@@ -107,6 +107,12 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     compute = config_dtype(m.compute_dtype, "model.compute_dtype")
     llm_dir = require_dir(m.llm_path, "model.llm_path")
     sd_dir = require_dir(m.sd_path, "model.sd_path")
+    _check_vision_paths(m.vision)  # every path before any weights load
+    if init_from and m.init_from:
+        if pathlib.Path(m.init_from).suffix == ".ckpt":
+            require_file(m.init_from, "model.init_from")
+        else:
+            trained_params_dir(m.init_from, "model.init_from")
     rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
 
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
@@ -156,7 +162,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
         if pathlib.Path(m.init_from).suffix == ".ckpt":  # the original's stage-2 start
             from mg5jax.convert.minigpt5 import load_official
 
-            load_official(model, _require_file(m.init_from, "model.init_from"), stage=1)
+            load_official(model, require_file(m.init_from, "model.init_from"), stage=1)
             log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
         else:
             load_trainable(model, m.init_from)
@@ -193,17 +199,27 @@ def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
         use_attention_mask=bool(text_config.get("use_attention_mask", False)))
 
 
+def _check_vision_paths(v) -> None:
+    if v.kind == "lavis":
+        for field in ("vit_path", "qformer_path", "proj_path"):
+            require_file(getattr(v, field), f"model.vision.{field}")
+    elif v.kind == "blip2":
+        require_dir(v.blip2_dir, "model.vision.blip2_dir")
+        if v.proj_path:
+            require_file(v.proj_path, "model.vision.proj_path")
+
+
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     v = m.vision
     if v.kind == "none":
         return None
     if v.kind == "lavis":
-        return VisionEncoder.from_lavis(_require_file(v.vit_path, "model.vision.vit_path"),
-                                        _require_file(v.qformer_path, "model.vision.qformer_path"),
-                                        _require_file(v.proj_path, "model.vision.proj_path"),
+        return VisionEncoder.from_lavis(require_file(v.vit_path, "model.vision.vit_path"),
+                                        require_file(v.qformer_path, "model.vision.qformer_path"),
+                                        require_file(v.proj_path, "model.vision.proj_path"),
                                         dtype=compute, param_dtype=frozen)
     if v.kind == "blip2":
-        proj = _require_file(v.proj_path, "model.vision.proj_path") if v.proj_path else None
+        proj = require_file(v.proj_path, "model.vision.proj_path") if v.proj_path else None
         return VisionEncoder.from_pretrained(require_dir(v.blip2_dir, "model.vision.blip2_dir"), proj=proj,
                                              dtype=compute, param_dtype=frozen)
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
@@ -290,7 +306,8 @@ def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: i
     d = cfg.data
     if not d.val_path:
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
-    samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer)
+    samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer,
+                           field="data.val_path")
     return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i, s.caption, s.output_image)
             for i, s in enumerate(samples[:limit])]
 
@@ -338,9 +355,9 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
 
 
 def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
-                 tokenizer: MiniGPT5Tokenizer | None = None) -> list[datasets.Sample]:
-    """Read one dataset file with the reader of its kind (REFERENCE §6)."""
-    file = _require_file(path, "data path")
+                 tokenizer: MiniGPT5Tokenizer | None = None, field: str = "data path") -> list[datasets.Sample]:
+    """Read one dataset file with the reader of its kind (REFERENCE §6); `field` names the setting in errors."""
+    file = require_file(path, field)
     if kind == "cc3m":
         samples, report = datasets.read_cc3m(str(file), test=test, seed=seed, strict=strict)
     elif kind == "vist":

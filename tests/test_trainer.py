@@ -1,7 +1,9 @@
 """The Trainer on a toy model: sharded steps equal single-device steps, bit-exact resume, NaN stop,
 SIGTERM save, validation / sample hooks, metrics file, and clear errors for a corrupt checkpoint."""
 
+import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -105,13 +107,15 @@ def test_resume_with_another_batch_schedule_is_refused(tmp_path, initial_state):
     """Say a run saved at step 2 on 8 devices resumes on 4 with twice the accumulation: its step 2 would
     mean other batches and learning rates, so it stops, naming both schedules."""
     def trainer(schedule):
-        cfg = TrainerConfig(workdir=str(tmp_path), optimizer=OPT, mesh=MeshConfig(data=2, fsdp=4), save_every=2)
+        opt = dataclasses.replace(OPT, grad_accum_steps=schedule["grad_accum_steps"])
+        cfg = TrainerConfig(workdir=str(tmp_path), optimizer=opt, mesh=MeshConfig(data=2, fsdp=4), save_every=2)
         return Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()},
                        run_config={"schedule": schedule})
 
     first = trainer({"global_batch": 8, "grad_accum_steps": 1, "total_steps": 4})
     first.fit(ToyIterator(), num_steps=2)
     first.close()
+    # accumulation also gives the optimizer state another structure: the schedule is checked before restoring
     second = trainer({"global_batch": 4, "grad_accum_steps": 2, "total_steps": 4})
     with pytest.raises(ValueError, match=r"step 2 was trained with \{'global_batch': 8.*this run has \{'global_batch': 4"):
         second.fit(ToyIterator(), num_steps=4)
@@ -130,9 +134,35 @@ def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_
     trainer.close()
     (tmp_path / "checkpoints" / "4" / "opt_state" / "_METADATA").write_text("{truncated")
     resumed = make_trainer(initial_state, tmp_path)
-    with pytest.raises(CheckpointError, match=f"{tmp_path / 'checkpoints' / '4'}: cannot restore"):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'checkpoints' / '4'}: cannot restore .*; to resume from "
+                                              f"the older checkpoint 2, move {tmp_path / 'checkpoints' / '4'} away"):
         resumed.fit(ToyIterator(), num_steps=10)
     resumed.close()
+
+
+def test_ctrl_c_saves_and_stops_and_a_changed_setting_is_named_on_resume(tmp_path, initial_state, caplog):
+    def trainer(weight):
+        cfg = TrainerConfig(workdir=str(tmp_path), optimizer=OPT, mesh=MeshConfig(data=2, fsdp=4), save_every=100,
+                            sample_every=1)
+        return Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()},
+                       run_config={"loss": {"weight": weight}, "workdir": str(tmp_path)})
+
+    first = trainer(1.0)
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    def on_sample(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = first.fit(ToyIterator(), on_sample=on_sample, num_steps=10)
+    first.close()
+    assert result.preempted and result.step == 3 and first.checkpointer.latest_step() == 3
+    assert signal.getsignal(signal.SIGINT) == handler_before
+    again = trainer(0.5)
+    with caplog.at_level(logging.WARNING, logger="mg5jax.training.trainer"):
+        assert again.restore_latest() == 3
+    again.close()
+    assert "differ from the checkpoint's: loss.weight: 1.0 -> 0.5" in caplog.text
 
 
 def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_state):

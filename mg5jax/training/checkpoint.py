@@ -138,10 +138,16 @@ class Checkpointer:
             if meta is None or data_state is None or meta.get("step") != step:
                 raise ValueError(f"metadata is missing or names another step: {meta!r}")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
-            raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)})") from e
+            older = [s for s in self.all_steps() if s < step]
+            hint = f"; to resume from the older checkpoint {older[-1]}, move {path} away" if older else ""
+            raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)}){hint}") from e
         log.info("checkpoint: restored step %d from %s", step, path)
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
                         meta.get("config"))
+
+    def recorded_config(self, step: int) -> dict | None:
+        """The config recorded with checkpoint `step` (None if it recorded none)."""
+        return _recorded_config(self.directory / str(step))
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are written and committed."""
@@ -286,9 +292,11 @@ def recorded_config(run_dir: str | os.PathLike) -> dict | None:
     ran with), or None when it has no checkpoint or recorded none."""
     checkpoints = pathlib.Path(run_dir) / "checkpoints"
     steps = _complete_steps(checkpoints)
-    if not steps:
-        return None
-    path = checkpoints / str(steps[-1]) / "meta" / "metadata"
+    return _recorded_config(checkpoints / str(steps[-1])) if steps else None
+
+
+def _recorded_config(step_dir: pathlib.Path) -> dict | None:
+    path = step_dir / "meta" / "metadata"
     try:
         config = json.loads(path.read_text()).get("config")
     except (OSError, ValueError, AttributeError) as e:

@@ -11,7 +11,7 @@ validation runs it in eval mode.
 Around the step: resume from the latest checkpoint, periodic/async checkpoints with the
 data-iterator state, validation that keeps the params of the best validation step (`best/`, as the
 original's ModelCheckpoint(monitor="val_loss", save_top_k=1)), a sample hook, a tqdm bar, JSONL
-metrics, a NaN/Inf stop that keeps the last good checkpoint, and a SIGTERM handler that saves and
+metrics, a NaN/Inf stop that keeps the last good checkpoint, and a SIGTERM / Ctrl-C handler that saves and
 returns.
 """
 
@@ -94,7 +94,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass(frozen=True)
 class FitResult:
     step: int  # micro-steps completed
-    preempted: bool  # stopped by SIGTERM (after saving)
+    preempted: bool  # stopped by SIGTERM or Ctrl-C (after saving)
     train_metrics: dict[str, float]  # the last step's terms
     eval_metrics: dict[str, float] | None  # the last validation's means
 
@@ -294,20 +294,22 @@ class Trainer:
         if step is None:
             self.best.forget()  # a fresh run: an earlier run's best/ in this workdir sets no bar for it
             return None
+        # the schedule first: another accumulation count also gives the optimizer state another structure
+        saved, now = self.checkpointer.recorded_config(step), json.loads(json.dumps(self._run_config))
+        saved_schedule, schedule = (saved or {}).get("schedule"), now.get("schedule")
+        if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
+            raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, this "
+                             f"run has {schedule}: its steps would mean other batches and learning rates. "
+                             "Resume with the same devices and batch settings, or use a new trainer.workdir")
         restored = self.checkpointer.restore(self._params, self._opt_state, step)
         self._params, self._opt_state = restored.params, restored.opt_state
         if data_iter is not None:
             if restored.data_state is None:
                 raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
             data_iter.set_state(restored.data_state)
-        now = json.loads(json.dumps(self._run_config))
-        if restored.config is not None and restored.config != now:
-            saved_schedule, schedule = restored.config.get("schedule"), now.get("schedule")
-            if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
-                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, this "
-                                 f"run has {schedule}: its steps would mean other batches and learning rates. "
-                                 "Resume with the same devices and batch settings, or use a new trainer.workdir")
-            log.warning("resuming step %d with a config that differs from the checkpoint's", step)
+        if saved is not None and (changed := _changed_settings(saved, now)):
+            log.warning("resuming step %d with settings that differ from the checkpoint's: %s", step,
+                        "; ".join(changed))
         self.step = self._last_saved = step
         log.info("resumed from step %d", step)
         return step
@@ -321,7 +323,7 @@ class Trainer:
         `train_iter` is an iterator of host batches with `get_state()`/`set_state()` (grain's
         DatasetIterator has both); `eval_data()` returns a fresh iterable of validation batches;
         `on_sample(step)` may read `trainer.model`. On first use the latest checkpoint in the
-        workdir is restored. Returns after a SIGTERM once the current step is checkpointed.
+        workdir is restored. Returns after a SIGTERM or a first Ctrl-C once the current step is checkpointed.
         """
         for method in ("get_state", "set_state"):
             if not callable(getattr(train_iter, method, None)):
@@ -334,7 +336,7 @@ class Trainer:
         self._stop_signal = None
         total = num_steps or cfg.num_steps or cfg.optimizer.total_steps * cfg.optimizer.grad_accum_steps
         metrics = _MetricsLog(self.workdir / "metrics.jsonl", self.step)
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_handlers()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window: list[dict[str, float]] = []
         terms: dict[str, float] = {}
@@ -384,29 +386,47 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
-            self._restore_sigterm(previous_handler)
+            self._restore_stop_handlers(previous_handlers)
             self.checkpointer.wait()
             self.best.wait()
         return FitResult(self.step, self._stop_signal is not None, terms, eval_terms)
 
-    def _install_sigterm(self):
+    def _install_stop_handlers(self) -> dict:
+        """SIGTERM (a preemption) and a first Ctrl-C stop the loop after the current step, which is saved;
+        a second Ctrl-C interrupts at once."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def handler(signum, frame):
             del frame
             self._stop_signal = signum
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping after this step, once it is saved (Ctrl-C again stops without saving)")
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        return signal.signal(signal.SIGTERM, handler)
+        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def _restore_sigterm(self, previous) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    def _restore_stop_handlers(self, previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def close(self) -> None:
         """Wait for pending checkpoint writes and release the checkpoint managers."""
         self.checkpointer.close()
         self.best.close()
+
+
+def _changed_settings(saved: dict, now: dict, limit: int = 8) -> list[str]:
+    """`key: saved -> now` for the settings (dotted keys) that differ, the run's directory aside."""
+    def flat(tree, prefix=""):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.endswith("workdir")]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]] + (["…"] if len(keys) > limit else [])
 
 
 def make_train_step(model_def: nnx.GraphDef, opt_def: nnx.GraphDef, trainable, train_key: jax.Array, *,
