@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 
 from absl import app, flags
@@ -268,7 +269,8 @@ def run(cfg) -> int:
                     done = item
                 else:
                     row, text = item
-                    print(f"[{start + row}] {text}", flush=True)
+                    if shown := _for_display(text):
+                        print(f"[{start + row}] {shown}", flush=True)
         else:
             done = generator(batch)
         report.add(done)
@@ -277,6 +279,13 @@ def run(cfg) -> int:
         print(f"[{i}] {r.text}")
     print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {report.index}")
     return 0
+
+
+def _for_display(text: str) -> str:
+    """Streamed text as a reader wants it: an image marker for each voken group, no "###" stop."""
+    text = re.sub(r"\[IMG0\]", " [image] ", text)
+    text = re.sub(r"\[IMG[1-9]\d*\]", "", text).replace("###", "")
+    return text if text.strip() else ""
 
 
 def main(argv) -> None:
