@@ -31,7 +31,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (m
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) for --prompt, in order.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts "
-                               "(optional: caption, reference_image).")
+                               "(optional: caption, reference_image); relative image paths are relative to the file.")
 _LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's validation file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir).")
 _STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
