@@ -45,7 +45,8 @@ def run(cfg) -> int:
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
         raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
                          f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
-    for field in ("train_path", "val_path"):  # before any weights load
+    build.check_model_paths(cfg)  # every path before any weights load
+    for field in ("train_path", "val_path"):
         if field == "train_path" or d[field]:
             build.require_file(d[field], f"data.{field}")
     built = build.build_model(cfg, train=True)

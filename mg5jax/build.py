@@ -105,14 +105,8 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     m = cfg.model
     frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
     compute = config_dtype(m.compute_dtype, "model.compute_dtype")
-    llm_dir = require_dir(m.llm_path, "model.llm_path")
-    sd_dir = require_dir(m.sd_path, "model.sd_path")
-    _check_vision_paths(m.vision)  # every path before any weights load
-    if init_from and m.init_from:
-        if pathlib.Path(m.init_from).suffix == ".ckpt":
-            require_file(m.init_from, "model.init_from")
-        else:
-            trained_params_dir(m.init_from, "model.init_from")
+    check_model_paths(cfg, init_from=init_from)  # every path before any weights load
+    llm_dir, sd_dir = pathlib.Path(m.llm_path), pathlib.Path(m.sd_path)
     rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
 
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
@@ -199,7 +193,12 @@ def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
         use_attention_mask=bool(text_config.get("use_attention_mask", False)))
 
 
-def _check_vision_paths(v) -> None:
+def check_model_paths(cfg, *, init_from: bool = True) -> None:
+    """Every file and directory `cfg.model` names exists (an error names the setting), and
+    `model.init_from` (with `init_from`) is a run of ours or an official stage-1 file."""
+    m, v = cfg.model, cfg.model.vision
+    require_dir(m.llm_path, "model.llm_path")
+    require_dir(m.sd_path, "model.sd_path")
     if v.kind == "lavis":
         for field in ("vit_path", "qformer_path", "proj_path"):
             require_file(getattr(v, field), f"model.vision.{field}")
@@ -207,6 +206,11 @@ def _check_vision_paths(v) -> None:
         require_dir(v.blip2_dir, "model.vision.blip2_dir")
         if v.proj_path:
             require_file(v.proj_path, "model.vision.proj_path")
+    if init_from and m.init_from:
+        if pathlib.Path(m.init_from).suffix == ".ckpt":
+            require_file(m.init_from, "model.init_from")
+        else:
+            trained_params_dir(m.init_from, "model.init_from")
 
 
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:

@@ -328,6 +328,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                            (["--prompt", "a", "--checkpoint", str(run)],
                             f"{run} was trained from model.init_from='runs/stage1_cc3m' but this config gives '': "
                             "add --config.model.init_from=runs/stage1_cc3m")):
-        r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags],
+        r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags,
+                            f"--config.model.llm_path={tiny_tokenizer_dir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"infer.py: {message}", r.stderr[-500:]
