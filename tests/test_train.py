@@ -268,7 +268,8 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     (bad / "train_image_mapping.json").write_text('{"7": "images/missing.png"}')
     r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
                f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
-               f"--config.data.train_path={bad}/train_cleaned.json", "--config.data.strict=True")
+               f"--config.data.train_path={bad}/train_cleaned.json", "--config.data.val_path=",
+               "--config.data.strict=True")
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: ") and "missing.png" in last, last
