@@ -54,17 +54,16 @@ log = logging.getLogger("mg5jax.infer")
 
 
 def _require_images(images, where: str) -> None:
-    """Every image exists and is one PIL can read (checked before any model loads)."""
-    from PIL import Image, UnidentifiedImageError
+    """Every image exists and decodes as generation will decode it (checked before any model loads)."""
+    from mg5jax.data.images import ImageLoadError, load_image
 
     for image in images:
         if not pathlib.Path(image).is_file():
             raise FileNotFoundError(f"{where}: image file not found: {image}")
         try:
-            with Image.open(image) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{where}: cannot read image {image} ({e})") from e
+            load_image(image)
+        except ImageLoadError as e:
+            raise ValueError(f"{where}: {e}") from e
 
 
 def _require_slots(text: str, images, where: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from absl import app
@@ -92,7 +93,7 @@ def run(cfg) -> int:
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
                                        seed=cfg.seed, shuffle=False, num_epochs=1)
         eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
-        if next(iter(eval_data()), None) is None:  # found now, not at the first validation
+        if t["eval_every"] and next(iter(eval_data()), None) is None:  # found now, not at the first validation
             raise DataError(f"data.val_path {d.val_path}: no validation batch can be built (see the skipped samples "
                             f"logged above, e.g. longer than the largest of data.length_buckets {tuple(d.length_buckets)})")
 
@@ -106,6 +107,9 @@ def run(cfg) -> int:
     finally:
         trainer.close()
     if result.preempted:
+        if result.stop_signal == signal.SIGINT:  # 130, as an interrupted program: `train.py && next` stops here
+            print(f"stopped by Ctrl-C at step {result.step}: checkpoint saved in {trainer_cfg.workdir}/checkpoints")
+            return 130
         print(f"preempted at step {result.step}: checkpoint saved in {trainer_cfg.workdir}/checkpoints")
         return 0
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import pathlib
-import re
 import sys
 
 from absl import flags
@@ -14,14 +15,17 @@ def parse_flags(program: str, argv: list[str], flag_values: flags.FlagValues = f
     does not have in a `--config.…` override ends the program with one line naming it (absl and
     ml_collections would raise a traceback of tens of lines). Returns the arguments left."""
     config = _config_file(argv)
-    if config is not None and not pathlib.Path(config).is_file():
-        sys.exit(f"{program}: --config: file not found: {config}")
+    if config is not None and not pathlib.Path(config[0]).is_file():
+        sys.exit(f"{program}: --config: file not found: {config[0]}")
     try:
         return flag_values(argv)
     except flags.Error as e:
         sys.exit(f"{program}: {e}")
-    except (AttributeError, KeyError) as e:  # ml_collections: a locked config has no such field
-        sys.exit(f"{program}: {_unknown_field(argv, e)}")
+    except (AttributeError, KeyError):  # ml_collections: a locked config has no such field
+        unknown = _unknown_override(argv, config) if config is not None else None
+        if unknown is None:  # raised by the config file itself: its traceback says where
+            raise
+        sys.exit(f"{program}: {unknown}")
 
 
 def flags_parser(program: str):
@@ -29,24 +33,36 @@ def flags_parser(program: str):
     return lambda argv: parse_flags(program, argv)
 
 
-def _config_file(argv: list[str]) -> str | None:
-    """The file of `--config=FILE[:ARG]` or `--config FILE`, if given."""
+def _config_file(argv: list[str]) -> tuple[str, str | None] | None:
+    """(file, argument) of the last `--config=FILE[:ARG]` or `--config FILE[:ARG]` (absl keeps the last)."""
+    found = None
     for i, arg in enumerate(argv):
         value = arg.split("=", 1)[1] if arg.startswith("--config=") else \
             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
         if value is not None:
-            return value if pathlib.Path(value).is_file() else value.split(":", 1)[0]
+            path, _, extra = value.partition(":")
+            found = (value, None) if pathlib.Path(value).is_file() or not extra else (path, extra)
+    return found
+
+
+def _unknown_override(argv: list[str], config: tuple[str, str | None]) -> str | None:
+    """`--config.a.b: the config has no field 'b'` for the first override whose path the config lacks."""
+    try:
+        spec = importlib.util.spec_from_file_location("_mg5jax_cli_config", config[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.get_config(config[1]) if config[1] is not None else module.get_config()
+    except Exception:  # noqa: BLE001 - the config file's own error: absl's traceback shows it
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        flag = arg.split("=", 1)[0]
+        node = cfg
+        for field in flag[len("--config."):].split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if field not in keys:
+                guess = difflib.get_close_matches(field, keys, n=1)
+                return f"{flag}: the config has no field {field!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")
+            node = node[field]
     return None
-
-
-def _unknown_field(argv: list[str], error: Exception) -> str:
-    inner = error
-    while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError(message))
-        inner = inner.args[0]
-    text = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
-    name = re.search(r"'(\w+)'", text)
-    guess = re.search(r'Did you mean "(\w+)"', text)
-    field = name.group(1) if name else text
-    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    flag = next((o for o in overrides if field in o.split(".")), "a --config.… override")
-    return f"{flag}: the config has no field {field!r}" + (f" (did you mean {guess.group(1)!r}?)" if guess else "")

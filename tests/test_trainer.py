@@ -156,13 +156,31 @@ def test_ctrl_c_saves_and_stops_and_a_changed_setting_is_named_on_resume(tmp_pat
 
     result = first.fit(ToyIterator(), on_sample=on_sample, num_steps=10)
     first.close()
-    assert result.preempted and result.step == 3 and first.checkpointer.latest_step() == 3
+    assert result.preempted and result.stop_signal == signal.SIGINT and result.step == 3
+    assert first.checkpointer.latest_step() == 3
     assert signal.getsignal(signal.SIGINT) == handler_before
     again = trainer(0.5)
     with caplog.at_level(logging.WARNING, logger="mg5jax.training.trainer"):
         assert again.restore_latest() == 3
-    again.close()
     assert "differ from the checkpoint's: loss.weight: 1.0 -> 0.5" in caplog.text
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a process started to ignore SIGINT (`cmd &` in a script)
+    try:
+        assert set(again._install_stop_handlers()) == {signal.SIGTERM}
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler_before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    again.close()
+    # another trainable set gives the state another structure: the error names the changed settings
+    # instead of pointing at an older checkpoint (which has the same structure)
+    cfg = TrainerConfig(workdir=str(tmp_path), optimizer=dataclasses.replace(OPT, trainable=RULES[1:]),
+                        mesh=MeshConfig(data=2, fsdp=4))
+    other = Trainer(toy_model(initial_state), cfg, run_config={"loss": {"weight": 1.0}, "workdir": str(tmp_path),
+                                                               "rules": "without embed"})
+    with pytest.raises(CheckpointError, match=r"cannot restore .*; this run's settings differ from the "
+                                              r"checkpoint's \(rules: None -> 'without embed'\)"):
+        other.restore_latest()
+    other.close()
 
 
 def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_state):

@@ -138,9 +138,7 @@ class Checkpointer:
             if meta is None or data_state is None or meta.get("step") != step:
                 raise ValueError(f"metadata is missing or names another step: {meta!r}")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
-            older = [s for s in self.all_steps() if s < step]
-            hint = f"; to resume from the older checkpoint {older[-1]}, move {path} away" if older else ""
-            raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)}){hint}") from e
+            raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)})") from e
         log.info("checkpoint: restored step %d from %s", step, path)
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
                         meta.get("config"))

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from mg5jax import parallel
+from mg5jax.convert.sources import CheckpointError
 from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer
 from mg5jax.training.optimizer import (OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay,
                                       masked_global_norm, resolve_masks)
@@ -97,6 +98,7 @@ class FitResult:
     preempted: bool  # stopped by SIGTERM or Ctrl-C (after saving)
     train_metrics: dict[str, float]  # the last step's terms
     eval_metrics: dict[str, float] | None  # the last validation's means
+    stop_signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT)
 
 
 def _shardings(state: nnx.State) -> nnx.State:
@@ -294,25 +296,38 @@ class Trainer:
         if step is None:
             self.best.forget()  # a fresh run: an earlier run's best/ in this workdir sets no bar for it
             return None
-        # the schedule first: another accumulation count also gives the optimizer state another structure
-        saved, now = self.checkpointer.recorded_config(step), json.loads(json.dumps(self._run_config))
-        saved_schedule, schedule = (saved or {}).get("schedule"), now.get("schedule")
-        if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
-            raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, this "
-                             f"run has {schedule}: its steps would mean other batches and learning rates. "
-                             "Resume with the same devices and batch settings, or use a new trainer.workdir")
-        restored = self.checkpointer.restore(self._params, self._opt_state, step)
+        changed = []
+        try:
+            # the schedule first: another accumulation count also gives the optimizer state another structure
+            saved, now = self.checkpointer.recorded_config(step), json.loads(json.dumps(self._run_config))
+            saved_schedule, schedule = (saved or {}).get("schedule"), now.get("schedule")
+            if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
+                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, "
+                                 f"this run has {schedule}: its steps would mean other batches and learning rates. "
+                                 "Resume with the same devices and batch settings, or use a new trainer.workdir")
+            changed = _changed_settings(saved, now) if saved is not None else []
+            restored = self.checkpointer.restore(self._params, self._opt_state, step)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{self._restore_hint(step, changed, str(e))}") from e
         self._params, self._opt_state = restored.params, restored.opt_state
         if data_iter is not None:
             if restored.data_state is None:
                 raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
             data_iter.set_state(restored.data_state)
-        if saved is not None and (changed := _changed_settings(saved, now)):
+        if changed:
             log.warning("resuming step %d with settings that differ from the checkpoint's: %s", step,
                         "; ".join(changed))
         self.step = self._last_saved = step
         log.info("resumed from step %d", step)
         return step
+
+    def _restore_hint(self, step: int, changed: list[str], error: str) -> str:
+        if changed and "structure" in error:  # e.g. another trainable set: every checkpoint has the other one
+            return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with the "
+                    "checkpoint's settings, or use a new trainer.workdir")
+        older = [s for s in self.checkpointer.all_steps() if s < step]
+        return (f"; to resume from the older checkpoint {older[-1]}, move {self.checkpointer.directory / str(step)} "
+                "away") if older else ""
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -382,14 +397,14 @@ class Trainer:
                     and self.step > first_step and evaluated_at != self.step:
                 eval_terms, evaluated_at = validate()
             if self._stop_signal is not None:
-                log.warning("signal %d: saved step %d, stopping", self._stop_signal, self.step)
+                log.warning("%s: saved step %d, stopping", signal.Signals(self._stop_signal).name, self.step)
         finally:
             bar.close()
             metrics.close()
             self._restore_stop_handlers(previous_handlers)
             self.checkpointer.wait()
             self.best.wait()
-        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms)
+        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal)
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM (a preemption) and a first Ctrl-C stop the loop after the current step, which is saved;
@@ -404,7 +419,8 @@ class Trainer:
                 log.warning("Ctrl-C: stopping after this step, once it is saved (Ctrl-C again stops without saving)")
                 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-        return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
+        return {s: signal.signal(s, handler) for s in signals}  # a SIGINT the process ignores stays ignored
 
     def _restore_stop_handlers(self, previous: dict) -> None:
         for signum, handler in previous.items():
