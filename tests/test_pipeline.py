@@ -97,6 +97,12 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
         strict(missing, np.random.default_rng(0))
     batches = list(pipeline.make_dataset([missing, vist[0], vist[1]], builder, shuffle=False))
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
+    caplog.clear()  # thousands of bad rows: the first are logged one by one, then a count now and then
+    quiet = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
+    for _ in range(2 * pipeline.SKIP_REPORT_EVERY):
+        quiet(too_many, np.random.default_rng(0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == pipeline.LOGGED_SKIPS + 2 and lines[-1].startswith("skipped 2000 samples so far")
 
 
 def test_a_dataset_where_nothing_builds_stops_instead_of_searching_forever(tokenizer, tmp_path, monkeypatch):

@@ -47,6 +47,10 @@ class BatchSpec:
     latent_size: int = 64  # h = w of VAE moments (for precomputed moments)
 
 
+LOGGED_SKIPS = 20  # skipped samples logged one by one; after that, a line per SKIP_REPORT_EVERY
+SKIP_REPORT_EVERY = 1000
+
+
 class ExampleBuilder:
     """Turns one `Sample` into a dict of numpy arrays (unpadded text; padded image slots).
 
@@ -83,7 +87,11 @@ class ExampleBuilder:
         if self.strict:
             raise DataError(msg)
         self.skipped += 1
-        log.warning("skipping %s", msg)
+        if self.skipped <= LOGGED_SKIPS:
+            log.warning("skipping %s%s", msg, "" if self.skipped < LOGGED_SKIPS else
+                        f" (the next skipped samples are counted: one line per {SKIP_REPORT_EVERY})")
+        elif self.skipped % SKIP_REPORT_EVERY == 0:
+            log.warning("skipped %d samples so far; the latest: %s", self.skipped, msg)
         return None
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict | None:
