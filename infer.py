@@ -66,14 +66,6 @@ def _require_images(images, where: str) -> None:
             raise ValueError(f"{where}: {e}") from e
 
 
-def _require_slots(text: str, images, where: str) -> None:
-    from mg5jax.data.tokenization import IMAGE_PLACEHOLDER
-
-    if text.count(IMAGE_PLACEHOLDER) != len(images):
-        raise ValueError(f"{where}: the text has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} slots but "
-                         f"{len(images)} images are given")
-
-
 def check_flags() -> None:
     """Refuse flag combinations and values that would be ignored or fail late (before any model loads)."""
     if _PROMPT.value is not None and _PROMPTS.value is not None:
@@ -125,7 +117,6 @@ def flag_prompts():
     seed = _SEED.value
     if _PROMPT.value is not None:
         _require_images(_IMAGE.value, "--image")
-        _require_slots(_PROMPT.value, _IMAGE.value, "--prompt")
         return [Prompt(_PROMPT.value, tuple(_IMAGE.value), seed)], ["--prompt"]
     if _PROMPTS.value is not None:
         path = pathlib.Path(_PROMPTS.value)
@@ -145,7 +136,6 @@ def flag_prompts():
             # relative paths are relative to the prompts file
             images = tuple(str((path.parent / p) if not pathlib.Path(p).is_absolute() else p) for p in images)
             _require_images(images, where)
-            _require_slots(row["text"], images, where)
             reference = row.get("reference_image")
             if isinstance(reference, str) and reference.strip():
                 reference = str(path.parent / reference)  # an absolute path stays itself
@@ -160,25 +150,20 @@ def flag_prompts():
 
 
 def check_prompts(prompts, labels: list[str], cfg, max_tokens: int) -> None:
-    """What generation would refuse after loading the model: more input images than the config takes, input
-    images without a vision encoder, a prompt longer than the largest length bucket (tokenized as
-    generation will)."""
+    """Refuse, before any model loads, what generation would refuse after (`prompt_problem`, with the
+    tokenizer alone)."""
     from mg5jax import build
     from mg5jax.data.tokenization import MiniGPT5Tokenizer
+    from mg5jax.generation.interleaved import prompt_problem
 
-    for prompt, where in zip(prompts, labels):
-        if len(prompt.images) > cfg.data.max_input_images:
-            raise ValueError(f"{where}: {len(prompt.images)} input images, more than data.max_input_images="
-                             f"{cfg.data.max_input_images}")
-        if prompt.images and cfg.model.vision.kind == "none":
-            raise ValueError(f"{where}: the prompt has input images but the config's model has no vision encoder "
-                             "(model.vision.kind='none')")
     llm_dir = build.require_dir(cfg.model.llm_path, "model.llm_path")
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=cfg.model.num_vokens)
     for prompt, where in zip(prompts, labels):
-        n = len(tokenizer.encode(prompt.text))
-        if n > max_tokens:
-            raise ValueError(f"{where}: the prompt has {n} tokens, more than the {max_tokens} generation takes")
+        problem = prompt_problem(prompt, tokenizer.encode(prompt.text), tokenizer,
+                                 max_input_images=cfg.data.max_input_images, has_vision=cfg.model.vision.kind != "none",
+                                 max_tokens=max_tokens, images_setting="data.max_input_images")
+        if problem:
+            raise ValueError(f"{where}: {problem}")
 
 
 def config_prompts(cfg, tokenizer):

@@ -129,6 +129,21 @@ class Response:
         return "".join(s if isinstance(s, str) else f" [image {s + 1}] " for s in self.segments).strip()
 
 
+def prompt_problem(prompt: Prompt, ids: Sequence[int], tokenizer: MiniGPT5Tokenizer, *, max_input_images: int,
+                   has_vision: bool, max_tokens: int, images_setting: str = "max_input_images") -> str | None:
+    """Why generation refuses `prompt` (tokenized as `ids`), or None; `images_setting` names the limit."""
+    slots, images = ids.count(tokenizer.ids.image_placeholder_id), len(prompt.images)
+    if slots != images:
+        return f"the text has {slots} <ImageHere> slots but {images} images are given"
+    if images > max_input_images:
+        return f"{images} input images, more than {images_setting}={max_input_images}"
+    if images and not has_vision:
+        return "the prompt has input images but the model has no vision encoder"
+    if len(ids) > max_tokens:
+        return f"the prompt has {len(ids)} tokens, more than the {max_tokens} generation takes"
+    return None
+
+
 def stop_sequences(tokenizer: MiniGPT5Tokenizer) -> tuple[tuple[int, ...], ...]:
     """The id sequences of "###" that end a response (the original: [835] and [2277, 29937])."""
     seqs = {tuple(tokenizer.encode("###"))}
@@ -201,20 +216,14 @@ class InterleavedGenerator:
     def prepare(self, prompts: Sequence[Prompt]) -> dict:
         """Token ids (padded to a bucket) and input images of a batch of prompts (no labels)."""
         ids = [self.tokenizer.encode(p.text) for p in prompts]
-        slot_id = self.tokenizer.ids.image_placeholder_id
         for p, row in zip(prompts, ids):
-            if row.count(slot_id) != len(p.images):
-                raise ValueError(f"prompt has {row.count(slot_id)} <ImageHere> slots but {len(p.images)} images: "
-                                 f"{p.text[:80]!r}")
-            if len(p.images) > self.max_input_images:
-                raise ValueError(f"prompt has {len(p.images)} images, more than max_input_images="
-                                 f"{self.max_input_images}")
+            if problem := prompt_problem(p, row, self.tokenizer, max_input_images=self.max_input_images,
+                                         has_vision=self.model.vision is not None,
+                                         max_tokens=self.settings.length_buckets[-1]):
+                raise ValueError(f"prompt {p.text[:80]!r}: {problem}")
         longest = max(len(r) for r in ids)
-        buckets = [b for b in self.settings.length_buckets if b >= longest]
-        if not buckets:
-            raise ValueError(f"a prompt has {longest} tokens, more than the largest length bucket "
-                             f"{self.settings.length_buckets[-1]}")
-        t, b, s, m = buckets[0], len(prompts), self.input_image_size, self.max_input_images
+        t = min(b for b in self.settings.length_buckets if b >= longest)
+        b, s, m = len(prompts), self.input_image_size, self.max_input_images
         batch = {
             "input_ids": np.full((b, t), self.tokenizer.ids.pad_id, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
@@ -229,8 +238,6 @@ class InterleavedGenerator:
                 batch["input_images"][i, k] = image_ops.input_image_transform(image_ops.load_image(path), size=s)
                 batch["input_image_mask"][i, k] = True
         if self.model.vision is None:
-            if any(p.images for p in prompts):
-                raise ValueError("these prompts have input images but the model has no vision encoder")
             del batch["input_images"]
             batch["input_image_features"] = np.zeros(
                 (b, m, self.model.config.num_query_tokens, self.model.llm.config.hidden_size), np.float32)
