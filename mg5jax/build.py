@@ -156,7 +156,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
         if pathlib.Path(m.init_from).suffix == ".ckpt":  # the original's stage-2 start
             from mg5jax.convert.minigpt5 import load_official
 
-            load_official(model, require_file(m.init_from, "model.init_from"), stage=1)
+            load_official(model, m.init_from, stage=1)
             log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
         else:
             load_trainable(model, m.init_from)
@@ -217,15 +217,10 @@ def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     v = m.vision
     if v.kind == "none":
         return None
-    if v.kind == "lavis":
-        return VisionEncoder.from_lavis(require_file(v.vit_path, "model.vision.vit_path"),
-                                        require_file(v.qformer_path, "model.vision.qformer_path"),
-                                        require_file(v.proj_path, "model.vision.proj_path"),
-                                        dtype=compute, param_dtype=frozen)
+    if v.kind == "lavis":  # the paths were checked by check_model_paths
+        return VisionEncoder.from_lavis(v.vit_path, v.qformer_path, v.proj_path, dtype=compute, param_dtype=frozen)
     if v.kind == "blip2":
-        proj = require_file(v.proj_path, "model.vision.proj_path") if v.proj_path else None
-        return VisionEncoder.from_pretrained(require_dir(v.blip2_dir, "model.vision.blip2_dir"), proj=proj,
-                                             dtype=compute, param_dtype=frozen)
+        return VisionEncoder.from_pretrained(v.blip2_dir, proj=v.proj_path or None, dtype=compute, param_dtype=frozen)
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
 
 
