@@ -149,7 +149,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
 
     ids = tokenizer.ids
     config = minigpt5_config(cfg, voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id,
-                             bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision, cfg))
+                             bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision))
     model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
                      vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
     if init_from and m.init_from:
@@ -224,7 +224,7 @@ def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
 
 
-def _num_query_tokens(vision: VisionEncoder | None, cfg) -> int:
+def _num_query_tokens(vision: VisionEncoder | None) -> int:
     if vision is not None:
         return vision.config.qformer.num_query_tokens
     return 32
@@ -399,7 +399,7 @@ def make_builder(cfg, built: Built, batch_size: int, *, train: bool) -> pipeline
         built.tokenizer, batch_spec(cfg, built, batch_size),
         caption_tokenizer=caption_fn(built.caption_tokenizer) if cfg.loss.caption_weight > 0 else None,
         train=train, fix_img7_mask=d.fix_img7_mask, input_features_dir=features or None,
-        output_moments_dir=moments or None, strict=d.strict)
+        output_moments_dir=moments or None, vision_encoder=built.model.vision is not None, strict=d.strict)
 
 
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:

@@ -105,6 +105,23 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
     assert len(lines) == pipeline.LOGGED_SKIPS + 2 and lines[-1].startswith("skipped 2000 samples so far")
 
 
+def test_without_a_vision_encoder_slots_hold_zero_features(tokenizer, vist):
+    """Stage 1 (model.vision.kind='none', no precomputed features): image-free samples get zero
+    feature slots for the splice, and a sample with input images is skipped naming why."""
+    captioned = Sample(source="Show me an image of a dog.", target="[IMG0] ###", caption="a dog", task_name="cc3m_0",
+                       input_images=(), output_image=None)
+    builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=True, vision_encoder=False)
+    example = builder(captioned, np.random.default_rng(0))
+    assert "input_images" not in example and not example["input_image_mask"].any()
+    np.testing.assert_array_equal(example["input_image_features"],
+                                  np.zeros((SPEC.max_input_images, SPEC.num_query_tokens, SPEC.llm_dim)))
+    with_images = next(s for s in vist if any(s.input_images))
+    assert builder(with_images, np.random.default_rng(0)) is None and builder.skipped == 1
+    strict = pipeline.ExampleBuilder(tokenizer, SPEC, train=True, vision_encoder=False, strict=True)
+    with pytest.raises(DataError, match=r"input image\(s\), but the model has no vision encoder"):
+        strict(with_images, np.random.default_rng(0))
+
+
 def test_a_dataset_where_nothing_builds_stops_instead_of_searching_forever(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline._Built.__init__, "__defaults__", (5,))
     gone = Sample(source="a <Img><ImageHere></Img> b", target="c ###", caption=None, task_name="gone",

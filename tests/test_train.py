@@ -243,6 +243,31 @@ def test_stage1_samples_show_the_sd_baseline_of_the_caption(demo_root, tmp_path,
     assert kw["sd_pipeline"].unet is built.model.unet
 
 
+def test_stage1_trains_on_captions_without_a_vision_encoder(demo_root, tmp_path):
+    """configs/stage1_cc3m.py's model has no vision encoder (CC3M has no input images): its batches
+    trace through the train step (they used to carry pixels the model could not encode)."""
+    from configs import stage1_cc3m
+
+    cfg = demo_config(demo_root, tmp_path / "run")
+    real = stage1_cc3m.get_config()
+    cfg.model.vision.kind = real.model.vision.kind
+    cfg.data.kind, cfg.loss.caption_weight = real.data.kind, real.loss.caption_weight
+    cfg.data.max_input_images = real.data.max_input_images
+    cfg.data.train_path = str(demo_root / "data" / "CC3M" / "cc3m_train.tsv")
+    built = build.build_model(cfg)
+    samples = build.read_samples("cc3m", cfg.data.train_path, test=False, seed=0, strict=True)
+    builder = build.make_builder(cfg, built, 2, train=True)
+    batch = next(iter(pipeline.make_dataset(samples, builder, seed=0)))
+    assert "input_images" not in batch and builder.skipped == 0
+    trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()), devices=jax.devices()[:1])
+    placed = trainer._place_batch(batch)
+    with jax.set_mesh(trainer.mesh):
+        terms = trainer._train_step.eval_shape(trainer._params, trainer._opt_state, trainer._frozen, placed,
+                                               np.int32(0))[2]
+    trainer.close()
+    assert {"text_loss", "image_loss", "caption_loss"} <= set(terms)
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 

@@ -55,7 +55,7 @@ class ExampleBuilder:
     """Turns one `Sample` into a dict of numpy arrays (unpadded text; padded image slots).
 
     Returns None for a sample that cannot be built (unreadable image, too long, more images than
-    slots) after logging why — or raises `DataError` when `strict`.
+    slots, input images without a vision encoder or features) after logging why — or raises `DataError` when `strict`.
     """
 
     def __init__(
@@ -68,6 +68,7 @@ class ExampleBuilder:
         fix_img7_mask: bool = False,
         input_features_dir: str | None = None,
         output_moments_dir: str | None = None,
+        vision_encoder: bool = True,
         strict: bool = False,
     ):
         self.tokenizer = tokenizer
@@ -79,6 +80,9 @@ class ExampleBuilder:
         self._feature_sources = read_feature_sources(input_features_dir) if input_features_dir else {}
         self.output_moments_dir = pathlib.Path(output_moments_dir) if output_moments_dir else None
         self._moment_sources = read_feature_sources(output_moments_dir) if output_moments_dir else {}
+        # without a vision encoder (and no precomputed features) image slots hold zero features, and a
+        # sample with input images cannot be built (stage 1: CC3M has none)
+        self.vision_encoder = vision_encoder
         self.strict = strict
         self.skipped = 0
 
@@ -122,7 +126,10 @@ class ExampleBuilder:
 
     def _input_images(self, example: dict, paths: Sequence[str], rng: np.random.Generator) -> None:
         spec = self.spec
-        if self.input_features_dir is not None:
+        if self.input_features_dir is not None or not self.vision_encoder:
+            if paths and self.input_features_dir is None:
+                raise ValueError(f"{len(paths)} input image(s), but the model has no vision encoder "
+                                 "(model.vision.kind='none') and data.input_features_dir is not set")
             feats = np.zeros((spec.max_input_images, spec.num_query_tokens, spec.llm_dim), np.float32)
             for m, p in enumerate(paths):
                 feats[m] = _load_array(_feature_file(self.input_features_dir, self._feature_sources, p),
