@@ -81,8 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- the loop ----------------------------------------------------------------------------------
     c.trainer = ml_collections.ConfigDict()
-    c.trainer.workdir = "runs/minigpt5"  # checkpoints/ and metrics.jsonl go here
-    c.trainer.seed = c.get_ref("seed")
+    c.trainer.workdir = "runs/minigpt5"  # checkpoints/, best/, samples/ and metrics.jsonl go here
+    c.trainer.seed = c.get_ref("seed")  # per-step rngs (noise, timesteps, CFG drops, dropout)
     c.trainer.num_steps = ml_collections.config_dict.placeholder(int)  # micro-steps; None = num_epochs passes
     c.trainer.log_every = 10  # steps per metrics line
     c.trainer.save_every = 500  # steps between checkpoints
@@ -95,9 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.trainer.optimizer = ml_collections.ConfigDict()
     c.trainer.optimizer.learning_rate = 2e-5  # base lr
-    c.trainer.optimizer.b1 = 0.9
-    c.trainer.optimizer.b2 = 0.999
-    c.trainer.optimizer.eps = 1e-8
+    c.trainer.optimizer.b1 = 0.9  # AdamW first-moment decay
+    c.trainer.optimizer.b2 = 0.999  # AdamW second-moment decay
+    c.trainer.optimizer.eps = 1e-8  # AdamW denominator epsilon (the original's torch default)
     c.trainer.optimizer.weight_decay = 0.01  # on trainable params only (never on the old vocab rows)
     c.trainer.optimizer.warmup_steps = 1000  # linear warmup from 0, then linear decay to 0
     # optimizer steps of the lr schedule; None = what the run makes (from num_steps if set, else num_epochs)
