@@ -109,6 +109,13 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     llm_dir, sd_dir = pathlib.Path(m.llm_path), pathlib.Path(m.sd_path)
     rngs = nnx.Rngs(cfg.seed, dropout=cfg.seed)  # "dropout": LoRA's stream, reseeded by every train step
 
+    schedule_cfg = scheduler_config(sd_dir)  # before any weights load
+    # the loss's target is the noise, hard-coded as in the original (REFERENCE §4.4): a v-prediction
+    # U-Net (SD 2.1 at 768 px) would train against the wrong target; generation samples either kind
+    noise_schedule = schedulers.NoiseSchedule.from_config(
+        schedule_cfg, where=f"{sd_dir / 'scheduler' / 'scheduler_config.json'} (model.sd_path)",
+        prediction_types=("epsilon",) if train else schedulers.NoiseSchedule.PREDICTION_TYPES)
+
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
@@ -126,8 +133,6 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
                                                 remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen)
     caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
-    schedule_cfg = scheduler_config(sd_dir)
-    noise_schedule = schedulers.NoiseSchedule.from_config(schedule_cfg)
 
     text_encoder, empty = None, None
     cross = unet.config.cross_attention_dim  # an int, or one per block (all equal for SD)
@@ -366,7 +371,9 @@ def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
         samples, report = datasets.read_mmdialog(str(file), tokenizer_len_fn=len_fn, test=test, strict=strict)
     else:
         raise ValueError(f"data.kind={kind!r}: expected 'cc3m', 'vist' or 'mmdialog'")
-    log.info("%s: %d samples from %s (%d skipped)", kind, len(samples), file, report.skipped)
+    stops = ", ".join(f"{n} {rule}" for rule, n in sorted(report.stops.items()))
+    log.info("%s: %d samples from %s (records read: %d, skipped: %d%s)", kind, len(samples), file, report.records,
+             report.skipped, f"; stopped early: {stops}" if stops else "")
     return samples
 
 

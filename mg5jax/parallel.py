@@ -50,9 +50,6 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("queries", None),
 )
 
-LOGICAL_NAMES = frozenset(name for name, _ in DEFAULT_RULES)
-
-
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:

@@ -1,5 +1,5 @@
 """VokenMapper: parity with torch nn.Transformer(norm_first) + the fc MLP under the original's key
-names, part-wise (stage-2) loading, export round trip, and torch-like init."""
+names, key errors, export round trip, and torch-like init."""
 
 import math
 import warnings
@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from mg5jax.convert import keymap as km
-from mg5jax.convert.mapper import STAGE2_PARTS, export_mapper_params, load_mapper_params
+from mg5jax.convert.mapper import export_mapper_params, mapper_keymap
 from mg5jax.convert.sources import CheckpointError, DictSource
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 
@@ -57,8 +57,7 @@ def torch_reference(cfg: MapperConfig, seed: int) -> tuple[TorchMapper, dict[str
 
 def load_jax(cfg: MapperConfig, state_dict: dict[str, np.ndarray]) -> VokenMapper:
     gd, abstract = km.abstract_model(lambda: VokenMapper(cfg, rngs=nnx.Rngs(0)))
-    state = load_mapper_params(abstract, DictSource(state_dict, "mapper.ckpt"))
-    return km.materialize(gd, state)
+    return km.materialize(gd, km.load_params(abstract, DictSource(state_dict, "mapper.ckpt"), mapper_keymap()))
 
 
 @nnx.jit
@@ -95,35 +94,16 @@ def test_export_round_trip(pair):
         np.testing.assert_array_equal(out[k], v, err_msg=k)
 
 
-def test_stage2_subset_and_strict_errors():
+def test_missing_and_unexpected_keys_are_named():
     cfg = SMALL
-    _, stage1 = torch_reference(cfg, seed=0)
-    _, other = torch_reference(cfg, seed=5)
-    stage1_state = nnx.state(load_jax(cfg, stage1))
-    # a stage-2 file: only llm_to_t2i_mapping, plus LLM keys that belong to other loaders
-    stage2 = {k: v for k, v in other.items() if k.startswith("llm_to_t2i_mapping.")}
-    stage2["model.llama_model.base_model.model.lm_head.modules_to_save.default.weight"] = np.zeros((4, 2))
-    state = load_mapper_params(stage1_state, DictSource(stage2, "stage2.ckpt"), required=STAGE2_PARTS)
-    mixed = export_mapper_params(state)
-    for k, v in mixed.items():
-        np.testing.assert_array_equal(v, (other if k.startswith("llm_to_t2i_mapping.") else stage1)[k], err_msg=k)
-    # with an abstract target, the parts the file lacks stay unloaded and materialize names them
-    gd, abstract = km.abstract_model(lambda: VokenMapper(cfg, rngs=nnx.Rngs(0)))
-    partial = load_mapper_params(abstract, DictSource(stage2, "stage2.ckpt"), required=STAGE2_PARTS)
-    with pytest.raises(CheckpointError, match=r"'(decoder_queries|fc_in\.\w+|fc_out\.\w+)' was never loaded"):
-        km.materialize(gd, partial)
-    with pytest.raises(CheckpointError, match=r"mapper part 'fc' \(required\): missing key 'fc.0.bias' in stage2.ckpt"):
-        load_mapper_params(abstract, DictSource(stage2, "stage2.ckpt"))
-    extra = dict(stage1, **{"llm_to_t2i_mapping.encoder.layers.5.linear1.bias": stage1["fc.0.bias"]})
+    _, sd = torch_reference(cfg, seed=0)
+    _, abstract = km.abstract_model(lambda: VokenMapper(cfg, rngs=nnx.Rngs(0)))
+    stage2 = {k: v for k, v in sd.items() if k.startswith("llm_to_t2i_mapping.")}  # no fc, no queries
+    with pytest.raises(CheckpointError, match=r"missing key 'fc.0.bias' in stage2.ckpt"):
+        km.load_params(abstract, DictSource(stage2, "stage2.ckpt"), mapper_keymap())
+    extra = dict(sd, **{"llm_to_t2i_mapping.encoder.layers.5.linear1.bias": sd["fc.0.bias"]})
     with pytest.raises(CheckpointError, match=r"unexpected key 'llm_to_t2i_mapping.encoder.layers.5.linear1.bias'"):
-        load_mapper_params(abstract, DictSource(extra, "big.ckpt"))
-    # prefixed checkpoint keys and a mapper nested under "mapper." in a bigger model
-    prefixed = {"module." + k: v for k, v in stage1.items()}
-    nested = nnx.from_flat_state([(("mapper",) + p, v) for p, v in nnx.to_flat_state(abstract)])
-    state = load_mapper_params(nested, DictSource(prefixed, "p.ckpt"), theirs_prefix="module.", ours_prefix="mapper.")
-    out = export_mapper_params(state, theirs_prefix="module.", ours_prefix="mapper.")
-    assert out.keys() == prefixed.keys()
-    np.testing.assert_array_equal(out["module.t2i_decoder_prompt"], stage1["t2i_decoder_prompt"])
+        km.load_params(abstract, DictSource(extra, "big.ckpt"), mapper_keymap())
 
 
 def test_torch_like_init_and_config():

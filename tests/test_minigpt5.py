@@ -16,7 +16,7 @@ from flax import nnx
 from test_mapper import TorchMapper
 
 from mg5jax.convert import keymap as km
-from mg5jax.convert.mapper import load_mapper_params
+from mg5jax.convert.mapper import mapper_keymap
 from mg5jax.convert.sources import DictSource
 from mg5jax.diffusion import schedulers
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
@@ -83,7 +83,7 @@ def setup(tiny_sd_dir, tmp_path_factory):  # noqa: F811
                 p.add_(0.2 * torch.randn_like(p))
     gd, abstract = km.abstract_model(lambda: VokenMapper(mcfg, rngs=nnx.Rngs(0)))
     sd = {k: v.numpy().copy() for k, v in torch_mapper.state_dict().items()}
-    mapper = km.materialize(gd, load_mapper_params(abstract, DictSource(sd, "mapper")))
+    mapper = km.materialize(gd, km.load_params(abstract, DictSource(sd, "mapper"), mapper_keymap()))
 
     text_encoder = CLIPTextModel.from_pretrained(tiny_sd_dir / "text_encoder", param_dtype=jnp.float32)
     torch_text = TorchCLIP.from_pretrained(tiny_sd_dir / "text_encoder").eval()

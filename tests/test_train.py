@@ -268,6 +268,22 @@ def test_stage1_trains_on_captions_without_a_vision_encoder(demo_root, tmp_path)
     assert {"text_loss", "image_loss", "caption_loss"} <= set(terms)
 
 
+def test_training_refuses_a_v_prediction_stable_diffusion(demo_root, tmp_path):
+    """The loss's target is the noise (as the original's); a v-prediction scheduler config is refused
+    by name before any weights load."""
+    import shutil
+
+    sd = tmp_path / "sd"
+    shutil.copytree(demo_root / "weights" / "sd", sd)
+    config_file = sd / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "v_prediction"}))
+    cfg = demo_config(demo_root, tmp_path / "run")
+    cfg.model.sd_path = str(sd)
+    with pytest.raises(ValueError, match=r"scheduler_config.json \(model.sd_path\): unsupported "
+                                         r"prediction_type='v_prediction'; supported: \['epsilon'\]"):
+        build.build_model(cfg, train=True)
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 

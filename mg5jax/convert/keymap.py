@@ -19,7 +19,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -264,8 +263,3 @@ def materialize(graphdef: nnx.GraphDef, state: nnx.State) -> nnx.Module:
         if isinstance(v.get_value(), jax.ShapeDtypeStruct):
             raise CheckpointError(f"parameter {'.'.join(map(str, path))!r} was never loaded")
     return nnx.merge(graphdef, state)
-
-
-def cast_floating(tree, dtype):
-    """Cast every floating array leaf of a pytree to `dtype` (integers untouched)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

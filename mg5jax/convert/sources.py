@@ -292,9 +292,9 @@ class _FileWriter:
     comes; `finish` puts the header (which precedes the data) and the data into another temporary
     file, named so that `_remove_stale` sweeps it if the process dies, for the caller to rename."""
 
-    def __init__(self, directory: pathlib.Path, metadata=None):
+    def __init__(self, directory: pathlib.Path):
         self.directory = directory
-        self.header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.header: dict = {"__metadata__": {"format": "pt"}}
         self.size = 0
         fd, self.data_path = _temporary(directory)
         self._data = os.fdopen(fd, "wb")
@@ -336,12 +336,12 @@ def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]])
     return tensors.items() if isinstance(tensors, Mapping) else tensors
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-                      metadata=None) -> None:
+def write_safetensors(path: str | os.PathLike,
+                      tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]) -> None:
     """Write one .safetensors file (any numpy dtype including ml_dtypes.bfloat16) from a mapping or from
     `(key, array)` pairs, which are consumed one at a time; a reader sees the old file or the new one."""
     path = pathlib.Path(path)
-    writer = _FileWriter(path.parent, metadata)
+    writer = _FileWriter(path.parent)
     try:
         for k, v in _items(tensors):
             writer.add(k, np.require(v, requirements="C"), str(path))  # a 0-d array stays 0-d

@@ -1,7 +1,7 @@
 """Noise schedules (training) and samplers' schedulers (inference), exactly as diffusers defines them.
 
 Training side: `NoiseSchedule` — betas and ᾱ (`alphas_cumprod`) of a config — and pure functions of
-an ᾱ array: `add_noise`, `get_velocity` (v-prediction target), `snr`, `min_snr_weights`.
+an ᾱ array: `add_noise`, `snr`, `min_snr_weights` (MiniGPT-5 trains ε-prediction only).
 
 Sampling side: PNDM/PLMS (`skip_prk_steps`), DDIM (eta 0), DPM-Solver++ multistep and Euler. A
 scheduler is a frozen, hashable description built from a diffusers `scheduler_config.json` (usable
@@ -98,26 +98,6 @@ class NoiseSchedule:
         """ᾱ_t `[T]` float32 (accumulated in float64, as torch's CPU cumprod does)."""
         return np.cumprod((1.0 - self.betas).astype(np.float64)).astype(np.float32)
 
-    def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-        return add_noise(jnp.asarray(self.alphas_cumprod), x0, noise, t)
-
-    def get_velocity(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-        return get_velocity(jnp.asarray(self.alphas_cumprod), x0, noise, t)
-
-    def training_target(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-        """What the denoiser is trained to predict under this config's `prediction_type`."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.get_velocity(x0, noise, t)
-        return x0
-
-    def snr(self, t: jax.Array) -> jax.Array:
-        return snr(jnp.asarray(self.alphas_cumprod), t)
-
-    def min_snr_weights(self, t: jax.Array, gamma: float = 5.0) -> jax.Array:
-        return min_snr_weights(jnp.asarray(self.alphas_cumprod), t, gamma, self.prediction_type)
-
 
 def _alpha_bar(alphas_cumprod: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
     a = alphas_cumprod.astype(jnp.float32)[jnp.asarray(t)].reshape(-1)
@@ -131,28 +111,16 @@ def add_noise(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax
     return (jnp.sqrt(a) * x0.astype(jnp.float32) + jnp.sqrt(1 - a) * noise.astype(jnp.float32)).astype(x0.dtype)
 
 
-def get_velocity(alphas_cumprod: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """v = √ᾱ_t·noise - √(1-ᾱ_t)·x0, the v-prediction target `[B, ...]`."""
-    a = _alpha_bar(alphas_cumprod, t, x0.ndim)
-    return (jnp.sqrt(a) * noise.astype(jnp.float32) - jnp.sqrt(1 - a) * x0.astype(jnp.float32)).astype(x0.dtype)
-
-
 def snr(alphas_cumprod: jax.Array, t: jax.Array) -> jax.Array:
     """SNR_t = ᾱ_t / (1 - ᾱ_t), `[B]`."""
     a = _alpha_bar(alphas_cumprod, t, 1)
     return a / (1 - a)
 
 
-def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float = 5.0,
-                    prediction_type: str = "epsilon") -> jax.Array:
-    """Min-SNR-γ loss weights `[B]`: min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR+1) for v-prediction."""
+def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float = 5.0) -> jax.Array:
+    """Min-SNR-γ weights of the ε-prediction loss `[B]`: min(SNR_t, γ) / SNR_t."""
     s = snr(alphas_cumprod, t)
-    if prediction_type == "epsilon":
-        return jnp.minimum(s, gamma) / s
-    if prediction_type == "v_prediction":
-        return jnp.minimum(s, gamma) / (s + 1)
-    raise ValueError(f"min_snr_weights: prediction_type={prediction_type!r} has no Min-SNR weighting "
-                     "(supported: 'epsilon', 'v_prediction')")
+    return jnp.minimum(s, gamma) / s
 
 
 def _spaced(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:

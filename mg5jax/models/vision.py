@@ -93,7 +93,7 @@ class QFormerConfig:
         layers.activation(self.hidden_act, where="QFormerConfig.hidden_act")
 
     @classmethod
-    def from_hf(cls, d: Mapping, num_query_tokens: int = 32, where: str = "qformer_config") -> QFormerConfig:
+    def from_hf(cls, d: Mapping, num_query_tokens: int = 32) -> QFormerConfig:
         """From a transformers `Blip2QFormerConfig` dict plus `Blip2Config.num_query_tokens`."""
         return cls(
             hidden_size=d.get("hidden_size", cls.hidden_size),
@@ -135,8 +135,7 @@ class VisionEncoderConfig:
                                  "or an explicit proj_dim") from e
         return cls(
             vision=VisionConfig.from_hf(d.get("vision_config") or {}, where=f"{where}: vision_config"),
-            qformer=QFormerConfig.from_hf(d.get("qformer_config") or {}, d.get("num_query_tokens", 32),
-                                          where=f"{where}: qformer_config"),
+            qformer=QFormerConfig.from_hf(d.get("qformer_config") or {}, d.get("num_query_tokens", 32)),
             proj_dim=proj_dim,
         )
 
