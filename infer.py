@@ -185,16 +185,50 @@ def _same_path(a: str, b: str) -> bool:
         return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
-def check_init_from(cfg, run_dir: str) -> None:
-    """A run's checkpoint holds only what it trained: a stage-2 run also needs the stage-1 weights it
-    started from (fc, queries, voken rows it did not train). Refuse a config whose `model.init_from`
-    differs from the one the run recorded, rather than mix in another run's weights."""
+def run_settings(recorded: dict) -> list[str]:
+    """The settings a run's weights depend on, given its recorded config: a config that differs in one
+    would load the run into another model (LoRA, mapper, voken count), mix in other frozen or stage-1
+    weights, or feed the ViT images of another size."""
+    model, names = recorded.get("model", {}), ["llm_path", "sd_path", "init_from", "num_vokens", "lora.enabled",
+                                               *(f"mapper.{k}" for k in ("enc_layers", "dec_layers", "heads", "ff"))]
+    if model.get("lora", {}).get("enabled"):
+        names += ["lora.targets", "lora.rank", "lora.alpha"]
+    kind = model.get("vision", {}).get("kind")
+    names += ["vision.kind", *{"lavis": ["vision.vit_path", "vision.qformer_path", "vision.proj_path"],
+                               "blip2": ["vision.blip2_dir", "vision.proj_path"]}.get(kind, [])]
+    return [f"model.{n}" for n in names] + (["data.input_image_size"] if kind != "none" else [])
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return KeyError
+        tree = tree[key]
+    return tree
+
+
+def check_run_config(cfg, run_dir: str) -> None:
+    """Refuse a config that differs from the one a run of ours recorded in a setting its weights depend
+    on (`run_settings`; a stage-2 run also needs the stage-1 weights it started from), naming each
+    difference and the overrides that restore them."""
+    import shlex
+
     from mg5jax.training.checkpoint import recorded_config
 
-    recorded = (recorded_config(run_dir) or {}).get("model", {})
-    if "init_from" in recorded and not _same_path(recorded["init_from"], cfg.model.init_from):
-        raise ValueError(f"{run_dir} was trained from model.init_from={recorded['init_from']!r} but this config "
-                         f"gives {cfg.model.init_from!r}: add --config.model.init_from={recorded['init_from']}")
+    recorded = recorded_config(run_dir) or {}
+    current = cfg.to_dict()
+    changed = []
+    for key in run_settings(recorded):
+        theirs, ours = _get(recorded, key), _get(current, key)
+        if theirs is KeyError or ours is KeyError:
+            continue  # a run recorded before the setting existed
+        path = key.endswith(("_path", "_dir", "init_from")) and isinstance(theirs, str) and isinstance(ours, str)
+        if not (_same_path(theirs, ours) if path else theirs == ours):
+            changed.append((key, theirs, ours))
+    if changed:
+        diffs = ", ".join(f"{k}={v!r} (this config: {n!r})" for k, v, n in changed)
+        fix = " ".join(shlex.quote(f"--config.{k}={v}") for k, v, _ in changed)
+        raise ValueError(f"{run_dir} was trained with {diffs}: add {fix}")
 
 
 def run(cfg) -> int:
@@ -216,7 +250,7 @@ def run(cfg) -> int:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         field = "--checkpoint" if _CHECKPOINT.value else "trainer.workdir"
         trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
-        check_init_from(cfg, run_dir)
+        check_run_config(cfg, run_dir)
     build.enable_compile_cache()
     aot.preload("infer")  # the programs the last run used load while the weights do
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
@@ -224,7 +258,7 @@ def run(cfg) -> int:
     if _STAGE1.value:
         import_official(built.model, _STAGE1.value, _STAGE2.value)
     else:
-        build.load_trainable(built.model, run_dir, field)
+        build.load_trainable(built.model, run_dir, field, strict=True)
     if cfg.model.int8_weights:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
     if prompts is None:

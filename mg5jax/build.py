@@ -260,18 +260,23 @@ def quantize_for_inference(model: MiniGPT5) -> list[str]:
     return paths
 
 
-def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from") -> list[str]:
+def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from", *, strict: bool = False) -> list[str]:
     """Load the trainable params saved by an earlier run of ours into `model`: its best validation
     step, or its newest checkpoint when it ran no validation (`checkpoint.trained_params_dir`).
 
-    Only params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper
-    and queries; its fresh LoRA stays). Returns the loaded paths; a shape mismatch is an error.
-    `field` names the setting that gave `run_dir` in errors.
+    Params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper and
+    queries; its fresh LoRA stays); with `strict` (inference from the run itself), a stored param the
+    model lacks is an error. Returns the loaded paths; a shape mismatch is an error. `field` names
+    the setting that gave `run_dir` in errors.
     """
     params_dir, chosen = trained_params_dir(run_dir, field)
     flat_stored = _flatten(read_params(params_dir))
     state = nnx.state(model, nnx.Param)
     flat = km.flat_params(state)
+    extra = sorted(p for p in flat_stored if p not in flat)
+    if strict and extra:
+        raise CheckpointError(f"{params_dir}: {len(extra)} trained params have no place in this model, e.g. "
+                              f"{extra[0]} (was the run trained with other model settings, e.g. model.lora?)")
     loaded = []
     for path, value in flat_stored.items():
         if path not in flat:

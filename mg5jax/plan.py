@@ -592,8 +592,12 @@ def plan(cfg, topology: str, *, generate: bool = False, batch_per_device: int | 
     devices = topology_devices(topology)
     sizes = model_sizes(cfg)
     mesh = mesh_for(cfg, devices)
-    previous = jax.config.jax_exec_time_optimization_effort
-    jax.config.update("jax_exec_time_optimization_effort", effort)
+    # jax 0.11 dropped the setting (its compiles run at XLA's default effort, reported as None)
+    settable = "jax_exec_time_optimization_effort" in jax.config.values
+    effort = effort if settable else None
+    if settable:
+        previous = jax.config.jax_exec_time_optimization_effort
+        jax.config.update("jax_exec_time_optimization_effort", effort)
     try:
         if generate:
             result = plan_generation(cfg, devices, prompts=prompts, text_length=text_length, sizes=sizes)
@@ -601,7 +605,8 @@ def plan(cfg, topology: str, *, generate: bool = False, batch_per_device: int | 
             result = plan_training(cfg, devices, batch_per_device=batch_per_device, text_length=text_length,
                                    sizes=sizes)
     finally:
-        jax.config.update("jax_exec_time_optimization_effort", previous)
+        if settable:
+            jax.config.update("jax_exec_time_optimization_effort", previous)
     return {
         "config": config_path,
         "topology": topology,

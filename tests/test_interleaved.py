@@ -316,7 +316,9 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
     run = tmp_path / "stage2_run"
     (run / "checkpoints" / "7" / "meta").mkdir(parents=True)
     (run / "checkpoints" / "7" / "meta" / "metadata").write_text(
-        json.dumps({"step": 7, "config": {"model": {"init_from": "runs/stage1_cc3m"}}}))
+        json.dumps({"step": 7, "config": {"model": {"init_from": "runs/stage1_cc3m", "vision": {"kind": "blip2"},
+                                                    "lora": {"enabled": True, "targets": "k_proj$", "rank": 8}},
+                                          "data": {"input_image_size": 48}}}))
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
                            (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
                            (["--prompt", "a", "--image", str(tmp_path / "here.png")],
@@ -326,8 +328,11 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                            (["--prompt", "a", "--config.model.remat_lm=True"],
                             "--config.model.remat_lm: the config has no field 'remat_lm' (did you mean 'remat_llm'?)"),
                            (["--prompt", "a", "--checkpoint", str(run)],
-                            f"{run} was trained from model.init_from='runs/stage1_cc3m' but this config gives '': "
-                            "add --config.model.init_from=runs/stage1_cc3m")):
+                            f"{run} was trained with model.init_from='runs/stage1_cc3m' (this config: ''), "
+                            "model.lora.enabled=True (this config: False), model.lora.targets='k_proj$' (this config: "
+                            "'(^|\\\\.)(q_proj|v_proj)$'), data.input_image_size=48 (this config: 32): add "
+                            "--config.model.init_from=runs/stage1_cc3m --config.model.lora.enabled=True "
+                            "'--config.model.lora.targets=k_proj$' --config.data.input_image_size=48")):
         r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags,
                             f"--config.model.llm_path={tiny_tokenizer_dir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)

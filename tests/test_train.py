@@ -14,6 +14,7 @@ from flax import nnx
 
 from mg5jax import build
 from mg5jax.convert import keymap as km
+from mg5jax.convert.sources import CheckpointError
 from mg5jax.data import pipeline
 from mg5jax.training.checkpoint import BestCheckpoint
 from mg5jax.training.trainer import Trainer, TrainerConfig
@@ -161,6 +162,16 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
     assert sorted(loaded) == sorted(want) and all(p.startswith("mapper.") for p in loaded)
     for p in loaded:
         np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(want[p].get_value()) + 1.0, err_msg=p)
+    # inference loads a run into the model it trained (strict): a trained param the model lacks is an error
+    _, with_lora, _ = nnx.split(stage1, nnx.Any(mapper, nnx.All(nnx.Param, nnx.PathContains("lora_a"))), ...)
+    best = BestCheckpoint(tmp_path / "lora_run" / "best", async_save=False)
+    assert best.offer(3, 1.0, with_lora)
+    best.close()
+    cfg.model.lora.enabled = False
+    without_lora = build.build_model(cfg).model
+    with pytest.raises(CheckpointError, match=r"trained params have no place in this model, e.g. llm\..*lora_a"):
+        build.load_trainable(without_lora, str(tmp_path / "lora_run"), strict=True)
+    assert sorted(build.load_trainable(without_lora, str(tmp_path / "lora_run"))) == sorted(want)
 
 
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):
