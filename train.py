@@ -47,14 +47,13 @@ def run(cfg) -> int:
         raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
                          f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
     build.check_model_paths(cfg)  # every path before any weights load
+    build.check_frozen_mapper_is_loaded(cfg)
     for field in ("train_path", "val_path"):
         if field == "train_path" or d[field]:
             build.require_file(d[field], f"data.{field}")
     built = build.build_model(cfg, train=True)
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
-                                       tokenizer=built.tokenizer, field="data.train_path")
-    if not train_samples:
-        raise DataError(f"data.train_path {d.train_path}: no samples (see the skipped rows logged above)")
+                                       tokenizer=built.tokenizer, field="data.train_path", required=True)
     per_process = d.per_device_batch_size * jax.local_device_count()
     global_batch = d.per_device_batch_size * jax.device_count()
     t = cfg.trainer.to_dict()
@@ -67,6 +66,9 @@ def run(cfg) -> int:
     elif opt["total_steps"] is None:
         per_epoch = build.steps_per_epoch(len(train_samples), global_batch)
         opt["total_steps"] = max(1, cfg.num_epochs * per_epoch // opt["grad_accum_steps"])
+    if opt["warmup_steps"] >= opt["total_steps"]:
+        log.warning("trainer.optimizer.warmup_steps=%d ≥ its %d updates: the learning rate never reaches its peak",
+                    opt["warmup_steps"], opt["total_steps"])
     trainer_cfg = TrainerConfig.from_dict(t)
     log.info("batch: %d per device × %d devices × %d accumulation = %d per update; %d updates",
              d.per_device_batch_size, jax.device_count(), opt["grad_accum_steps"],

@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.vision.kind = "lavis"  # "lavis" (the three .pth files), "blip2" (transformers dir) or "none" (features only)
     c.model.vision.vit_path = "weights/eva_vit_g.pth"  # LAVIS EVA ViT-g state dict
     c.model.vision.qformer_path = "weights/blip2_pretrained_flant5xxl.pth"  # BLIP-2 stage checkpoint (ln_vision, Q-Former)
-    c.model.vision.proj_path = "weights/prerained_minigpt4_7b.pth"  # MiniGPT-4 checkpoint (llama_proj)
+    # MiniGPT-4 checkpoint (llama_proj); with kind="blip2", "" keeps the BLIP-2 directory's language_projection
+    c.model.vision.proj_path = "weights/prerained_minigpt4_7b.pth"
     c.model.vision.blip2_dir = ""  # transformers BLIP-2 directory, for kind="blip2"
     c.model.num_vokens = 8  # generative vokens [IMG0]…[IMG7]
     c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen weights (LLM body, U-Net, VAE, ViT, CLIP text)

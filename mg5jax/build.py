@@ -218,6 +218,26 @@ def check_model_paths(cfg, *, init_from: bool = True) -> None:
             trained_params_dir(m.init_from, "model.init_from")
 
 
+def check_frozen_mapper_is_loaded(cfg) -> None:
+    """The mapper is the one part built at random: a trainable set that freezes some of it (stage 2:
+    fc and the decoder queries) needs `model.init_from` to give those their stage-1 values."""
+    from mg5jax.training.optimizer import resolve_trainable
+
+    m = cfg.model
+    if m.init_from:
+        return
+    probe = MapperConfig(llm_dim=8, num_vokens=m.num_vokens, hidden=8, num_queries=1, enc_layers=m.mapper.enc_layers,
+                         dec_layers=m.mapper.dec_layers, heads=1, ff=8)
+    mapper = nnx.eval_shape(lambda: VokenMapper(probe, rngs=nnx.Rngs(0)))  # the names, no weights
+    labels = resolve_trainable(nnx.State({"mapper": nnx.state(mapper, nnx.Param)}), cfg.trainer.optimizer.trainable,
+                               warn_unused=False)
+    frozen = sorted(path for path, mult in labels.items() if mult is None)
+    if frozen:
+        raise ValueError(f"model.init_from is empty, but trainer.optimizer.trainable freezes {len(frozen)} mapper "
+                         f"params (e.g. {frozen[0]}), which would stay at their random initialisation: give the "
+                         "stage-1 run or the official stage1_cc3m.ckpt they come from (--config.model.init_from=…)")
+
+
 def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     v = m.vision
     if v.kind == "none":
@@ -364,8 +384,10 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
 
 
 def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
-                 tokenizer: MiniGPT5Tokenizer | None = None, field: str = "data path") -> list[datasets.Sample]:
-    """Read one dataset file with the reader of its kind (REFERENCE §6); `field` names the setting in errors."""
+                 tokenizer: MiniGPT5Tokenizer | None = None, field: str = "data path",
+                 required: bool = False) -> list[datasets.Sample]:
+    """Read one dataset file with the reader of its kind (REFERENCE §6); `field` names the setting in errors.
+    With `required`, a file that gives no sample is an error saying why."""
     file = require_file(path, field)
     if kind == "cc3m":
         samples, report = datasets.read_cc3m(str(file), test=test, seed=seed, strict=strict)
@@ -377,8 +399,10 @@ def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
     else:
         raise ValueError(f"data.kind={kind!r}: expected 'cc3m', 'vist' or 'mmdialog'")
     stops = ", ".join(f"{n} {rule}" for rule, n in sorted(report.stops.items()))
-    log.info("%s: %d samples from %s (records read: %d, skipped: %d%s)", kind, len(samples), file, report.records,
-             report.skipped, f"; stopped early: {stops}" if stops else "")
+    counts = f"records read: {report.records}, skipped: {report.skipped}" + (f"; stopped early: {stops}" if stops else "")
+    log.info("%s: %d samples from %s (%s)", kind, len(samples), file, counts)
+    if required and not samples:
+        raise datasets.DataError(f"{field} {path}: no samples ({counts}{'' if report.records else '; an empty file?'})")
     return samples
 
 

@@ -295,6 +295,31 @@ def test_training_refuses_a_v_prediction_stable_diffusion(demo_root, tmp_path):
         build.build_model(cfg, train=True)
 
 
+def test_stage2_without_stage1_weights_is_refused():
+    """Stage 2 freezes the mapper's fc and queries: without model.init_from they would stay random."""
+    from configs import stage1_cc3m, stage2_vist
+
+    cfg = stage2_vist.get_config()
+    build.check_frozen_mapper_is_loaded(cfg)  # runs/stage1_cc3m gives them
+    cfg.unlock()
+    cfg.model.init_from = ""
+    with pytest.raises(ValueError, match=r"model.init_from is empty, but trainer.optimizer.trainable freezes 5 "
+                                         r"mapper params \(e.g. mapper.decoder_queries\)"):
+        build.check_frozen_mapper_is_loaded(cfg)
+    build.check_frozen_mapper_is_loaded(stage1_cc3m.get_config())  # stage 1 trains the whole mapper
+
+
+def test_a_training_file_without_samples_says_why(tmp_path):
+    from mg5jax.data.datasets import DataError
+
+    tsv = tmp_path / "cc3m_train.tsv"
+    tsv.write_text("caption\timage_path\n")
+    assert build.read_samples("cc3m", str(tsv), test=False, seed=0, strict=False) == []
+    with pytest.raises(DataError, match=r"data.train_path .*cc3m_train.tsv: no samples \(records read: 0, "
+                                        r"skipped: 0; an empty file\?\)"):
+        build.read_samples("cc3m", str(tsv), test=False, seed=0, strict=False, field="data.train_path", required=True)
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 

@@ -117,9 +117,16 @@ def test_resume_with_another_batch_schedule_is_refused(tmp_path, initial_state):
     first.close()
     # accumulation also gives the optimizer state another structure: the schedule is checked before restoring
     second = trainer({"global_batch": 4, "grad_accum_steps": 2, "total_steps": 4})
-    with pytest.raises(ValueError, match=r"step 2 was trained with \{'global_batch': 8.*this run has \{'global_batch': 4"):
+    with pytest.raises(ValueError, match=r"step 2 was trained with another schedule \(global_batch 8 → 4, "
+                                         r"grad_accum_steps 1 → 2\): its steps would mean other batches"):
         second.fit(ToyIterator(), num_steps=4)
     second.close()
+    # a finished run asked to go on: the hint keeps its schedule (train.py derives total_steps from num_steps)
+    third = trainer({"global_batch": 8, "grad_accum_steps": 1, "total_steps": 6})
+    with pytest.raises(ValueError, match=r"another schedule \(total_steps 4 → 6\): .* add "
+                                         r"--config.trainer.optimizer.total_steps=4 "):
+        third.fit(ToyIterator(), num_steps=6)
+    third.close()
 
 
 def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_path, initial_state):

@@ -138,7 +138,7 @@ def prompt_problem(prompt: Prompt, ids: Sequence[int], tokenizer: MiniGPT5Tokeni
     if images > max_input_images:
         return f"{images} input images, more than {images_setting}={max_input_images}"
     if images and not has_vision:
-        return "the prompt has input images but the model has no vision encoder"
+        return "the prompt has input images but the model has no vision encoder (model.vision.kind='none')"
     if len(ids) > max_tokens:
         return f"the prompt has {len(ids)} tokens, more than the {max_tokens} generation takes"
     return None

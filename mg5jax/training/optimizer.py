@@ -91,8 +91,10 @@ def _keypath_str(keypath) -> str:
     return ".".join(parts)
 
 
-def resolve_trainable(model: nnx.Module | nnx.State, rules: TrainableRules) -> dict[str, float | None]:
-    """`{dotted path: lr multiplier or None (frozen)}` for every `nnx.Param` of `model`."""
+def resolve_trainable(model: nnx.Module | nnx.State, rules: TrainableRules, *,
+                      warn_unused: bool = True) -> dict[str, float | None]:
+    """`{dotted path: lr multiplier or None (frozen)}` for every `nnx.Param` of `model` (a rule that
+    matches none is logged when `warn_unused`)."""
     state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
     compiled = [(re.compile(pattern), mult) for pattern, mult in rules]
     used = [False] * len(compiled)
@@ -108,7 +110,7 @@ def resolve_trainable(model: nnx.Module | nnx.State, rules: TrainableRules) -> d
                 used[i] = True
                 break
     for (pattern, _), hit in zip(rules, used):
-        if not hit:
+        if warn_unused and not hit:
             log.warning("trainable rule %r matches no parameter", pattern)
     return labels
 

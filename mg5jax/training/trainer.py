@@ -302,9 +302,19 @@ class Trainer:
             saved, now = self.checkpointer.recorded_config(step), json.loads(json.dumps(self._run_config))
             saved_schedule, schedule = (saved or {}).get("schedule"), now.get("schedule")
             if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
-                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with {saved_schedule}, "
-                                 f"this run has {schedule}: its steps would mean other batches and learning rates. "
-                                 "Resume with the same devices and batch settings, or use a new trainer.workdir")
+                diff = {k: (saved_schedule.get(k), schedule.get(k)) for k in sorted({*saved_schedule, *schedule})
+                        if saved_schedule.get(k) != schedule.get(k)}
+                if set(diff) == {"total_steps"}:  # a finished run asked to go on
+                    was = diff["total_steps"][0]
+                    hint = (f"its learning rate would follow another schedule. To go on with this run's, add "
+                            f"--config.trainer.optimizer.total_steps={was} (train.py derives it from "
+                            "trainer.num_steps when unset); for a new schedule use a new trainer.workdir")
+                else:
+                    hint = ("its steps would mean other batches and learning rates. Resume with the same devices "
+                            "and batch settings, or use a new trainer.workdir")
+                changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in diff.items())
+                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with another schedule "
+                                 f"({changes}): {hint}")
             changed = _changed_settings(saved, now) if saved is not None else []
             restored = self.checkpointer.restore(self._params, self._opt_state, step)
         except CheckpointError as e:
