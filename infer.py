@@ -193,10 +193,11 @@ def run_settings(recorded: dict) -> list[str]:
                                                *(f"mapper.{k}" for k in ("enc_layers", "dec_layers", "heads", "ff"))]
     if model.get("lora", {}).get("enabled"):
         names += ["lora.targets", "lora.rank", "lora.alpha"]
+    # a run on precomputed features (kind "none") may take any encoder at inference: the one that made them
     kind = model.get("vision", {}).get("kind")
-    names += ["vision.kind", *{"lavis": ["vision.vit_path", "vision.qformer_path", "vision.proj_path"],
-                               "blip2": ["vision.blip2_dir", "vision.proj_path"]}.get(kind, [])]
-    return [f"model.{n}" for n in names] + (["data.input_image_size"] if kind != "none" else [])
+    names += {"lavis": ["vision.kind", "vision.vit_path", "vision.qformer_path", "vision.proj_path"],
+              "blip2": ["vision.kind", "vision.blip2_dir", "vision.proj_path"]}.get(kind, [])
+    return [f"model.{n}" for n in names] + (["data.input_image_size"] if kind in ("lavis", "blip2") else [])
 
 
 def _get(tree: dict, dotted: str):

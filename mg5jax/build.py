@@ -154,7 +154,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
 
     ids = tokenizer.ids
     config = minigpt5_config(cfg, voken_ids=ids.voken_ids, image_placeholder_id=ids.image_placeholder_id,
-                             bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision))
+                             bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision, cfg.data.input_features_dir))
     model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
                      vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
     if init_from and m.init_from:
@@ -249,10 +249,13 @@ def _build_vision(m, frozen, compute) -> VisionEncoder | None:
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
 
 
-def _num_query_tokens(vision: VisionEncoder | None) -> int:
+def _num_query_tokens(vision: VisionEncoder | None, features_dir: str) -> int:
+    """LLM positions per input image: the Q-Former's queries, or without a vision encoder those of the
+    precomputed features (32, the Q-Former's, when there are none)."""
     if vision is not None:
         return vision.config.qformer.num_query_tokens
-    return 32
+    shape = pipeline.precomputed_shape(features_dir) if features_dir and pathlib.Path(features_dir).is_dir() else None
+    return shape[0] if shape else 32
 
 
 def voken_row_masks(model: MiniGPT5, num_new: int) -> dict[str, jax.Array]:
@@ -331,14 +334,23 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: int) -> list[Prompt]:
     """The first `limit` generation tasks of the config's validation file (test mode, REFERENCE §6) as
-    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`."""
+    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`. Without
+    a vision encoder (`model.vision.kind="none"`) only the tasks without input images are taken."""
     d = cfg.data
     if not d.val_path:
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
     samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer,
                            field="data.val_path")
-    return [Prompt(s.source, tuple(p for p in s.input_images if p is not None), seed + i, s.caption, s.output_image)
-            for i, s in enumerate(samples[:limit])]
+    prompts = [Prompt(s.source, tuple(p for p in s.input_images if p is not None), 0, s.caption, s.output_image)
+               for s in samples]
+    if cfg.model.vision.kind == "none":
+        kept = [p for p in prompts if not p.images]
+        if len(kept) < len(prompts):
+            log.warning("data.val_path: %d of %d generation tasks have input images, which a model without a "
+                        "vision encoder (model.vision.kind='none') cannot read: left out", len(prompts) - len(kept),
+                        len(prompts))
+        prompts = kept
+    return [dataclasses.replace(p, seed=seed + i) for i, p in enumerate(prompts[:limit])]
 
 
 def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
@@ -350,8 +362,6 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
         log.warning("trainer.sample_every is set but data.val_path is not: no sample generation")
         return None
     prompts = generation_prompts(cfg, built.tokenizer, limit=cfg.sample_prompts, seed=cfg.seed)
-    if built.model.vision is None:  # precomputed input features: prompts with images cannot be encoded
-        prompts = [p for p in prompts if not p.images]
     if not prompts:
         log.warning("trainer.sample_every: no validation prompt to generate from%s", " without input images "
                     "(model.vision.kind is 'none')" if built.model.vision is None else "")

@@ -337,3 +337,16 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             f"--config.model.llm_path={tiny_tokenizer_dir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"infer.py: {message}", r.stderr[-500:]
+
+
+def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():
+    """infer.py compares a run's recorded vision settings only when it trained with an encoder: one
+    trained on precomputed features (kind 'none') may read images with the encoder that made them."""
+    sys.path.insert(0, str(REPO))
+    import infer
+
+    recorded = {"model": {"vision": {"kind": "none"}, "lora": {"enabled": False}}}
+    assert not [k for k in infer.run_settings(recorded) if k.startswith("model.vision") or k.startswith("data.")]
+    recorded["model"]["vision"]["kind"] = "blip2"
+    assert {"model.vision.kind", "model.vision.blip2_dir", "model.vision.proj_path",
+            "data.input_image_size"} <= set(infer.run_settings(recorded))

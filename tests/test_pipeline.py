@@ -184,4 +184,25 @@ def test_features_of_another_image_with_the_same_stem_are_refused(tokenizer, tmp
                                       output_moments_dir=str(moments))
     target = dataclasses.replace(sample(first), output_image=str(second))
     assert builder(target, np.random.default_rng(0)) is None
-    assert "moments/5.npy holds the features of" in caplog.text
+    assert "moments/5.npy holds the VAE moments of" in caplog.text
+
+
+def test_a_precomputed_folder_for_another_model_or_size_is_refused_once(tokenizer, tmp_path):
+    """Features of another LLM width / query count, or moments at another size, would fail every sample
+    alike: the builder refuses the folder when it is made, naming both shapes."""
+    features, moments = tmp_path / "features", tmp_path / "moments"
+    features.mkdir()
+    moments.mkdir()
+    np.save(features / "1.npy", np.zeros((SPEC.num_query_tokens, SPEC.llm_dim // 2), np.float32))
+    with pytest.raises(DataError, match=rf"features holds arrays of shape \({SPEC.num_query_tokens}, "
+                                        rf"{SPEC.llm_dim // 2}\), this run needs input features .* shape "
+                                        rf"\({SPEC.num_query_tokens}, {SPEC.llm_dim}\): encode the images"):
+        pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(features))
+    np.save(moments / "1.npy", np.zeros((8, SPEC.latent_size // 2, SPEC.latent_size // 2), np.float32))
+    with pytest.raises(DataError, match=rf"VAE moments \[8, latent, latent\] of {SPEC.output_image_size} px"):
+        pipeline.ExampleBuilder(tokenizer, SPEC, train=False, output_moments_dir=str(moments))
+    with pytest.raises(DataError, match="nowhere: no such folder of precomputed input features"):
+        pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(tmp_path / "nowhere"))
+    (features / "0.npy").write_bytes(b"")  # an interrupted write: judged by the next file, reported per sample
+    np.save(features / "1.npy", np.zeros((SPEC.num_query_tokens, SPEC.llm_dim), np.float32))
+    pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(features))

@@ -76,17 +76,22 @@ def first_batches(demo_built):
     return [next(it) for _ in range(3)]
 
 
-def test_validation_reads_its_own_precomputed_folders(demo_built):
+def test_validation_reads_its_own_precomputed_folders(demo_built, tmp_path):
     """data.val_* folders when set, else the training ones."""
     cfg, built = demo_built
     cfg = cfg.copy_and_resolve_references()
-    cfg.data.input_features_dir, cfg.data.output_moments_dir = "feats/train", "moments/train"
+    folders = {name: tmp_path / name for name in ("feats_train", "moments_train", "feats_val", "moments_val")}
+    for folder in folders.values():
+        folder.mkdir()
+    train_dirs, val_dirs = (str(folders["feats_train"]), str(folders["moments_train"])), (
+        str(folders["feats_val"]), str(folders["moments_val"]))
+    cfg.data.input_features_dir, cfg.data.output_moments_dir = train_dirs
     val = build.make_builder(cfg, built, 8, train=False)
-    assert (str(val.input_features_dir), str(val.output_moments_dir)) == ("feats/train", "moments/train")
-    cfg.data.val_input_features_dir, cfg.data.val_output_moments_dir = "feats/val", "moments/val"
+    assert (str(val.input_features_dir), str(val.output_moments_dir)) == train_dirs
+    cfg.data.val_input_features_dir, cfg.data.val_output_moments_dir = val_dirs
     val, train = (build.make_builder(cfg, built, 8, train=t) for t in (False, True))
-    assert (str(val.input_features_dir), str(val.output_moments_dir)) == ("feats/val", "moments/val")
-    assert (str(train.input_features_dir), str(train.output_moments_dir)) == ("feats/train", "moments/train")
+    assert (str(val.input_features_dir), str(val.output_moments_dir)) == val_dirs
+    assert (str(train.input_features_dir), str(train.output_moments_dir)) == train_dirs
 
 
 def run_steps(demo_root, workdir, batches, mesh):
@@ -318,6 +323,26 @@ def test_a_training_file_without_samples_says_why(tmp_path):
     with pytest.raises(DataError, match=r"data.train_path .*cc3m_train.tsv: no samples \(records read: 0, "
                                         r"skipped: 0; an empty file\?\)"):
         build.read_samples("cc3m", str(tsv), test=False, seed=0, strict=False, field="data.train_path", required=True)
+
+
+def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_root, tmp_path, caplog):
+    """model.vision.kind='none': input images are precomputed features, whose query count the model takes
+    (the demo's BLIP-2 has 4 queries, not the real Q-Former's 32); validation prompts with input images
+    are left out of generation, before --limit / sample_prompts is applied."""
+    features = tmp_path / "features"
+    features.mkdir()
+    cfg = demo_config(demo_root, tmp_path / "run")
+    cfg.model.vision.kind = "none"
+    cfg.data.input_features_dir = str(features)
+    cfg.data.val_path = str(demo_root / "data" / "VIST" / "val_cleaned.json")
+    width = json.loads((demo_root / "weights" / "llm" / "config.json").read_text())["hidden_size"]
+    np.save(features / "1.npy", np.zeros((3, width), np.float32))
+    built = build.build_model(cfg)
+    assert built.model.config.num_query_tokens == 3
+    assert build.make_builder(cfg, built, 2, train=True).spec.num_query_tokens == 3
+    prompts = build.generation_prompts(cfg, built.tokenizer, limit=2, seed=10)
+    assert [p.images for p in prompts] == [(), ()] and [p.seed for p in prompts] == [10, 11]
+    assert "generation tasks have input images, which a model without a vision encoder" in caplog.text
 
 
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():

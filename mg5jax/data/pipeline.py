@@ -15,6 +15,7 @@ Batch layout (B = batch size, T = text bucket, M = max input images, G = max out
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
@@ -80,6 +81,13 @@ class ExampleBuilder:
         self._feature_sources = read_feature_sources(input_features_dir) if input_features_dir else {}
         self.output_moments_dir = pathlib.Path(output_moments_dir) if output_moments_dir else None
         self._moment_sources = read_feature_sources(output_moments_dir) if output_moments_dir else {}
+        # a folder encoded for another model or size fails every sample alike: refused here, once
+        if self.input_features_dir is not None:
+            check_precomputed(self.input_features_dir, (spec.num_query_tokens, spec.llm_dim),
+                              "input features [query tokens, LLM width]")
+        if self.output_moments_dir is not None:
+            check_precomputed(self.output_moments_dir, (8, spec.latent_size, spec.latent_size),
+                              f"VAE moments [8, latent, latent] of {spec.output_image_size} px targets")
         # without a vision encoder (and no precomputed features) image slots hold zero features, and a
         # sample with input images cannot be built (stage 1: CC3M has none)
         self.vision_encoder = vision_encoder
@@ -132,8 +140,8 @@ class ExampleBuilder:
                                  "(model.vision.kind='none') and data.input_features_dir is not set")
             feats = np.zeros((spec.max_input_images, spec.num_query_tokens, spec.llm_dim), np.float32)
             for m, p in enumerate(paths):
-                feats[m] = _load_array(_feature_file(self.input_features_dir, self._feature_sources, p),
-                                       feats.shape[1:])
+                file = _feature_file(self.input_features_dir, self._feature_sources, p, "features")
+                feats[m] = _load_array(file, feats.shape[1:])
             example["input_image_features"] = feats
             return
         s = spec.input_image_size
@@ -148,8 +156,8 @@ class ExampleBuilder:
         if self.output_moments_dir is not None:
             moments = np.zeros((spec.max_output_images, 8, spec.latent_size, spec.latent_size), np.float32)
             if path is not None:
-                moments[0] = _load_array(_feature_file(self.output_moments_dir, self._moment_sources, path),
-                                         moments.shape[1:])
+                file = _feature_file(self.output_moments_dir, self._moment_sources, path, "VAE moments")
+                moments[0] = _load_array(file, moments.shape[1:])
                 example["output_image_mask"][0] = True
             example["output_moments"] = moments
             return
@@ -171,13 +179,14 @@ class ExampleBuilder:
         example["has_caption"] = np.asarray(caption is not None and self.caption_tokenizer is not None)
 
 
-def _feature_file(directory: pathlib.Path, sources: dict[str, str], image: str) -> pathlib.Path:
+def _feature_file(directory: pathlib.Path, sources: dict[str, str], image: str, what: str) -> pathlib.Path:
     """`<directory>/<stem>.npy` of `image`; an error when the folder's `sources.json` records that
     file as computed from another image (train and val images often share stems)."""
     stem = pathlib.Path(image).stem
     source = sources.get(stem)
     if source is not None and source != str(pathlib.Path(image).resolve()):
-        raise ValueError(f"{directory / (stem + '.npy')} holds the features of {source}, not of {image}")
+        raise ValueError(f"{directory / (stem + '.npy')} holds the {what} of {source}, not of {image} (validation "
+                         "images need their own folder: data.val_input_features_dir / data.val_output_moments_dir)")
     return directory / f"{stem}.npy"
 
 
@@ -193,6 +202,28 @@ def read_feature_sources(features_dir: str | os.PathLike) -> dict[str, str]:
     if not isinstance(sources, dict):
         raise DataError(f"{path}: expected an object {{stem: image path}}")
     return sources
+
+
+def precomputed_shape(directory: str | os.PathLike, tries: int = 5) -> tuple[int, ...] | None:
+    """The array shape of a precomputed folder's `<stem>.npy` files, read from the first readable one
+    of the first `tries` (None when there is none: each sample then reports its own file)."""
+    files = pathlib.Path(directory).glob("*.npy")
+    for path in itertools.islice(files, tries):
+        try:
+            return tuple(np.load(path, mmap_mode="r").shape)
+        except (ValueError, EOFError, OSError):  # an interrupted write: the sample that needs it says so
+            continue
+    return None
+
+
+def check_precomputed(directory: pathlib.Path, shape: tuple[int, ...], what: str) -> None:
+    """Refuse a folder whose arrays are not `shape` (judged by its first file)."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such folder of precomputed {what}")
+    got = precomputed_shape(directory)
+    if got is not None and got != tuple(shape):
+        raise DataError(f"{directory} holds arrays of shape {got}, this run needs {what} of shape {tuple(shape)}: "
+                        "encode the images with this run's models and sizes (python -m mg5jax.encode_images)")
 
 
 def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
