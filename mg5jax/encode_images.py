@@ -20,7 +20,8 @@ Neither is flipped, so training on stored moments has no flip augmentation of th
 original's). Files already written are skipped, so an interrupted run resumes. `<out>/sources.json`
 records the image each `<stem>.npy` came from: a second folder whose stems collide with the first is
 refused, and training checks that a sample's image is the one its file was computed from;
-`<out>/encoding.json` records what the files hold, and another encoding or size is refused.
+`<out>/encoding.json` records what the files hold (kind, size, shape, encoder weights and dtype), and
+another is refused.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class Encoding:
     size: int
     pixels: Callable[[pathlib.Path], np.ndarray]
     encode: Callable[[np.ndarray], jax.Array]
+    source: str = ""  # the encoder's weights and dtype, recorded with the folder
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One image's array shape (traced, not run)."""
+        batch = jax.ShapeDtypeStruct((1, 3, self.size, self.size), jnp.float32)
+        return tuple(jax.eval_shape(self.encode, batch).shape[1:])
 
 
 def _jitted(module: nnx.Module, fn: Callable[[nnx.Module, jax.Array], jax.Array]) -> Callable[[np.ndarray], jax.Array]:
@@ -88,39 +96,48 @@ def _jitted(module: nnx.Module, fn: Callable[[nnx.Module, jax.Array], jax.Array]
     return lambda pixels: encode(state, pixels)
 
 
-def input_features(encoder: VisionEncoder) -> Encoding:
+def input_features(encoder: VisionEncoder, source: str = "") -> Encoding:
     """Input images -> `[Q, D_llm]` LLM-input features (ViT + Q-Former + llama_proj)."""
     size = encoder.config.vision.image_size
     return Encoding("input features", size, lambda path: input_image_transform(load_image(path), size=size),
-                    _jitted(encoder, lambda m, x: m(x)))
+                    _jitted(encoder, lambda m, x: m(x)), source)
 
 
-def output_moments(vae: AutoencoderKL, size: int = 512) -> Encoding:
+def output_moments(vae: AutoencoderKL, size: int = 512, source: str = "") -> Encoding:
     """Target images at `size` -> VAE moments `[2C, size/f, size/f]` (mean ‖ logvar, what
     `DiagonalGaussian.from_moments` takes)."""
     factor = vae.config.downsample_factor
     if size < factor or size % factor:
         raise ValueError(f"--size {size}: expected a positive multiple of the VAE's downsample factor {factor}")
     return Encoding("VAE moments", size, lambda path: output_image_transform(load_image(path), size=size),
-                    _jitted(vae, lambda m, x: m.encode(x).moments))
+                    _jitted(vae, lambda m, x: m.encode(x).moments), source)
 
 
-ENCODING = "encoding.json"  # in an output folder: what its files hold ({"what", "size"})
+ENCODING = "encoding.json"  # in an output folder: what its files hold ({"what", "size", "shape", "encoder"})
+
+
+def _describe(record: dict) -> str:
+    return (f"{record.get('what')} at {record.get('size')} px, shape {tuple(record.get('shape') or ())}, "
+            f"from {record.get('encoder') or '?'}")
 
 
 def _check_encoding(out: pathlib.Path, encoding: Encoding) -> None:
-    """Record what `out` holds, or refuse to add another kind or size to it (its finished files would
-    be skipped as done, and training would meet the mismatch sample by sample)."""
-    path, this = out / ENCODING, {"what": encoding.what, "size": encoding.size}
+    """Record what `out` holds, or refuse to add another kind, size, shape or encoder to it (its finished
+    files would be skipped as done, and training would read a mix)."""
+    path = out / ENCODING
+    this = {"what": encoding.what, "size": encoding.size, "shape": list(encoding.shape), "encoder": encoding.source}
     if path.is_file():
         try:
             held = json.loads(path.read_text())
         except ValueError as e:
             raise ValueError(f"{path}: not readable JSON ({e})") from e
-        if held != this:
-            what = f"{held.get('what')} at {held.get('size')} px" if isinstance(held, dict) else repr(held)
-            raise ValueError(f"{out} holds {what}, not {this['what']} at {this['size']} px: use another --out folder")
-        return
+        known = {k: v for k, v in this.items() if v not in ("", None)}  # a call without a source compares the rest
+        if not isinstance(held, dict) or any(held.get(k) not in ("", None) and held[k] != v for k, v in known.items()):
+            what = _describe(held) if isinstance(held, dict) else repr(held)
+            raise ValueError(f"{out} holds {what}; this run makes {_describe(this)}: use another --out folder")
+        this = {**held, **known}  # a record from before the shape and encoder were kept gains them
+        if held == this:
+            return
     write_atomically(path, json.dumps(this))
 
 
@@ -212,18 +229,21 @@ def _encoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Enco
         if not (vae_dir / "config.json").is_file():
             raise FileNotFoundError(f"--vae {args.vae}: neither a diffusers vae/ directory nor an SD directory "
                                     "holding one (no config.json)")
-        return output_moments(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, param_dtype=dtype), args.size)
+        return output_moments(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, param_dtype=dtype), args.size,
+                              source=f"{vae_dir.resolve()} ({args.dtype})")
     if args.blip2_dir is not None and any(lavis):
         parser.error("give either --blip2-dir or --lavis-vit/--lavis-qformer/--minigpt4, not both")
     if args.blip2_dir is None and not (all(lavis) and args.minigpt4):
         parser.error("need --lavis-vit, --lavis-qformer and --minigpt4, or --blip2-dir (input features), "
                      "or --vae (output moments)")
+    files = [args.blip2_dir] if args.blip2_dir is not None else lavis
+    source = ", ".join(str(pathlib.Path(f).resolve()) for f in [*files, args.minigpt4] if f) + f" ({args.dtype})"
     if args.blip2_dir is not None:
         encoder = VisionEncoder.from_pretrained(args.blip2_dir, proj=args.minigpt4, dtype=dtype, param_dtype=dtype)
     else:
         encoder = VisionEncoder.from_lavis(args.lavis_vit, args.lavis_qformer, args.minigpt4, dtype=dtype,
                                            param_dtype=dtype)
-    return input_features(encoder)
+    return input_features(encoder, source)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

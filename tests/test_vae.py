@@ -230,7 +230,10 @@ def test_encode_images_writes_vae_moments(tiny_sd_dir, vae_pair, tmp_path, capsy
     # folder without a VAE are one-line errors
     assert encode_images.main([*argv[:1], str(tiny_sd_dir / "vae"), *argv[2:]]) == 0
     assert encode_images.main([*argv[:3], "16", *argv[4:]]) == 1
-    assert "holds VAE moments at 32 px, not VAE moments at 16 px" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds VAE moments at 32 px, shape (8, 4, 4), from" in err and "this run makes VAE moments at 16 px" in err
+    assert encode_images.main([*argv[:-2], "bfloat16", "--no-progress"]) == 1  # same shape, another encoding
+    assert f"from {(tiny_sd_dir / 'vae').resolve()} (float32); this run makes" in capsys.readouterr().err
     assert encode_images.main([*argv[:3], "30", *argv[4:]]) == 1
     assert "--size 30" in capsys.readouterr().err
     assert encode_images.main([*argv[:1], str(tmp_path), *argv[2:]]) == 1
