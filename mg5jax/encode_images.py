@@ -249,6 +249,8 @@ def _encoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Enco
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # the weight loaders' bars too
     try:
         encoding = _encoding(parser, args)
         done = encode_folder(encoding, args.images, args.out, args.batch_size, progress=not args.no_progress)

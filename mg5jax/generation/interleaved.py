@@ -216,11 +216,12 @@ class InterleavedGenerator:
     def prepare(self, prompts: Sequence[Prompt]) -> dict:
         """Token ids (padded to a bucket) and input images of a batch of prompts (no labels)."""
         ids = [self.tokenizer.encode(p.text) for p in prompts]
-        for p, row in zip(prompts, ids):
+        for i, (p, row) in enumerate(zip(prompts, ids)):
             if problem := prompt_problem(p, row, self.tokenizer, max_input_images=self.max_input_images,
                                          has_vision=self.model.vision is not None,
                                          max_tokens=self.settings.length_buckets[-1]):
-                raise ValueError(f"prompt {p.text[:80]!r}: {problem}")
+                # prompts of one dataset share their opening (the system prompt): the end tells them apart
+                raise ValueError(f"prompt {i + 1} of {len(prompts)} (ending {p.text[-60:]!r}): {problem}")
         longest = max(len(r) for r in ids)
         t = min(b for b in self.settings.length_buckets if b >= longest)
         b, s, m = len(prompts), self.input_image_size, self.max_input_images
