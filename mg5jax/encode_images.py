@@ -249,6 +249,7 @@ def _encoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Enco
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    was = os.environ.get("TQDM_DISABLE")
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"  # the weight loaders' bars too
     try:
@@ -257,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"encode_images: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if was is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = was
     print(f"encoded {len(done)} images ({encoding.what}) into {args.out}")
     return 0
 
