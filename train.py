@@ -96,11 +96,12 @@ def run(cfg) -> int:
                                        seed=cfg.seed, shuffle=False, num_epochs=1)
         eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
         if t["eval_every"] and next(iter(eval_data()), None) is None:  # found now, not at the first validation
-            precomputed = d.input_features_dir or d.output_moments_dir
+            buckets = tuple(d.length_buckets)
+            precomputed = (", or images missing from the precomputed folders validation reads: "
+                           "data.val_input_features_dir / data.val_output_moments_dir"
+                           if d.input_features_dir or d.output_moments_dir else "")
             raise DataError(f"data.val_path {d.val_path}: no validation batch can be built (see the skipped samples "
-                            f"logged above, e.g. longer than the largest of data.length_buckets {tuple(d.length_buckets)}"
-                            + (", or images missing from the precomputed folders validation reads: "
-                               "data.val_input_features_dir / data.val_output_moments_dir" if precomputed else "") + ")")
+                            f"logged above, e.g. longer than the largest of data.length_buckets {buckets}{precomputed})")
 
     masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
     schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],

@@ -409,7 +409,8 @@ def read_samples(kind: str, path: str, *, test: bool, seed: int, strict: bool,
     else:
         raise ValueError(f"data.kind={kind!r}: expected 'cc3m', 'vist' or 'mmdialog'")
     stops = ", ".join(f"{n} {rule}" for rule, n in sorted(report.stops.items()))
-    counts = f"records read: {report.records}, skipped: {report.skipped}" + (f"; stopped early: {stops}" if stops else "")
+    counts = f"records read: {report.records}, skipped: {report.skipped}"
+    counts += f"; stopped early: {stops}" if stops else ""
     log.info("%s: %d samples from %s (%s)", kind, len(samples), file, counts)
     if required and not samples:
         raise datasets.DataError(f"{field} {path}: no samples ({counts}{'' if report.records else '; an empty file?'})")
