@@ -53,7 +53,7 @@ from mg5jax.models.unet import UNet2DConditionModel, UNetConfig
 from mg5jax.models.vae import AutoencoderKL, VAEConfig
 from mg5jax.models.vision import VisionEncoder, VisionEncoderConfig
 from mg5jax.training.optimizer import OptimizerConfig, build_optimizer, resolve_masks
-from mg5jax.training.trainer import make_train_step
+from mg5jax.training.trainer import check_training_mesh, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def compile_program(fn, args: tuple, kwargs: dict, hbm: int | None):
     """Lower and compile `fn(*args, **kwargs)`; returns the compiled program (None when it does not
-    fit) and its report: `memory`, `flops` (per device) and `compile_s`. A program too big for the
+    fit) and its report: `memory`, `flops_per_device` and `compile_s`. A program too big for the
     device is reported with the bytes XLA asked for, as not fitting."""
     start = time.perf_counter()
     try:
@@ -360,9 +360,9 @@ def compile_program(fn, args: tuple, kwargs: dict, hbm: int | None):
         memory = {"argument_bytes": arguments, "total_bytes": required, "compile_error": str(e).splitlines()[0],
                   **_fit(required, hbm)}
         memory["fits"] = False
-        return None, {"memory": memory, "flops": None, "compile_s": round(time.perf_counter() - start, 1)}
+        return None, {"memory": memory, "flops_per_device": None, "compile_s": round(time.perf_counter() - start, 1)}
     seconds = round(time.perf_counter() - start, 1)
-    return compiled, {"memory": memory_report(compiled, hbm), "flops": flops(compiled), "compile_s": seconds}
+    return compiled, {"memory": memory_report(compiled, hbm), "flops_per_device": flops(compiled), "compile_s": seconds}
 
 
 def _rules_json(rules) -> list:
@@ -422,6 +422,7 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
     """Compile the run's train step for `devices` on abstract state; report memory, FLOPs and parts."""
     sizes = sizes or model_sizes(cfg)
     mesh = mesh_for(cfg, devices)
+    check_training_mesh(mesh)
     per_device = batch_per_device or cfg.data.per_device_batch_size
     global_batch = per_device * len(devices)
     text_length = text_length or max(cfg.data.length_buckets)

@@ -85,7 +85,7 @@ def test_stage2_train_step_plan(tiny_dirs, capsys):
     assert mem["total_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
                                   + mem["temp_bytes"] + mem["code_bytes"]) > 0
     assert mem["alias_bytes"] > 0  # params and optimizer state are donated
-    assert report["flops"] > 0 and report["compile_s"] > 0
+    assert report["flops_per_device"] > 0 and report["compile_s"] > 0
 
     parts = report["parts"]
     assert {"llm", "lora", "voken_rows", "mapper", "unet", "vae", "vision"} <= set(parts)
@@ -127,7 +127,7 @@ def test_generation_plan(tiny_dirs):
     assert s["prompt_length"] == 1 + 16 + 31 * 2  # stage 1 has no vision encoder: 32 feature tokens per slot
     assert set(report["programs"]) == {"splice", "prefill", "decode", "render"}
     for name, p in report["programs"].items():
-        assert p["memory"]["total_bytes"] > 0 and p["flops"] > 0, name
+        assert p["memory"]["total_bytes"] > 0 and p["flops_per_device"] > 0, name
         assert p["resident_bytes"] == report["weights_bytes"] + p["memory"]["total_bytes"] - p["weights_bytes"]
     assert report["resident_peak_bytes"] == max(p["resident_bytes"] for p in report["programs"].values())
     # the KV cache: 2 x layers x (prompts / devices) x slots x hidden, bf16 per device
@@ -149,7 +149,7 @@ def test_generation_plan_with_the_vision_encoder_and_a_batch_that_does_not_split
     assert s["max_images_per_prompt"] == 2  # 6 images: one sampler call of 8
     assert s["images_per_render_call"] == interleaved.render_call_size(6, 8) == 8
     assert "vision" in report["parts"] and "text_encoder" not in report["parts"]
-    assert report["programs"]["splice"]["flops"] > 0
+    assert report["programs"]["splice"]["flops_per_device"] > 0
     # the KV cache is replicated: every device holds all 3 rows
     assert report["kv_cache_bytes"] == 2 * 2 * 3 * s["kv_cache_slots"] * 64 * 2
 
@@ -166,3 +166,9 @@ def test_part_of():
 def test_bad_topology():
     with pytest.raises(ValueError, match="--topology='v9x:3x3'"):
         plan.topology_devices("v9x:3x3")
+
+
+def test_a_training_mesh_the_trainer_refuses_is_refused_before_compiling(tiny_dirs):
+    with pytest.raises(ValueError, match="data, fsdp and tensor all > 1 is not supported"):
+        plan.cli(["plan", *tiny_flags(tiny_dirs, "stage2_vist.py"), "--config.trainer.mesh.data=2",
+                  "--config.trainer.mesh.fsdp=2", "--config.trainer.mesh.tensor=2"])

@@ -155,12 +155,7 @@ class Trainer:
         self.cfg = cfg
         self.workdir = pathlib.Path(cfg.workdir)
         self.mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-        if all(self.mesh.shape[a] > 1 for a in parallel.MESH_AXES):
-            # measured with jax/jaxlib 0.10.2 on CPU: the batch over data×fsdp replicated over tensor gives
-            # wrong U-Net/mapper gradients (the forward is right) with both partitioners (Shardy and GSPMD)
-            raise ValueError(f"TrainerConfig.mesh {dict(self.mesh.shape)}: data, fsdp and tensor all > 1 is "
-                             "not supported (XLA mis-partitions the diffusion backward on such meshes); "
-                             "use two of the three axes")
+        check_training_mesh(self.mesh)
         self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._model = parallel.shard_model(model, self.mesh)
         tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
@@ -310,8 +305,9 @@ class Trainer:
                             f"--config.trainer.optimizer.total_steps={was} (train.py derives it from "
                             "trainer.num_steps when unset); for a new schedule use a new trainer.workdir")
                 else:
-                    hint = ("its steps would mean other batches and learning rates. Resume with the same devices "
-                            "and batch settings, or use a new trainer.workdir")
+                    hint = (f"its steps would mean other batches and learning rates. Keep the global batch at "
+                            f"{saved_schedule.get('global_batch')} (data.per_device_batch_size × devices) with "
+                            f"{saved_schedule.get('grad_accum_steps')} accumulation steps, or use a new trainer.workdir")
                 changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in diff.items())
                 raise ValueError(f"{self.checkpointer.directory} step {step} was trained with another schedule "
                                  f"({changes}): {hint}")
@@ -440,6 +436,16 @@ class Trainer:
         """Wait for pending checkpoint writes and release the checkpoint managers."""
         self.checkpointer.close()
         self.best.close()
+
+
+def check_training_mesh(mesh: jax.sharding.Mesh) -> None:
+    """Refuse a mesh the train step cannot use."""
+    if all(mesh.shape[a] > 1 for a in parallel.MESH_AXES):
+        # measured with jax/jaxlib 0.10.2 on CPU: the batch over data×fsdp replicated over tensor gives
+        # wrong U-Net/mapper gradients (the forward is right) with both partitioners (Shardy and GSPMD)
+        raise ValueError(f"TrainerConfig.mesh {dict(mesh.shape)}: data, fsdp and tensor all > 1 is "
+                         "not supported (XLA mis-partitions the diffusion backward on such meshes); "
+                         "use two of the three axes")
 
 
 def _changed_settings(saved: dict, now: dict, limit: int = 8) -> list[str]:
