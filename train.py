@@ -31,9 +31,11 @@ def run(cfg) -> int:
     import jax
 
     from mg5jax import build
+    from mg5jax.convert.sources import CheckpointError
     from mg5jax.data import pipeline
     from mg5jax.data.datasets import DataError
-    from mg5jax.training.trainer import Trainer, TrainerConfig
+    from mg5jax.training.checkpoint import recorded_config
+    from mg5jax.training.trainer import Trainer, TrainerConfig, check_schedule
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
@@ -51,15 +53,22 @@ def run(cfg) -> int:
     for field in ("train_path", "val_path"):
         if field == "train_path" or d[field]:
             build.require_file(d[field], f"data.{field}")
-    built = build.build_model(cfg, train=True)
-    train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
-                                       tokenizer=built.tokenizer, field="data.train_path", required=True)
     per_process = d.per_device_batch_size * jax.local_device_count()
     global_batch = d.per_device_batch_size * jax.device_count()
     t = cfg.trainer.to_dict()
     opt = t["optimizer"]
     if opt["grad_accum_steps"] is None:
         opt["grad_accum_steps"] = max(1, d.effective_batch_size // global_batch)
+    # a resume under another batch schedule is refused by the trainer too, but only once the weights are in
+    try:
+        saved = recorded_config(cfg.trainer.workdir)
+    except CheckpointError:  # unreadable: the trainer's restore names it, with what to do
+        saved = None
+    check_schedule(f"{cfg.trainer.workdir} (its newest checkpoint)", (saved or {}).get("schedule"),
+                   {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"]})
+    built = build.build_model(cfg, train=True)
+    train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
+                                       tokenizer=built.tokenizer, field="data.train_path", required=True)
     t["eval_every"] = build.eval_every(cfg, len(train_samples), global_batch)
     if opt["total_steps"] is None and t["num_steps"]:  # the schedule ends where the run does
         opt["total_steps"] = max(1, t["num_steps"] // opt["grad_accum_steps"])

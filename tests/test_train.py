@@ -375,3 +375,16 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: ") and "missing.png" in last, last
+    # a workdir whose newest checkpoint ran another batch schedule: refused before any weights load
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4" / "meta").mkdir(parents=True)
+    (run / "checkpoints" / "4" / "meta" / "metadata").write_text(
+        json.dumps({"step": 4, "config": {"schedule": {"global_batch": 96, "grad_accum_steps": 1, "total_steps": 9}}}))
+    r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
+               f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
+               f"--config.data.train_path={demo_root}/data/VIST/train_cleaned.json", "--config.data.val_path=",
+               f"--config.trainer.workdir={run}")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f"train.py: {run} (its newest checkpoint) was trained with another "
+                                                 "schedule (global_batch 96 → "), last
+    assert "Keep the global batch at 96" in last and "loading" not in r.stderr

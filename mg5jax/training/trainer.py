@@ -295,22 +295,8 @@ class Trainer:
         try:
             # the schedule first: another accumulation count also gives the optimizer state another structure
             saved, now = self.checkpointer.recorded_config(step), json.loads(json.dumps(self._run_config))
-            saved_schedule, schedule = (saved or {}).get("schedule"), now.get("schedule")
-            if saved_schedule is not None and schedule is not None and saved_schedule != schedule:
-                diff = {k: (saved_schedule.get(k), schedule.get(k)) for k in sorted({*saved_schedule, *schedule})
-                        if saved_schedule.get(k) != schedule.get(k)}
-                if set(diff) == {"total_steps"}:  # a finished run asked to go on
-                    was = diff["total_steps"][0]
-                    hint = (f"its learning rate would follow another schedule. To go on with this run's, add "
-                            f"--config.trainer.optimizer.total_steps={was} (train.py derives it from "
-                            "trainer.num_steps when unset); for a new schedule use a new trainer.workdir")
-                else:
-                    hint = (f"its steps would mean other batches and learning rates. Keep the global batch at "
-                            f"{saved_schedule.get('global_batch')} (data.per_device_batch_size × devices) with "
-                            f"{saved_schedule.get('grad_accum_steps')} accumulation steps, or use a new trainer.workdir")
-                changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in diff.items())
-                raise ValueError(f"{self.checkpointer.directory} step {step} was trained with another schedule "
-                                 f"({changes}): {hint}")
+            check_schedule(f"{self.checkpointer.directory} step {step}", (saved or {}).get("schedule"),
+                           now.get("schedule"))
             changed = _changed_settings(saved, now) if saved is not None else []
             restored = self.checkpointer.restore(self._params, self._opt_state, step)
         except CheckpointError as e:
@@ -436,6 +422,27 @@ class Trainer:
         """Wait for pending checkpoint writes and release the checkpoint managers."""
         self.checkpointer.close()
         self.best.close()
+
+
+def check_schedule(checkpoint: str, saved: dict | None, now: dict | None) -> None:
+    """Refuse to resume `checkpoint` (named in the error) under another batch schedule (`{global_batch,
+    grad_accum_steps, total_steps}`, compared where both have them): its steps would mean other batches
+    and learning rates."""
+    if saved is None or now is None:
+        return
+    diff = {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]}
+    if not diff:
+        return
+    if set(diff) == {"total_steps"}:  # a finished run asked to go on
+        hint = (f"its learning rate would follow another schedule. To go on with this run's, add "
+                f"--config.trainer.optimizer.total_steps={diff['total_steps'][0]} (train.py derives it from "
+                "trainer.num_steps when unset); for a new schedule use a new trainer.workdir")
+    else:
+        hint = (f"its steps would mean other batches and learning rates. Keep the global batch at "
+                f"{saved.get('global_batch')} (data.per_device_batch_size × devices) with "
+                f"{saved.get('grad_accum_steps')} accumulation steps, or use a new trainer.workdir")
+    changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in diff.items())
+    raise ValueError(f"{checkpoint} was trained with another schedule ({changes}): {hint}")
 
 
 def check_training_mesh(mesh: jax.sharding.Mesh) -> None:
