@@ -130,7 +130,8 @@ def run(cfg) -> int:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items())
     print(f"finished at step {result.step}: {summary}" if summary else
           f"nothing to train: {trainer_cfg.workdir} is already at step {result.step}")
-    print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl")
+    print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl"
+          + (f"  tensorboard: {trainer_cfg.workdir}/tensorboard" if trainer_cfg.tensorboard else ""))
     if trainer.best.val_loss is not None:
         print(f"best validation loss {trainer.best.val_loss:.4g}: {trainer.best.directory} "
               "(what stage 2 and infer.py load from this run)")

@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- the loop ----------------------------------------------------------------------------------
     c.trainer = ml_collections.ConfigDict()
-    c.trainer.workdir = "runs/minigpt5"  # checkpoints/, best/, samples/ and metrics.jsonl go here
+    c.trainer.workdir = "runs/minigpt5"  # checkpoints/, best/, samples/, metrics.jsonl, tensorboard/ go here
     c.trainer.seed = c.get_ref("seed")  # per-step rngs (noise, timesteps, CFG drops, dropout)
     c.trainer.num_steps = ml_collections.config_dict.placeholder(int)  # micro-steps; None = num_epochs passes
     c.trainer.log_every = 10  # steps per metrics line
@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer.async_checkpointing = True  # write checkpoints in the background
     c.trainer.eval_every = 500  # steps between validation passes (0 = never); evals_per_epoch overrides it
     c.trainer.sample_every = 0  # steps between sample generations into <workdir>/samples/ (0 = never)
+    c.trainer.tensorboard = True  # metrics also as TensorBoard events in <workdir>/tensorboard/
     # -1 takes the remaining devices. FSDP over all of them: the 7B LLM, SD and the ViT-g do not fit replicated
     # in a 16 GiB chip; sharded 8 ways they take 2.3 GiB per chip
     c.trainer.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

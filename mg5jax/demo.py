@@ -38,7 +38,7 @@ def main() -> None:
     prompts = write_prompts(ROOT / "prompts.jsonl")
     _run("infer.py", "--config", "configs/demo.py", "--prompts", str(prompts), "--out", str(ROOT / "stories"),
          "--steps", "25", "--max_new_tokens", "96")
-    print(f"\ntraining run: {(ROOT / 'run').absolute()} (checkpoints/, best/, samples/, metrics.jsonl)")
+    print(f"\ntraining run: {(ROOT / 'run').absolute()} (checkpoints/, best/, samples/, metrics.jsonl, tensorboard/)")
     print(f"open {(ROOT / 'stories' / 'index.html').absolute()} to read the generated stories")
 
 

@@ -101,6 +101,41 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
     assert [r["step"] for r in lines] == [2, 3, 4, 6]
     assert {"loss", "text_loss", "image_loss", "caption_loss", "lr", "step_time_s", "samples_per_s"} <= lines[-1].keys()
     second.close()
+    # the same numbers as TensorBoard scalars; the resumed run's events hide what a crash left after step 3
+    scalars, purges = read_events(tmp_path / "resumed" / "tensorboard")
+    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in lines}, rel=1e-6)
+    assert scalars["train/lr"] == pytest.approx({r["step"]: r["lr"] for r in lines}, rel=1e-6)
+    assert purges == [4]
+
+
+def read_events(folder: pathlib.Path) -> tuple[dict[str, dict[int, float]], list[int]]:
+    """`{tag: {step: value}}` of the TensorBoard event files in `folder` (later files win) and the steps
+    from which a restarted writer hides older events, read with tensorboardX's protos and CRC (the
+    reference: our writer encodes both by hand). TFRecord framing: length, crc, data, crc."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto import event_pb2
+
+    def masked(data):
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    scalars, purges = {}, []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            record = data[i + 12:i + 12 + n]
+            assert struct.unpack("<II", data[i + 8:i + 12] + data[i + 12 + n:i + 16 + n]) == (
+                masked(data[i:i + 8]), masked(record)), path
+            event = event_pb2.Event.FromString(record)
+            i += 16 + n
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                purges.append(event.step)
+    return scalars, purges
 
 
 def test_resume_with_another_batch_schedule_is_refused(tmp_path, initial_state):

@@ -40,6 +40,7 @@ from mg5jax.convert.sources import CheckpointError
 from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer
 from mg5jax.training.optimizer import (OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay,
                                       masked_global_norm, resolve_masks)
+from mg5jax.training.tensorboard import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class MeshConfig:
 class TrainerConfig:
     """Everything the loop needs besides the model and the data."""
 
-    workdir: str  # checkpoints/, best/ and metrics.jsonl are written here
+    workdir: str  # checkpoints/, best/, metrics.jsonl and tensorboard/ are written here
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 42  # base key of the per-step rng
@@ -68,6 +69,7 @@ class TrainerConfig:
     async_checkpointing: bool = True  # write checkpoints in the background
     eval_every: int = 0  # steps between validations, and one at the end (0 = never)
     sample_every: int = 0  # steps between `on_sample(step)` calls (0 = never)
+    tensorboard: bool = True  # also write the metrics as TensorBoard events to <workdir>/tensorboard/
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainerConfig:
@@ -114,30 +116,41 @@ def _logged_step(line: str) -> float:
 
 
 class _MetricsLog:
-    """Appends one JSON object per line to `path`, from process 0 only (the loss terms are global means).
-    Records of steps after `step` (written before a crash, past the checkpoint resumed from) and
-    half-written lines are dropped first, so a resumed run logs each step once."""
+    """Appends one JSON object per line to `path`, from process 0 only (the loss terms are global means),
+    and with `tensorboard` each number as the scalar `<split>/<name>` of a TensorBoard event file in
+    `tensorboard`. Records of steps after `step` (written before a crash, past the checkpoint resumed
+    from) and half-written lines are dropped first, and TensorBoard hides its events after `step`, so a
+    resumed run shows each step once."""
 
-    def __init__(self, path: pathlib.Path, step: int):
-        self._file = None
-        if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_file():
-                lines = path.read_text().splitlines(keepends=True)
-                kept = [line for line in lines if _logged_step(line) <= step]
-                if len(kept) < len(lines):
-                    log.info("metrics.jsonl: dropped %d records after step %d", len(lines) - len(kept), step)
-                    path.write_text("".join(kept))
-            self._file = open(path, "a")
+    def __init__(self, path: pathlib.Path, step: int, tensorboard: pathlib.Path | None = None):
+        self._file = self._events = None
+        if jax.process_index() != 0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= step]
+            if len(kept) < len(lines):
+                log.info("metrics.jsonl: dropped %d records after step %d", len(lines) - len(kept), step)
+                path.write_text("".join(kept))
+        self._file = open(path, "a")
+        if tensorboard is not None:
+            # the file is named by the second it opens: the step keeps a quick restart from writing over it
+            self._events = EventWriter(tensorboard, purge_step=step + 1 if step else None, suffix=f".from_step_{step}")
 
     def write(self, record: dict) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self._events is not None:
+            self._events.scalars(record["step"], {f"{record['split']}/{name}": value for name, value in record.items()
+                                                  if name not in ("step", "split") and isinstance(value, (int, float))})
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._events is not None:
+            self._events.close()
 
 
 class Trainer:
@@ -342,7 +355,8 @@ class Trainer:
         cfg = self.cfg
         self._stop_signal = None
         total = num_steps or cfg.num_steps or cfg.optimizer.total_steps * cfg.optimizer.grad_accum_steps
-        metrics = _MetricsLog(self.workdir / "metrics.jsonl", self.step)
+        metrics = _MetricsLog(self.workdir / "metrics.jsonl", self.step,
+                              self.workdir / "tensorboard" if cfg.tensorboard else None)
         previous_handlers = self._install_stop_handlers()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window: list[dict[str, float]] = []
