@@ -30,12 +30,12 @@ def run(cfg) -> int:
 
     import jax
 
-    from mg5jax import build
+    from mg5jax import build, parallel
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data import pipeline
     from mg5jax.data.datasets import DataError
     from mg5jax.training.checkpoint import recorded_config
-    from mg5jax.training.trainer import Trainer, TrainerConfig, check_schedule
+    from mg5jax.training.trainer import Trainer, TrainerConfig, check_schedule, check_training_mesh
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
@@ -66,7 +66,9 @@ def run(cfg) -> int:
         saved = None
     check_schedule(f"{cfg.trainer.workdir} (its newest checkpoint)", (saved or {}).get("schedule"),
                    {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"]})
-    built = build.build_model(cfg, train=True)
+    mesh = parallel.make_mesh(**cfg.trainer.mesh.to_dict())
+    check_training_mesh(mesh)
+    built = build.build_model(cfg, train=True, mesh=mesh)  # weights read straight into their shardings
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
                                        tokenizer=built.tokenizer, field="data.train_path", required=True)
     t["eval_every"] = build.eval_every(cfg, len(train_samples), global_batch)

@@ -93,8 +93,10 @@ def scheduler_config(sd_path) -> dict:
     return read_json(pathlib.Path(sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
 
 
-def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
+def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sharding.Mesh | None = None) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
+    With `mesh`, the pretrained weights are read straight into their shardings (a 7B LLM never sits whole
+    on one device).
 
     Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
     in fp32. With `model.init_from` set (and `init_from`), the trainable params of that run
@@ -119,7 +121,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
-                                           remat=bool(m.remat_llm and train))
+                                           remat=bool(m.remat_llm and train), mesh=mesh)
     num_new = m.num_vokens + 1
     # trainable rows in fp32; for inference the whole matrices are frozen like the rest
     add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32 if train else frozen)
@@ -128,21 +130,22 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True) -> Built:
                                       dropout=m.lora.dropout, param_dtype=jnp.float32, rngs=rngs)
         log.info("LoRA r=%d on %d projections", m.lora.rank, len(wrapped))
 
-    vision = _build_vision(m, frozen, compute)
-    unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", dtype=compute, param_dtype=frozen,
+    vision = _build_vision(m, frozen, compute, mesh)
+    unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", dtype=compute, param_dtype=frozen, mesh=mesh,
                                                 remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
-    vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen)
+    vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen, mesh=mesh)
     caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
 
     text_encoder, empty = None, None
     cross = unet.config.cross_attention_dim  # an int, or one per block (all equal for SD)
     text_width = cross if isinstance(cross, int) else cross[0]
     if cfg.loss.caption_weight > 0 and train:  # the caption loss's targets; generation does not need it
-        text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen)
+        text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", dtype=compute, param_dtype=frozen,
+                                                     mesh=mesh)
         # the empty caption's feature (the target of CFG-dropped groups) in fp32, as the original computes
         # it once at init (REFERENCE §1.10); a bf16 run loads an fp32 copy of the encoder for it
         encoder32 = text_encoder if frozen == compute == jnp.float32 else CLIPTextModel.from_pretrained(
-            sd_dir / "text_encoder", dtype=jnp.float32, param_dtype=jnp.float32)
+            sd_dir / "text_encoder", dtype=jnp.float32, param_dtype=jnp.float32, mesh=mesh)
         ids, mask = encode_prompts(caption_tokenizer, [""])
         empty = np.asarray(encoder32(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float32)[0]
         del encoder32
@@ -238,14 +241,16 @@ def check_frozen_mapper_is_loaded(cfg) -> None:
                          "stage-1 run or the official stage1_cc3m.ckpt they come from (--config.model.init_from=…)")
 
 
-def _build_vision(m, frozen, compute) -> VisionEncoder | None:
+def _build_vision(m, frozen, compute, mesh) -> VisionEncoder | None:
     v = m.vision
     if v.kind == "none":
         return None
     if v.kind == "lavis":  # the paths were checked by check_model_paths
-        return VisionEncoder.from_lavis(v.vit_path, v.qformer_path, v.proj_path, dtype=compute, param_dtype=frozen)
+        return VisionEncoder.from_lavis(v.vit_path, v.qformer_path, v.proj_path, dtype=compute, param_dtype=frozen,
+                                        mesh=mesh)
     if v.kind == "blip2":
-        return VisionEncoder.from_pretrained(v.blip2_dir, proj=v.proj_path or None, dtype=compute, param_dtype=frozen)
+        return VisionEncoder.from_pretrained(v.blip2_dir, proj=v.proj_path or None, dtype=compute, param_dtype=frozen,
+                                             mesh=mesh)
     raise ValueError(f"model.vision.kind={v.kind!r}: expected 'lavis', 'blip2' or 'none'")
 
 
@@ -307,7 +312,8 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
         if tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(flat[path].shape)}")
-        flat[path].set_value(jnp.asarray(value, flat[path].dtype))
+        now = flat[path].get_value()  # stays where the model's param is (sharded over a mesh, say)
+        flat[path].set_value(jax.device_put(np.asarray(value).astype(now.dtype), now.sharding))
         loaded.append(path)
     if not loaded:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mg5jax import build
+from mg5jax import build, parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.data import pipeline
@@ -96,9 +96,13 @@ def test_validation_reads_its_own_precomputed_folders(demo_built, tmp_path):
 
 def run_steps(demo_root, workdir, batches, mesh):
     cfg = demo_config(demo_root, workdir, mesh=mesh)
-    built = build.build_model(cfg)
-    before = {p: np.asarray(v.get_value()) for p, v in km.flat_params(nnx.state(built.model, nnx.Param)).items()}
     devices = jax.devices()[: mesh["data"] * mesh["fsdp"] * mesh["tensor"]]
+    built = build.build_model(cfg, mesh=parallel.make_mesh(**mesh, devices=devices))  # as train.py loads
+    # the pretrained weights were read straight into their shardings: e.g. the LLM's kernels split on `embed`
+    kernel = built.model.llm.model.layers[0].mlp.up_proj.kernel.get_value()
+    assert len(kernel.sharding.device_set) == len(devices)
+    assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // (mesh["fsdp"] if mesh["fsdp"] > 1 else 1)
+    before = {p: np.asarray(v.get_value()) for p, v in km.flat_params(nnx.state(built.model, nnx.Param)).items()}
     trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()), devices=devices,
                       update_masks=build.voken_row_masks(built.model, built.num_new_rows))
     losses, snapshots = [], []
