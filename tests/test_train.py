@@ -349,6 +349,30 @@ def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_
     assert "generation tasks have input images, which a model without a vision encoder" in caplog.text
 
 
+def test_resume_on_the_real_pipeline_and_objective_is_bit_exact(demo_root, tmp_path):
+    """4 steps straight against 2, a new process's model, trainer and data iterator, then 2 more: the
+    grain iterator's position, the rng per step and the optimizer state make the two bit-identical."""
+    def run(workdir, steps):
+        cfg = demo_config(demo_root, workdir, save_every=2, mesh=dict(data=1, fsdp=1, tensor=1))
+        built = build.build_model(cfg)
+        samples = build.read_samples("vist", cfg.data.train_path, test=False, seed=0, strict=True)
+        data = pipeline.make_dataset(samples, build.make_builder(cfg, built, 2, train=True), seed=0, num_epochs=None)
+        trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()), devices=jax.devices()[:1],
+                          update_masks=build.voken_row_masks(built.model, built.num_new_rows))
+        result = trainer.fit(pipeline.host_batches(data, built.tokenizer.ids.pad_id), num_steps=steps)
+        params = {p: np.asarray(jax.device_get(v)) for p, v in jax.tree_util.tree_leaves_with_path(trainer.params)}
+        trainer.close()
+        return result, params
+
+    straight, want = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed, got = run(tmp_path / "resumed", 4)
+    assert straight.step == resumed.step == 4 and straight.train_metrics == resumed.train_metrics
+    assert got.keys() == want.keys() and want
+    for path in want:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=jax.tree_util.keystr(path))
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 
