@@ -35,6 +35,7 @@ def run(cfg) -> int:
     from mg5jax.data import pipeline
     from mg5jax.data.datasets import DataError
     from mg5jax.training.checkpoint import recorded_config
+    from mg5jax.training.optimizer import check_trainable
     from mg5jax.training.trainer import Trainer, TrainerConfig, check_schedule, check_training_mesh
 
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
@@ -48,6 +49,7 @@ def run(cfg) -> int:
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
         raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
                          f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
+    check_trainable(cfg.trainer.optimizer.trainable, "trainer.optimizer.trainable")
     build.check_model_paths(cfg)  # every path before any weights load
     build.check_frozen_mapper_is_loaded(cfg)
     for field in ("train_path", "val_path"):

@@ -26,6 +26,10 @@ def parse_flags(program: str, argv: list[str], flag_values: flags.FlagValues = f
         if unknown is None:  # raised by the config file itself: its traceback says where
             raise
         sys.exit(f"{program}: {unknown}")
+    except ValueError as e:  # ml_collections: an override path that is no dotted name (`--config.a..b`)
+        if not str(e).startswith("Could not parse"):
+            raise
+        sys.exit(f"{program}: {e}")
 
 
 def flags_parser(program: str):

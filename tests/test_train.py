@@ -388,6 +388,12 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.loss.group_rows=3")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("train.py: loss.group_rows=3 must divide the batch")
+    for override, message in (("--config.trainer.optimizer.trainable=bad",
+                               "train.py: trainer.optimizer.trainable[0] must be (regex, multiplier >= 0 | None), "
+                               "got 'bad'"),
+                              ("--config.trainer..x=3", "train.py: Could not parse 'trainer..x'")):
+        r = _train("--config", "configs/demo.py", override)
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-300:]
     r = _train("--config", "configs/demo.py", "--config.model.llm_path=/nowhere/llm")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == "train.py: model.llm_path: directory not found: /nowhere/llm"

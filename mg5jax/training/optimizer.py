@@ -33,6 +33,24 @@ TrainableRules = Sequence[tuple[str, float | None]]
 UpdateMasks = Mapping[str, "np.ndarray | jax.Array"] | Callable[[str, jax.Array], "np.ndarray | jax.Array | None"]
 
 
+def check_trainable(rules, where: str = "OptimizerConfig.trainable") -> tuple[tuple[str, float | None], ...]:
+    """The trainable rules as a tuple of `(regex, lr multiplier >= 0 | None)` pairs; anything else is an
+    error naming `where` and the entry."""
+    if isinstance(rules, str) or not isinstance(rules, (list, tuple)):
+        raise ValueError(f"{where} must be a sequence of (regex, lr multiplier | None) pairs, got {rules!r}")
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str) or not (
+                rule[1] is None or (isinstance(rule[1], (int, float)) and rule[1] >= 0)):
+            raise ValueError(f"{where}[{i}] must be (regex, multiplier >= 0 | None), got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ValueError(f"{where}[{i}]: bad regex {rule[0]!r}: {e}") from e
+        out.append(tuple(rule))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW + linear warmup/decay; defaults are the original's (REFERENCE §5)."""
@@ -54,16 +72,7 @@ class OptimizerConfig:
                              f"got {self.total_steps}, {self.warmup_steps}, {self.grad_accum_steps}")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ValueError(f"OptimizerConfig.grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
-        rules = tuple(tuple(r) for r in self.trainable)
-        for i, rule in enumerate(rules):
-            if len(rule) != 2 or not isinstance(rule[0], str) or not (rule[1] is None or rule[1] >= 0):
-                raise ValueError(f"OptimizerConfig.trainable[{i}] must be (regex, multiplier >= 0 | None), "
-                                 f"got {rule!r}")
-            try:
-                re.compile(rule[0])
-            except re.error as e:
-                raise ValueError(f"OptimizerConfig.trainable[{i}]: bad regex {rule[0]!r}: {e}") from e
-        object.__setattr__(self, "trainable", rules)
+        object.__setattr__(self, "trainable", check_trainable(self.trainable))
 
     @classmethod
     def from_dict(cls, d: Mapping) -> OptimizerConfig:
