@@ -121,7 +121,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
-                                           remat=bool(m.remat_llm and train), mesh=mesh)
+                                           remat=m.remat_llm if train else False, mesh=mesh)
     num_new = m.num_vokens + 1
     # trainable rows in fp32; for inference the whole matrices are frozen like the rest
     add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32 if train else frozen)
