@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.int8_weights = False  # inference: the LLM's and the ViT's layer projections in int8 with per-column
     #                               scales (half of bf16; lets generation fit one 16 GiB chip); training ignores it
     c.model.remat_llm = True  # recompute LLM layers in the backward pass (saves activation memory)
+    c.model.remat_llm_policy = ""  # with remat_llm: a jax.checkpoint_policies name whose saved values are kept
     c.model.remat_unet = True  # recompute U-Net blocks in the backward pass
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.enabled = False  # stage 2 turns LoRA on

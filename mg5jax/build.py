@@ -121,7 +121,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
     tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
-                                           remat=m.remat_llm if train else False, mesh=mesh)
+                                           remat=llm_remat(cfg) if train else False, mesh=mesh)
     num_new = m.num_vokens + 1
     # trainable rows in fp32; for inference the whole matrices are frozen like the rest
     add_voken_rows(llm, num_new, vocab_size=tokenizer.ids.vocab_size, param_dtype=jnp.float32 if train else frozen)
@@ -219,6 +219,18 @@ def check_model_paths(cfg, *, init_from: bool = True) -> None:
             require_file(m.init_from, "model.init_from")
         else:
             trained_params_dir(m.init_from, "model.init_from")
+
+
+def llm_remat(cfg) -> bool | str:
+    """What the LLM recomputes in a training backward pass: nothing (False), everything (True), or what
+    the `jax.checkpoint_policies` policy `model.remat_llm_policy` does not save."""
+    m = cfg.model
+    if not m.remat_llm:
+        return False
+    if m.remat_llm_policy and not callable(getattr(jax.checkpoint_policies, m.remat_llm_policy, None)):
+        raise ValueError(f"model.remat_llm_policy={m.remat_llm_policy!r}: not a jax.checkpoint_policies name "
+                         "(e.g. 'dots_with_no_batch_dims_saveable')")
+    return m.remat_llm_policy or True
 
 
 def check_frozen_mapper_is_loaded(cfg) -> None:

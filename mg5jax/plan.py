@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
-from mg5jax.build import config_dtype, minigpt5_config, quantize_for_inference, voken_row_masks
+from mg5jax.build import config_dtype, llm_remat, minigpt5_config, quantize_for_inference, voken_row_masks
 from mg5jax.cli import parse_flags
 from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
@@ -189,7 +189,7 @@ def abstract_minigpt5(cfg, sizes: ModelSizes, *, train: bool) -> MiniGPT5:
         rngs = abstract_rngs(cfg.seed)
         llm = LlamaForCausalLM(sizes.llm, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
-                               remat=m.remat_llm if train else False, rngs=rngs)
+                               remat=llm_remat(cfg) if train else False, rngs=rngs)
         add_voken_rows(llm, num_new, vocab_size=vocab, param_dtype=jnp.float32 if train else frozen)
         if m.lora.enabled:
             lora_lib.apply_lora(llm, targets=m.lora.targets, rank=m.lora.rank, alpha=m.lora.alpha,
@@ -451,7 +451,7 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
                   "llm_length": 1 + text_length + (q - 1) * cfg.data.max_input_images,
                   "target": ("vae moments" if cfg.data.output_moments_dir
                              else f"{cfg.data.output_image_size}px image")},
-        "remat": {"llm": cfg.model.remat_llm, "unet": cfg.model.remat_unet},
+        "remat": {"llm": llm_remat(cfg), "unet": cfg.model.remat_unet},
         **report,
         "parts": part_bytes(args[0], args[2], args[1]),
     }

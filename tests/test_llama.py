@@ -133,6 +133,10 @@ def test_fused_attention_and_remat_match_reference(llama_gqa):
 
     g_ref, g_remat = grads(llama_gqa.model), grads(remat)
     chex.assert_trees_all_close(nnx.to_pure_dict(g_remat), nnx.to_pure_dict(g_ref), atol=1e-6)
+    # a named policy (model.remat_llm_policy): the same gradients, the products saved
+    policy = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32,
+                                              remat="dots_with_no_batch_dims_saveable")
+    chex.assert_trees_all_close(nnx.to_pure_dict(grads(policy)), nnx.to_pure_dict(g_ref), atol=1e-6)
     with pytest.raises(ValueError, match="remat='bogus'"):
         LlamaForCausalLM(llama_gqa.model.config, remat="bogus", rngs=nnx.Rngs(0))
 

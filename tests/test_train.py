@@ -373,6 +373,22 @@ def test_resume_on_the_real_pipeline_and_objective_is_bit_exact(demo_root, tmp_p
         np.testing.assert_array_equal(got[path], want[path], err_msg=jax.tree_util.keystr(path))
 
 
+def test_the_llm_remat_policy_comes_from_the_config():
+    from configs import stage2_vist
+
+    cfg = stage2_vist.get_config()
+    assert build.llm_remat(cfg) is True  # recompute everything
+    cfg.unlock()
+    cfg.model.remat_llm_policy = "dots_with_no_batch_dims_saveable"
+    assert build.llm_remat(cfg) == "dots_with_no_batch_dims_saveable"
+    cfg.model.remat_llm_policy = "dots_saveable_everywhere"
+    with pytest.raises(ValueError, match="model.remat_llm_policy='dots_saveable_everywhere': not a "
+                                         "jax.checkpoint_policies name"):
+        build.llm_remat(cfg)
+    cfg.model.remat_llm = False
+    assert build.llm_remat(cfg) is False
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 
