@@ -200,29 +200,21 @@ def run_settings(recorded: dict) -> list[str]:
     return [f"model.{n}" for n in names] + (["data.input_image_size"] if kind in ("lavis", "blip2") else [])
 
 
-def _get(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return KeyError
-        tree = tree[key]
-    return tree
-
-
 def check_run_config(cfg, run_dir: str) -> None:
     """Refuse a config that differs from the one a run of ours recorded in a setting its weights depend
     on (`run_settings`; a stage-2 run also needs the stage-1 weights it started from), naming each
     difference and the overrides that restore them."""
     import shlex
 
-    from mg5jax.training.checkpoint import recorded_config
+    from mg5jax.training.checkpoint import flat_config, recorded_config
 
     recorded = recorded_config(run_dir) or {}
-    current = cfg.to_dict()
+    saved, current = flat_config(recorded), flat_config(cfg.to_dict())
     changed = []
     for key in run_settings(recorded):
-        theirs, ours = _get(recorded, key), _get(current, key)
-        if theirs is KeyError or ours is KeyError:
+        if key not in saved or key not in current:
             continue  # a run recorded before the setting existed
+        theirs, ours = saved[key], current[key]
         path = key.endswith(("_path", "_dir", "init_from")) and isinstance(theirs, str) and isinstance(ours, str)
         if not (_same_path(theirs, ours) if path else theirs == ours):
             changed.append((key, theirs, ours))

@@ -359,16 +359,16 @@ def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: i
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
     samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer,
                            field="data.val_path")
-    prompts = [Prompt(s.source, tuple(p for p in s.input_images if p is not None), 0, s.caption, s.output_image)
-               for s in samples]
+    images = [tuple(p for p in s.input_images if p is not None) for s in samples]
     if cfg.model.vision.kind == "none":
-        kept = [p for p in prompts if not p.images]
-        if len(kept) < len(prompts):
+        kept = [i for i, paths in enumerate(images) if not paths]
+        if len(kept) < len(samples):
             log.warning("data.val_path: %d of %d generation tasks have input images, which a model without a "
-                        "vision encoder (model.vision.kind='none') cannot read: left out", len(prompts) - len(kept),
-                        len(prompts))
-        prompts = kept
-    return [dataclasses.replace(p, seed=seed + i) for i, p in enumerate(prompts[:limit])]
+                        "vision encoder (model.vision.kind='none') cannot read: left out", len(samples) - len(kept),
+                        len(samples))
+        samples, images = [samples[i] for i in kept], [images[i] for i in kept]
+    return [Prompt(s.source, paths, seed + i, s.caption, s.output_image)
+            for i, (s, paths) in enumerate(zip(samples[:limit], images))]
 
 
 def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:

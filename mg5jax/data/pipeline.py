@@ -56,7 +56,8 @@ class ExampleBuilder:
     """Turns one `Sample` into a dict of numpy arrays (unpadded text; padded image slots).
 
     Returns None for a sample that cannot be built (unreadable image, too long, more images than
-    slots, input images without a vision encoder or features) after logging why — or raises `DataError` when `strict`.
+    slots, input images without a vision encoder or features) after logging why — or raises
+    `DataError` when `strict`.
     """
 
     def __init__(

@@ -293,6 +293,14 @@ def recorded_config(run_dir: str | os.PathLike) -> dict | None:
     return _recorded_config(checkpoints / str(steps[-1])) if steps else None
 
 
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A recorded (nested) config as `{dotted key: value}`."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _recorded_config(step_dir: pathlib.Path) -> dict | None:
     path = step_dir / "meta" / "metadata"
     try:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from mg5jax import parallel
 from mg5jax.convert.sources import CheckpointError
-from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer
+from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer, flat_config
 from mg5jax.training.optimizer import (OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay,
                                       masked_global_norm, resolve_masks)
 from mg5jax.training.tensorboard import EventWriter
@@ -471,13 +471,7 @@ def check_training_mesh(mesh: jax.sharding.Mesh) -> None:
 
 def _changed_settings(saved: dict, now: dict, limit: int = 8) -> list[str]:
     """`key: saved -> now` for the settings (dotted keys) that differ, the run's directory aside."""
-    def flat(tree, prefix=""):
-        out = {}
-        for k, v in tree.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(saved), flat(now)
+    a, b = flat_config(saved), flat_config(now)
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.endswith("workdir")]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]] + (["…"] if len(keys) > limit else [])
 
