@@ -36,8 +36,11 @@ def run(cfg) -> int:
     from mg5jax.data.datasets import DataError
     from mg5jax.training.checkpoint import recorded_config
     from mg5jax.training.optimizer import check_trainable
-    from mg5jax.training.trainer import Trainer, TrainerConfig, check_schedule, check_training_mesh
+    from mg5jax.training.trainer import (Trainer, TrainerConfig, check_schedule, check_training_mesh,
+                                         request_deterministic_ops)
 
+    if cfg.trainer.deterministic:  # before JAX starts: XLA reads its flags once
+        request_deterministic_ops()
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MG5JAX_DISTRIBUTED"):
         jax.distributed.initialize()
     build.enable_compile_cache()

@@ -21,7 +21,8 @@ from _multiprocess import run_two_processes
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.training.checkpoint import read_params, trained_params_dir
 from mg5jax.training.optimizer import OptimizerConfig
-from mg5jax.training.trainer import MeshConfig, NonFiniteLossError, Trainer, TrainerConfig
+from mg5jax.training.trainer import (MeshConfig, NonFiniteLossError, Trainer, TrainerConfig, deterministic_ops_enabled,
+                                     request_deterministic_ops)
 
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=RULES)
 
@@ -350,6 +351,29 @@ def test_config_from_nested_dict():
     with pytest.raises(ValueError, match="TrainerConfig.mesh: unknown key 'model'"):
         TrainerConfig.from_dict({"workdir": "/tmp/x", "mesh": {"model": 2}})
 
+
+
+def test_deterministic_gpu_ops_are_asked_for_before_jax_starts(monkeypatch):
+    """A bit-exact resume on GPU needs XLA's deterministic ops (on an H200 the real-pipeline resume test
+    differs in the 7th digit without them). XLA reads its flags once: the request works only before JAX
+    starts, and a user's own setting of the flag wins."""
+    code = ("import os\nfrom mg5jax.training.trainer import request_deterministic_ops\n"
+            "print(request_deterministic_ops(), os.environ['XLA_FLAGS'])\n"
+            "import jax, jax.numpy as jnp\nprint(float(jnp.ones(3).sum()))")
+    for flags, want in (("", "True"), ("--xla_gpu_deterministic_ops=false", "False")):
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           cwd=pathlib.Path(__file__).resolve().parents[1])
+        assert r.returncode == 0, r.stderr[-2000:]
+        requested, *given = r.stdout.split("\n")[0].split()
+        assert requested == want and given.count("--xla_gpu_deterministic_ops=true") == (want == "True")
+        assert r.stdout.split("\n")[1] == "3.0"  # XLA takes the flag
+    jax.devices()  # started here: the flag would come too late
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert request_deterministic_ops() is False and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops")
+    assert request_deterministic_ops() is True and deterministic_ops_enabled()
+    assert TrainerConfig(workdir="w").deterministic
 
 class DropoutModel(nnx.Module):
     """loss = mean(dropout(w * x)): exactly mean(w * x) when dropout is off."""

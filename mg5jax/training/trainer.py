@@ -21,7 +21,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
+import re
 import signal
 import threading
 import time
@@ -70,6 +72,9 @@ class TrainerConfig:
     eval_every: int = 0  # steps between validations, and one at the end (0 = never)
     sample_every: int = 0  # steps between `on_sample(step)` calls (0 = never)
     tensorboard: bool = True  # also write the metrics as TensorBoard events to <workdir>/tensorboard/
+    # GPU programs without atomics or autotuning (deterministic_ops), so a resume is bit-exact there as on
+    # CPU and TPU; train.py asks XLA for it before JAX starts
+    deterministic: bool = True
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainerConfig:
@@ -88,6 +93,29 @@ class TrainerConfig:
                 raise ValueError(f"TrainerConfig.mesh: unknown key {bad[0]!r}; known keys: {sorted(mesh_names)}")
             d["mesh"] = MeshConfig(**d["mesh"])
         return cls(**d)
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops"
+
+
+def request_deterministic_ops() -> bool:
+    """Ask XLA for run-to-run deterministic GPU programs (reductions and scatters without atomics, no
+    autotuning), which a bit-exact resume needs there; CPU and TPU programs already are. It must run before
+    JAX starts its backends, and a user's own setting of the flag wins. Returns whether it is in effect."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_FLAG not in flags:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():  # XLA has read its flags
+            return False
+        os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}=true".strip()
+    return deterministic_ops_enabled()
+
+
+def deterministic_ops_enabled() -> bool:
+    """Whether XLA_FLAGS turns deterministic GPU ops on (its last setting of the flag)."""
+    settings = re.findall(rf"{DETERMINISTIC_FLAG}(?:=(\S*))?(?:\s|$)", os.environ.get("XLA_FLAGS", ""))
+    return bool(settings) and settings[-1].lower() in ("", "true", "1")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,6 +197,10 @@ class Trainer:
         self.workdir = pathlib.Path(cfg.workdir)
         self.mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
         check_training_mesh(self.mesh)
+        if cfg.deterministic and self.mesh.devices.flat[0].platform == "gpu" and not deterministic_ops_enabled():
+            log.warning("trainer.deterministic, but XLA was started without %s=true: GPU steps are not "
+                        "run-to-run deterministic, so a resume is not bit-exact (call "
+                        "mg5jax.training.trainer.request_deterministic_ops() before JAX starts)", DETERMINISTIC_FLAG)
         self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._model = parallel.shard_model(model, self.mesh)
         tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
