@@ -16,9 +16,11 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import pathlib
 import re
+import shlex
 import sys
 
 from absl import app, flags
@@ -36,9 +38,12 @@ _LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's valid
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir).")
 _STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
 _STAGE2 = flags.DEFINE_string("official_stage2", None, "Official stage2_*.ckpt on top of --official_stage1.")
-_OUT = flags.DEFINE_string("out", "outputs/stories", "Output directory.")
+_OUT = flags.DEFINE_string("out", "outputs/stories", "Output directory (index.html, run.json, NNN/ per prompt).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the results of an earlier run in --out (its index.html, "
+                               "run.json and NNN/ folders); without it such a folder is refused.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the first prompt (prompt i uses seed + i unless it names one); "
-                             "a response depends only on its prompt's seed and the settings.")
+                             "a response depends only on its prompt's seed and the settings (up to float "
+                             "rounding: in another batch a pixel may differ by one level).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts generated together.")
 _STREAM = flags.DEFINE_bool("stream", False, "Print text as it is generated.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Sampled tokens per response.")
@@ -68,20 +73,35 @@ def _require_images(images, where: str) -> None:
 
 def check_flags() -> None:
     """Refuse flag combinations and values that would be ignored or fail late (before any model loads)."""
+    from mg5jax.convert.sources import check_torch_file
+    from mg5jax.generation.report import earlier_results
+
     if _PROMPT.value is not None and _PROMPTS.value is not None:
         raise ValueError("give --prompt or --prompts, not both")
     if _IMAGE.value and _PROMPT.value is None:
         raise ValueError("--image goes with --prompt")
+    if _CHECKPOINT.value and _STAGE1.value:
+        raise ValueError("give --checkpoint (a run of ours) or --official_stage1, not both")
+    if _LIMIT.present and (_PROMPT.value is not None or _PROMPTS.value is not None):
+        raise ValueError("--limit takes prompts from the config's validation file: not with --prompt / --prompts")
     if _STAGE2.value and not _STAGE1.value:
         raise ValueError("--official_stage2 needs --official_stage1 (stage 2 has no fc or decoder queries)")
     for name, path in (("--official_stage1", _STAGE1.value), ("--official_stage2", _STAGE2.value)):
         if path and not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"{name}: file not found: {path}")
+        if path:
+            check_torch_file(path, name)
     for flag in (_BATCH, _MAX_NEW, _MAX_IMAGES, _STEPS, _LIMIT):
         if flag.value < 1:
             raise ValueError(f"--{flag.name}={flag.value}: expected at least 1")
+    if not math.isfinite(_GUIDANCE.value):
+        raise ValueError(f"--guidance_scale={_GUIDANCE.value}: expected a finite number")
     if pathlib.Path(_OUT.value).exists() and not pathlib.Path(_OUT.value).is_dir():
         raise ValueError(f"--out {_OUT.value}: exists and is not a directory")
+    if (earlier := earlier_results(_OUT.value)) and not _OVERWRITE.value:
+        responses = sum(p.is_dir() for p in earlier)
+        raise ValueError(f"--out {_OUT.value}: holds the results of an earlier run ({responses} responses): "
+                         "pass --overwrite to replace them, or choose another --out")
 
 
 def _read_rows(path: pathlib.Path) -> list[tuple[str, object]]:
@@ -204,11 +224,13 @@ def check_run_config(cfg, run_dir: str) -> None:
     """Refuse a config that differs from the one a run of ours recorded in a setting its weights depend
     on (`run_settings`; a stage-2 run also needs the stage-1 weights it started from), naming each
     difference and the overrides that restore them."""
-    import shlex
-
     from mg5jax.training.checkpoint import flat_config, recorded_config
 
-    recorded = recorded_config(run_dir) or {}
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        log.warning("%s records no config (no complete checkpoint in its checkpoints/): the config's model "
+                    "settings cannot be checked against the ones it was trained with", run_dir)
+        return
     saved, current = flat_config(recorded), flat_config(cfg.to_dict())
     changed = []
     for key in run_settings(recorded):
@@ -227,6 +249,7 @@ def check_run_config(cfg, run_dir: str) -> None:
 def run(cfg) -> int:
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
+    from mg5jax.diffusion.schedulers import make_scheduler
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import ReportWriter
     from mg5jax.training.checkpoint import trained_params_dir
@@ -237,13 +260,18 @@ def run(cfg) -> int:
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
         image_size=cfg.data.output_image_size, sd_baseline=_SD_BASELINE.value)
-    if prompts is not None:
-        check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
-    if not _STAGE1.value:
+    if _STAGE1.value:
+        weights = {"official_stage1": _STAGE1.value, "official_stage2": _STAGE2.value}
+    else:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         field = "--checkpoint" if _CHECKPOINT.value else "trainer.workdir"
-        trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
-        check_run_config(cfg, run_dir)
+        params_dir, chosen = trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
+        check_run_config(cfg, run_dir)  # before the prompts: a wrong config names every difference at once
+        weights = {"checkpoint": str(run_dir), "params": str(params_dir), "chosen": chosen}
+    if prompts is not None:
+        check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
+    scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
+    make_scheduler(settings.scheduler, scheduler_cfg).set_timesteps(settings.num_inference_steps, (1, 4, 8, 8))
     build.enable_compile_cache()
     aot.preload("infer")  # the programs the last run used load while the weights do
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
@@ -262,14 +290,17 @@ def run(cfg) -> int:
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
     settings = dataclasses.replace(settings, sd_baseline=baseline)
-    scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
                                      input_image_size=cfg.data.input_image_size,
                                      max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
                                      sd_pipeline=build.sd_baseline_pipeline(cfg, built) if baseline else None)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
-    report = ReportWriter(_OUT.value)  # written batch by batch: a later failure loses nothing before it
+    # what reproduces these responses, with each one's record.json (prompt, input images, seed)
+    recipe = {"command": shlex.join(sys.argv), "weights": weights, "batch_size": _BATCH.value,
+              "settings": dataclasses.asdict(settings)}
+    # written batch by batch: a later failure loses nothing before it
+    report = ReportWriter(_OUT.value, run=recipe, overwrite=_OVERWRITE.value)
     responses = []
     for start in range(0, len(prompts), _BATCH.value):
         batch = prompts[start : start + _BATCH.value]

@@ -202,11 +202,13 @@ def sd_baseline_pipeline(cfg, built: Built) -> StableDiffusionPipeline:
 
 
 def check_model_paths(cfg, *, init_from: bool = True) -> None:
-    """Every file and directory `cfg.model` names exists (an error names the setting), and
-    `model.init_from` (with `init_from`) is a run of ours or an official stage-1 file."""
+    """Every file and directory `cfg.model` names exists (an error names the setting),
+    `model.init_from` (with `init_from`) is a run of ours or an official stage-1 file, and
+    `data.output_image_size` fits the Stable Diffusion model."""
     m, v = cfg.model, cfg.model.vision
     require_dir(m.llm_path, "model.llm_path")
     require_dir(m.sd_path, "model.sd_path")
+    check_output_image_size(cfg)
     if v.kind == "lavis":
         for field in ("vit_path", "qformer_path", "proj_path"):
             require_file(getattr(v, field), f"model.vision.{field}")
@@ -219,6 +221,18 @@ def check_model_paths(cfg, *, init_from: bool = True) -> None:
             require_file(m.init_from, "model.init_from")
         else:
             trained_params_dir(m.init_from, "model.init_from")
+
+
+def check_output_image_size(cfg) -> None:
+    """`data.output_image_size` must be a multiple of what the VAE and the U-Net of `model.sd_path` divide
+    it by (read from their config.json files, before any weights load)."""
+    size = cfg.data.output_image_size
+    sd = pathlib.Path(cfg.model.sd_path)
+    vae = 2 ** (len(read_json(sd / "vae" / "config.json", "model.sd_path")["block_out_channels"]) - 1)
+    unet = 2 ** (len(read_json(sd / "unet" / "config.json", "model.sd_path")["block_out_channels"]) - 1)
+    if size is None or size < 1 or size % (vae * unet):
+        raise ValueError(f"data.output_image_size={size}: must be a multiple of {vae * unet} for {sd} (the VAE's "
+                         f"factor {vae} × the U-Net's {unet})")
 
 
 def llm_remat(cfg) -> bool | str:
@@ -401,7 +415,9 @@ def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:
                 responses = generator(prompts, key=jax.random.key(cfg.seed))  # every process takes part
             if jax.process_index() != 0:
                 return
-            index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}")
+            # a resumed run redoes the samples of a step it had reached: the same weights, replaced
+            index = write_outputs(responses, out / f"step_{step:06d}", title=f"MiniGPT-5 at step {step}",
+                                  overwrite=True)
         except Exception as e:  # noqa: BLE001 - samples are for looking at: a failure must not end the run
             log.warning("step %d: sample generation failed, training goes on (%s: %s)", step, type(e).__name__, e)
             return

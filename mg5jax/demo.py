@@ -37,7 +37,7 @@ def main() -> None:
     _run("train.py", "--config", "configs/demo.py")
     prompts = write_prompts(ROOT / "prompts.jsonl")
     _run("infer.py", "--config", "configs/demo.py", "--prompts", str(prompts), "--out", str(ROOT / "stories"),
-         "--steps", "25", "--max_new_tokens", "96")
+         "--steps", "25", "--max_new_tokens", "96", "--overwrite")
     print(f"\ntraining run: {(ROOT / 'run').absolute()} (checkpoints/, best/, samples/, metrics.jsonl, tensorboard/)")
     print(f"open {(ROOT / 'stories' / 'index.html').absolute()} to read the generated stories")
 

@@ -136,13 +136,19 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     assert record["images"] == ["image_1.png", "image_2.png"] and record["text"] == batch[2].text
     assert record["sd_baseline"] is None and 'class="reference"' not in html
     _check_renders(index, 3)
-    # batch by batch into the same folder: folder 001 now holds the image-less response, no stale image
-    report = ReportWriter(tmp_path / "out")
+    # a folder with an earlier report is refused, or emptied of it (other files stay): two runs never mix
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds an earlier report \(4 entries, e.g. index.html\)"):
+        ReportWriter(tmp_path / "out")
+    assert (tmp_path / "out" / "002" / "record.json").is_file()
+    report = ReportWriter(tmp_path / "out", run={"command": "infer.py --seed 3"}, overwrite=True)
     report.add([batch[1]])
     report.add([batch[0]])
     assert [p.name for p in (tmp_path / "out" / "000").glob("image_*.png")] == ["image_1.png"]
     assert not list((tmp_path / "out" / "001").glob("image_*.png"))
+    assert not (tmp_path / "out" / "002").exists() and (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert report.index.read_text().count("<article") == 2
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"command": "infer.py --seed 3"}
 
 
 def test_streamed_text_is_the_response_text(parts, story_model):
@@ -270,7 +276,8 @@ def test_prompt_checks_its_fields():
             Prompt(**bad)
 
 
-def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, tiny_tokenizer_dir):  # noqa: F811
+def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, tiny_tokenizer_dir,  # noqa: F811
+                                                                    tiny_sd_dir):  # noqa: F811
     """Each malformed --prompts file ends infer.py at once with one line naming the file and the line (or the
     entry of a .json list): what generation would refuse after loading the models is checked first."""
     from PIL import Image
@@ -301,11 +308,14 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
         "broken_line.jsonl": ('{"text": "a"}\n\n{"text": ', ", line 3: not valid JSON"),
         "empty.jsonl": ("\n", "no prompts in the file"),
     }
+    plain_run = tmp_path / "run"  # a run of ours whose recorded config has nothing to compare
+    (plain_run / "checkpoints" / "1" / "meta").mkdir(parents=True)
+    (plain_run / "checkpoints" / "1" / "meta" / "metadata").write_text(json.dumps({"step": 1, "config": {}}))
     for name, (content, message) in cases.items():
         path = tmp_path / name
         path.write_text(content)
         r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", "--prompts", str(path),
-                            f"--config.model.llm_path={tiny_tokenizer_dir}"],
+                            f"--config.model.llm_path={tiny_tokenizer_dir}", "--checkpoint", str(plain_run)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         last = r.stderr.strip().splitlines()[-1]
         fragments = message if isinstance(message, tuple) else (message,)
@@ -319,9 +329,32 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
         json.dumps({"step": 7, "config": {"model": {"init_from": "runs/stage1_cc3m", "vision": {"kind": "blip2"},
                                                     "lora": {"enabled": True, "targets": "k_proj$", "rank": 8}},
                                           "data": {"input_image_size": 48}}}))
+    earlier = tmp_path / "stories"  # what an earlier run wrote
+    (earlier / "000").mkdir(parents=True)
+    (earlier / "000" / "record.json").write_text("{}")
+    (earlier / "index.html").write_text("<html></html>")
+    (tmp_path / "image.ckpt").write_bytes((tmp_path / "here.png").read_bytes())
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
+                           (["--prompt", "a", "--out", str(earlier)],
+                            f"--out {earlier}: holds the results of an earlier run (1 responses): pass --overwrite "
+                            "to replace them, or choose another --out"),
+                           (["--prompt", "a", "--checkpoint", str(plain_run), "--official_stage1", str(path)],
+                            "give --checkpoint (a run of ours) or --official_stage1, not both"),
+                           (["--prompts", str(path), "--limit", "2"],
+                            "--limit takes prompts from the config's validation file: not with --prompt / --prompts"),
+                           (["--prompt", "a", "--official_stage1", str(tmp_path / "image.ckpt")],
+                            f"--official_stage1: {tmp_path / 'image.ckpt'} is not a torch checkpoint (neither a zip "
+                            "archive nor a pickle)"),
+                           (["--prompt", "a", "--guidance_scale", "nan"], "--guidance_scale=nan: expected a finite number"),
+                           (["--prompt", "a", "--checkpoint", str(plain_run), "--steps", "1001",
+                             f"--config.model.sd_path={tiny_sd_dir}"],
+                            "num_inference_steps=1001: expected 1 to the scheduler's num_train_timesteps=1000"),
+                           (["--prompt", "a", "--checkpoint", str(plain_run), "--config.data.output_image_size=36",
+                             f"--config.model.sd_path={tiny_sd_dir}"],
+                            f"data.output_image_size=36: must be a multiple of 64 for {tiny_sd_dir} (the VAE's factor "
+                            "8 × the U-Net's 8)"),
                            (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
-                           (["--prompt", "a", "--image", str(tmp_path / "here.png")],
+                           (["--prompt", "a", "--image", str(tmp_path / "here.png"), "--checkpoint", str(plain_run)],
                             "--prompt: the text has 0 <ImageHere> slots but 1 images are given"),
                            (["--prompt", "a", "--checkpoint", str(tmp_path / "nowhere")],
                             f"--checkpoint: no such directory: {tmp_path / 'nowhere'}"),
@@ -336,7 +369,10 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
         r = subprocess.run([sys.executable, "infer.py", "--config", "configs/demo.py", *flags,
                             f"--config.model.llm_path={tiny_tokenizer_dir}"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"infer.py: {message}", r.stderr[-500:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f"infer.py: {message}"), r.stderr[-500:]
+        assert "loading" not in r.stderr  # failed before any weights were read
+    assert (earlier / "000" / "record.json").read_text() == "{}"  # nothing already written is lost
 
 
 def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():

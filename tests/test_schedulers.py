@@ -83,6 +83,18 @@ def test_plms_timesteps_repeat_the_first_step():
     assert len(ts) == 51 and list(ts[:4]) == [981, 961, 961, 941] and ts[-1] == 1
 
 
+def test_step_counts_the_integer_timesteps_cannot_space_are_refused():
+    """PNDM at more steps than trained timesteps would put every step at t=1 (diffusers does so silently)."""
+    for name in ("pndm", "ddim", "dpm++2m"):
+        with pytest.raises(ValueError, match="num_inference_steps=1001: expected 1 to the scheduler's "
+                                             "num_train_timesteps=1000"):
+            schedulers.make_scheduler(name, SD21).set_timesteps(1001, SHAPE)
+        with pytest.raises(ValueError, match="num_inference_steps=0"):
+            schedulers.make_scheduler(name, SD21).set_timesteps(0, SHAPE)
+    euler = schedulers.make_scheduler("euler", SD21)  # fractional timesteps: any count, as in diffusers
+    assert len(euler.timesteps(euler.set_timesteps(1500, SHAPE))) == 1500
+
+
 def test_training_side_matches_formulas_and_diffusers():
     import torch
     from diffusers import DDPMScheduler

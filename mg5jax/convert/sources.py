@@ -156,6 +156,19 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def check_torch_file(path: str | os.PathLike, where: str | None = None) -> None:
+    """Refuse a file that is not a torch checkpoint by its first bytes (a zip archive, or the pickle of
+    the pre-1.6 format), before anything loads it; `where` names the setting that gave it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{where or path}: cannot read {path} ({e.strerror})") from e
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{where + ': ' if where else ''}{path} is not a torch checkpoint (neither a zip "
+                              "archive nor a pickle)")
+
+
 class TorchSource(TensorSource):
     """A torch pickle (`.bin`, `.pth`, `.ckpt`), optionally nested (`['model']`, `['state_dict']`)."""
 
@@ -168,6 +181,7 @@ class TorchSource(TensorSource):
         self._where: dict[str, str] = {}
         self.paths = [str(f) for f in files]
         for path in self.paths:
+            check_torch_file(path)
             try:
                 try:
                     obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -176,7 +190,9 @@ class TorchSource(TensorSource):
                         raise
                     obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+                # the first line: torch goes on with advice (weights_only=False) that would run the file's code
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from e
             if subkey is not None:
                 if not isinstance(obj, Mapping) or subkey not in obj:
                     found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__

@@ -123,6 +123,21 @@ def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float = 5.0)
     return jnp.minimum(s, gamma) / s
 
 
+def _check_steps(num_inference_steps: int, num_train_timesteps: int | None):
+    """`(n, t)`, refusing step counts the schedule cannot space on its integer timesteps (with more steps
+    than trained timesteps PNDM puts every step at t=1 and denoises nothing, silently); with no `t`
+    (fractional timesteps), `n` at least 1."""
+    n = int(num_inference_steps)
+    if num_train_timesteps is None:
+        if n < 1:
+            raise ValueError(f"num_inference_steps={n}: expected at least 1")
+        return n
+    t = int(num_train_timesteps)
+    if not 1 <= n <= t:
+        raise ValueError(f"num_inference_steps={n}: expected 1 to the scheduler's num_train_timesteps={t}")
+    return n, t
+
+
 def _spaced(spacing: str, num_steps: int, num_train: int, steps_offset: int) -> np.ndarray:
     """Descending timesteps for `leading` / `trailing` / `linspace` spacing (DDIM / Euler rules, float64)."""
     if spacing == "linspace":
@@ -205,7 +220,7 @@ class PNDMScheduler(_Scheduler):
 
     def plms_timesteps(self, num_inference_steps: int) -> np.ndarray:
         """diffusers' PLMS list: ascending base steps, the second-to-last repeated, then reversed."""
-        n, t = num_inference_steps, self.schedule.num_train_timesteps
+        n, t = _check_steps(num_inference_steps, self.schedule.num_train_timesteps)
         if self.timestep_spacing == "leading":
             base = (np.arange(0, n) * (t // n)).round() + self.steps_offset
         else:
@@ -284,9 +299,7 @@ class DDIMScheduler(_Scheduler):
                    bool(s["clip_sample"]), float(s["clip_sample_range"]))
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: Sequence[int]) -> DDIMState:
-        n, t = num_inference_steps, self.schedule.num_train_timesteps
-        if n > t:
-            raise ValueError(f"num_inference_steps={n} exceeds the scheduler's num_train_timesteps={t}")
+        n, t = _check_steps(num_inference_steps, self.schedule.num_train_timesteps)
         ts = _spaced(self.timestep_spacing, n, t, self.steps_offset).astype(np.int64)
         prev = ts - t // n
         ac = self.schedule.alphas_cumprod
@@ -373,7 +386,7 @@ class DPMSolverMultistepScheduler(_Scheduler):
                    float(s["lambda_min_clipped"]))  # fmt: skip
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: Sequence[int]) -> DPMSolverState:
-        n, t = num_inference_steps, self.schedule.num_train_timesteps
+        n, t = _check_steps(num_inference_steps, self.schedule.num_train_timesteps)
         ac = self.schedule.alphas_cumprod
         lambdas = np.log(np.sqrt(ac)) - np.log(np.sqrt(1 - ac))
         last = t - int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
@@ -466,7 +479,8 @@ class EulerDiscreteScheduler(_Scheduler):
         return cls(schedule, s["timestep_spacing"], int(s["steps_offset"]), s["final_sigmas_type"])
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: Sequence[int]) -> EulerState:
-        n, t = num_inference_steps, self.schedule.num_train_timesteps
+        # fractional timesteps (sigmas interpolated): any count >= 1 is spaced, as in diffusers
+        n, t = _check_steps(num_inference_steps, None), self.schedule.num_train_timesteps
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, t - 1, n, dtype=np.float32)[::-1].copy()
         else:

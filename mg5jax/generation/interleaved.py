@@ -209,6 +209,10 @@ class InterleavedGenerator:
         self._llm_split = nnx.split(model.llm)  # and for the decode loop
         vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         size = settings.image_size or model.unet.config.sample_size * vae_factor
+        multiple = vae_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)  # the U-Net halves it too
+        if size % multiple:
+            raise ValueError(f"image size {size} (data.output_image_size): must be a multiple of {multiple} (the "
+                             f"VAE's factor {vae_factor} × the U-Net's {multiple // vae_factor})")
         self.latent_size = (size // vae_factor, size // vae_factor)
 
     # ----------------------------------------------------------------------------------------- prompts

@@ -8,6 +8,7 @@ import html
 import json
 import pathlib
 import re
+import shutil
 from collections.abc import Sequence
 
 from PIL import Image
@@ -38,13 +39,33 @@ def _figure(src: str, caption: str, kind: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+def earlier_results(out_dir: str | pathlib.Path) -> list[pathlib.Path]:
+    """What an earlier report left in `out_dir`: its `index.html`, `run.json` and response folders."""
+    out = pathlib.Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [out / name for name in ("index.html", "run.json") if (out / name).is_file()]
+    return found + sorted(d for d in out.glob("[0-9][0-9][0-9]") if (d / "record.json").is_file())
+
+
 class ReportWriter:
     """Writes responses under `out_dir/NNN/` as they come (`add`), rewriting `index.html` after each
-    addition: what is written survives an error in a later batch."""
+    addition: what is written survives an error in a later batch. `run` (flags, checkpoint: what the
+    responses were made with) goes to `run.json`. A folder that holds an earlier report is refused,
+    or with `overwrite` emptied of it first (other files stay), so two runs never mix."""
 
-    def __init__(self, out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5"):
+    def __init__(self, out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5", run: dict | None = None,
+                 overwrite: bool = False):
         self.out = pathlib.Path(out_dir)
+        if earlier := earlier_results(self.out):
+            if not overwrite:
+                raise FileExistsError(f"{self.out}: holds an earlier report ({len(earlier)} entries, e.g. "
+                                      f"{earlier[0].name}); replace it or choose another folder")
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
+        if run is not None:
+            (self.out / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False))
         self.title = title
         self.articles: list[str] = []
 
@@ -63,11 +84,9 @@ class ReportWriter:
         return self.index
 
     def _write(self, r: Response, n: int) -> str:
-        """Response `n`'s folder (images, record.json, no files of an earlier run); returns its article."""
+        """Response `n`'s folder (images, record.json); returns its article."""
         d = self.out / f"{n:03d}"
         d.mkdir(exist_ok=True)
-        for old in [*d.glob("input_*.png"), *d.glob("image_*.png"), d / "reference.png", d / "sd_baseline.png"]:
-            old.unlink(missing_ok=True)
         inputs = []
         for k, path in enumerate(r.prompt.images):
             name = f"input_{k + 1}.png"
@@ -109,6 +128,7 @@ class ReportWriter:
                 f'<div class="response">{response_html}</div>{compare_html}</article>')
 
 
-def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5") -> pathlib.Path:
+def write_outputs(responses: Sequence[Response], out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5",
+                  overwrite: bool = False) -> pathlib.Path:
     """Write every response under `out_dir/NNN/` and the `index.html` that shows them; returns its path."""
-    return ReportWriter(out_dir, title=title).add(responses)
+    return ReportWriter(out_dir, title=title, overwrite=overwrite).add(responses)
