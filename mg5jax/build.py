@@ -323,6 +323,8 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     model lacks is an error. Returns the loaded paths; a shape mismatch is an error. `field` names
     the setting that gave `run_dir` in errors.
     """
+    if isinstance(model, Built):
+        raise TypeError("load_trainable takes the model: build_model(...).model, not what build_model returns")
     params_dir, chosen = trained_params_dir(run_dir, field)
     flat_stored = _flatten(read_params(params_dir))
     state = nnx.state(model, nnx.Param)

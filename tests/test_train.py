@@ -164,7 +164,10 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
     assert best.offer(5, 1.5, jax.tree.map(lambda x: x + 1.0, state))
     assert not best.offer(7, 2.5, jax.tree.map(lambda x: x - 1.0, state))  # worse: not kept
     best.close()
-    stage2 = build.build_model(cfg).model
+    built = build.build_model(cfg)
+    with pytest.raises(TypeError, match=r"takes the model: build_model\(...\).model"):
+        build.load_trainable(built, str(tmp_path / "stage1"))
+    stage2 = built.model
     loaded = build.load_trainable(stage2, str(tmp_path / "stage1"))
     want = km.flat_params(state)
     got = km.flat_params(nnx.state(stage2, nnx.Param))

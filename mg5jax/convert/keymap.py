@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -189,7 +190,9 @@ def load_params(
     shardings = parallel.state_shardings(abstract_state, mesh, rules) if mesh is not None else None
     flat_shardings = flat_params(shardings) if shardings is not None else {}
     values: dict[str, jax.Array] = {}
-    for b in tqdm(bound, desc=f"loading {what}", unit="tensor", leave=False, disable=len(bound) < 64):
+    # an explicit `disable` overrides tqdm's own reading of TQDM_DISABLE: honour it here
+    quiet = len(bound) < 64 or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    for b in tqdm(bound, desc=f"loading {what}", unit="tensor", leave=False, disable=quiet):
         try:
             tensor = source[b.theirs]
         except CheckpointError:
