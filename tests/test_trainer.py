@@ -84,9 +84,10 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
     assert result.step == 6 and not result.preempted
     straight.close()
     first = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
-    first.fit(ToyIterator(), num_steps=3)
-    first.close()  # the "killed" process: nothing but its checkpoint survives
-    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # and what it logged after the checkpoint
+    first.fit(ToyIterator(), num_steps=5)
+    first.close()  # the "killed" process: nothing but its checkpoint of step 3 survives,
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "5")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # and what it logged after it
         f.write(json.dumps({"step": 4, "split": "train", "loss": 1.0}) + '\n{"step": 5, "spl')
     data = ToyIterator()
     second = make_trainer(initial_state, tmp_path / "resumed", save_every=3)
@@ -99,14 +100,20 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
     assert second.checkpointer.all_steps() == [3, 6]
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [2, 3, 4, 6]
+    assert [r["step"] for r in lines] == [2, 4, 6]
     assert {"loss", "text_loss", "image_loss", "caption_loss", "lr", "step_time_s", "samples_per_s"} <= lines[-1].keys()
+    # the line of step 4 averages steps 3 and 4 as the straight run's does: the checkpoint carries step 3's terms
+    want = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    timing = ("step_time_s", "samples_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in lines] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in want]
     second.close()
     # the same numbers as TensorBoard scalars; the resumed run's events hide what a crash left after step 3
     scalars, purges = read_events(tmp_path / "resumed" / "tensorboard")
-    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in lines}, rel=1e-6)
-    assert scalars["train/lr"] == pytest.approx({r["step"]: r["lr"] for r in lines}, rel=1e-6)
-    assert purges == [4]
+    steps = [r["step"] for r in lines]
+    assert purges == [4] and set(scalars["train/loss"]) - set(steps) == {5}  # the killed run's last line: hidden
+    assert {t: scalars["train/loss"][t] for t in steps} == pytest.approx({r["step"]: r["loss"] for r in lines}, rel=1e-6)
+    assert {t: scalars["train/lr"][t] for t in steps} == pytest.approx({r["step"]: r["lr"] for r in lines}, rel=1e-6)
 
 
 def read_events(folder: pathlib.Path) -> tuple[dict[str, dict[int, float]], list[int]]:

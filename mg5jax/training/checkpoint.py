@@ -40,6 +40,7 @@ class Restored:
     opt_state: nnx.State
     data_state: Any
     config: dict | None
+    metrics_window: list  # the steps since the last metrics line (their loss terms and timings)
 
 
 def abstract_like(state: nnx.State) -> nnx.State:
@@ -96,13 +97,13 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, *, params: nnx.State, opt_state: nnx.State, data_state: Any = None,
-             config: dict | None = None) -> None:
-        """Start saving checkpoint `step` (JSON-serialisable `data_state` and `config`)."""
+             config: dict | None = None, metrics_window: list | None = None) -> None:
+        """Start saving checkpoint `step` (JSON-serialisable `data_state`, `config` and `metrics_window`)."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data_state=ocp.args.JsonSave({"per_process": _every_process(data_state)}),
-            meta=ocp.args.JsonSave({"step": int(step), "config": config}),
+            meta=ocp.args.JsonSave({"step": int(step), "config": config, "metrics_window": metrics_window or []}),
         )
         self._manager.save(int(step), args=args, force=True)
         log.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -141,7 +142,7 @@ class Checkpointer:
             raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)})") from e
         log.info("checkpoint: restored step %d from %s", step, path)
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
-                        meta.get("config"))
+                        meta.get("config"), meta.get("metrics_window") or [])
 
     def recorded_config(self, step: int) -> dict | None:
         """The config recorded with checkpoint `step` (None if it recorded none)."""

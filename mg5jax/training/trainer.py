@@ -215,6 +215,7 @@ class Trainer:
                                          async_save=cfg.async_checkpointing)
         self.best = BestCheckpoint(self.workdir / "best", async_save=cfg.async_checkpointing)
         self.step = 0
+        self._window: list[dict[str, float]] = []  # the steps since the last metrics line
         self._started = False
         self._last_saved = None
         self._stop_signal: int | None = None
@@ -326,7 +327,7 @@ class Trainer:
         """Checkpoint the current step (asynchronously), with `data_iter.get_state()` if given."""
         data_state = data_iter.get_state() if data_iter is not None else None
         self.checkpointer.save(self.step, params=self._params, opt_state=self._opt_state,
-                               data_state=data_state, config=self._run_config)
+                               data_state=data_state, config=self._run_config, metrics_window=self._window)
         self._last_saved = self.step
 
     def restore_latest(self, data_iter: Any = None) -> int | None:
@@ -347,6 +348,7 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}{self._restore_hint(step, changed, str(e))}") from e
         self._params, self._opt_state = restored.params, restored.opt_state
+        self._window = list(restored.metrics_window)  # a resumed run's metrics lines average what a straight one's do
         if data_iter is not None:
             if restored.data_state is None:
                 raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
@@ -391,7 +393,6 @@ class Trainer:
                               self.workdir / "tensorboard" if cfg.tensorboard else None)
         previous_handlers = self._install_stop_handlers()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        window: list[dict[str, float]] = []
         terms: dict[str, float] = {}
         eval_terms, evaluated_at, first_step = None, None, self.step
 
@@ -414,14 +415,15 @@ class Trainer:
                 terms = self.train_step(batch)
                 elapsed = time.perf_counter() - start
                 batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0]) * jax.process_count()  # global
-                window.append(dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed))
+                self._window.append(dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed))
                 bar.update(1)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
                                  "step_s": f"{elapsed:.3f}", "samples/s": f"{batch_size / elapsed:.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == total:
+                    window = self._window
                     means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                     metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **means})
-                    window = []
+                    self._window = []
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(train_iter)
                 if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
