@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import signal
 import sys
 
@@ -47,6 +48,12 @@ def run(cfg) -> int:
     if "://" in str(cfg.trainer.workdir):
         raise ValueError(f"trainer.workdir {cfg.trainer.workdir}: a URL; checkpoints go to a local or mounted "
                          "directory (e.g. a gcsfuse mount of the bucket)")
+    workdir = pathlib.Path(cfg.trainer.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"trainer.workdir {workdir}: exists and is not a directory")
+    workdir.mkdir(parents=True, exist_ok=True)  # an OSError names the path
+    if not os.access(workdir, os.W_OK):  # e.g. a read-only mount: found before any weights load
+        raise ValueError(f"trainer.workdir {workdir}: not writable")
     d = cfg.data
     rows = cfg.loss.group_rows
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):

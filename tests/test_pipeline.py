@@ -159,6 +159,12 @@ def test_unreadable_feature_file_skips_the_sample_naming_it(tokenizer, tmp_path,
     builder = pipeline.ExampleBuilder(tokenizer, SPEC, train=False, input_features_dir=str(tmp_path))
     assert builder(sample, np.random.default_rng(0)) is None
     assert builder.skipped == 1 and "feat_1" in caplog.text and "img.npy: cannot read the precomputed array" in caplog.text
+    # NaNs (a diverged encoder) or complex values would train on garbage: skipped the same way
+    shape = (SPEC.num_query_tokens, SPEC.llm_dim)
+    for bad, message in ((np.full(shape, np.nan, np.float32), f"img.npy: {np.prod(shape)} non-finite values"),
+                         (np.zeros(shape, np.complex64), "img.npy: expected a real-valued array, got dtype complex64")):
+        np.save(tmp_path / "img.npy", bad)
+        assert builder(sample, np.random.default_rng(0)) is None and message in caplog.text
 
 
 def test_features_of_another_image_with_the_same_stem_are_refused(tokenizer, tmp_path, caplog):

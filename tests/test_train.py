@@ -441,3 +441,7 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     assert r.returncode == 1 and last.startswith(f"train.py: {run} (its newest checkpoint) was trained with another "
                                                  "schedule (global_batch 96 → "), last
     assert "Keep the global batch at 96" in last and "loading" not in r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = _train("--config", "configs/demo.py", f"--config.trainer.workdir={tmp_path / 'a_file'}")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"train.py: trainer.workdir {tmp_path / 'a_file'}: exists and is not a directory"

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -182,6 +183,22 @@ def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_
     assert set(flat(restored.params)) == {"embed", "head.kernel", "head.bias", "norm.scale", "norm.bias"}  # no frozen
     assert all(np.isfinite(v).all() for v in flat(restored.params).values())
     trainer.close()
+    # a malformed data-iterator position: an error naming the file, with the way back to step 2
+    state_file = tmp_path / "checkpoints" / "4" / "data_state" / "metadata"
+    good = state_file.read_text()
+    for stored, message in (({"per_process": {"0": {"json": {"foo": 1}}}},
+                             "data_state: the data iterator refuses the saved position (KeyError"),
+                            ({"per_process": []}, "data_state: per_process must map process indices to states"),
+                            ({"per_process": {"0": {"bytes": "!!!notbase64"}}}, "data_state: process 0's state does "
+                                                                                  "not decode"),
+                            (None, "data_state: no data-iterator state (found NoneType)")):
+        state_file.write_text(json.dumps(stored))
+        resumed = make_trainer(initial_state, tmp_path)
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'checkpoints' / '4'}/{message}") + ".*; to "
+                           f"resume from the older checkpoint 2, move {re.escape(str(tmp_path / 'checkpoints' / '4'))} away"):
+            resumed.fit(ToyIterator(), num_steps=10)
+        resumed.close()
+    state_file.write_text(good)
     (tmp_path / "checkpoints" / "4" / "opt_state" / "_METADATA").write_text("{truncated")
     resumed = make_trainer(initial_state, tmp_path)
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'checkpoints' / '4'}: cannot restore .*; to resume from "

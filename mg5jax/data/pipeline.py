@@ -236,7 +236,12 @@ def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"{path}: cannot read the precomputed array ({type(e).__name__}: {e})") from e
     if arr.shape != tuple(shape):
         raise ValueError(f"{path}: expected shape {tuple(shape)}, got {arr.shape}")
-    return arr.astype(np.float32)
+    if arr.dtype.kind not in "fiu":  # complex, object, bool …: nothing an encoder writes
+        raise ValueError(f"{path}: expected a real-valued array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: {int(np.size(arr) - np.isfinite(arr).sum())} non-finite values")
+    return arr
 
 
 def collate(examples: Sequence[dict], spec: BatchSpec, pad_id: int) -> dict:

@@ -75,16 +75,25 @@ def _every_process(state: Any) -> dict[str, dict]:
     return {str(i): json.loads(every[i, : int(n)].tobytes()) for i, n in enumerate(lengths)}
 
 
-def _this_process(stored: dict, path: pathlib.Path) -> Any:
+def _this_process(stored: Any, path: pathlib.Path) -> Any:
     """This process's data-iterator state from a checkpoint (one saved before per-process states holds
-    a single one)."""
-    if "per_process" not in stored:
-        return _decode_data_state(stored)
-    mine = stored["per_process"].get(str(jax.process_index()))
+    a single one); a malformed one is an error naming the checkpoint."""
+    where = path / "data_state"
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}: no data-iterator state (found {type(stored).__name__})")
+    every = stored.get("per_process", {"0": stored})
+    if not isinstance(every, dict):
+        raise CheckpointError(f"{where}: per_process must map process indices to states, found {type(every).__name__}")
+    mine = every.get(str(jax.process_index()))
     if mine is None:
-        raise CheckpointError(f"{path}: no data-iterator state for process {jax.process_index()} (it was saved "
-                              f"by {len(stored['per_process'])} processes)")
-    return _decode_data_state(mine)
+        raise CheckpointError(f"{where}: no data-iterator state for process {jax.process_index()} (it was saved "
+                              f"by {len(every)} processes)")
+    if not isinstance(mine, dict) or not ("bytes" in mine or "json" in mine):
+        raise CheckpointError(f"{where}: process {jax.process_index()}'s state is not an encoded iterator state")
+    try:
+        return _decode_data_state(mine)
+    except (ValueError, TypeError) as e:  # binascii.Error is a ValueError
+        raise CheckpointError(f"{where}: process {jax.process_index()}'s state does not decode ({e})") from e
 
 
 class Checkpointer:
@@ -136,13 +145,18 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=args)
             meta, data_state = restored["meta"], restored["data_state"]
-            if meta is None or data_state is None or meta.get("step") != step:
-                raise ValueError(f"metadata is missing or names another step: {meta!r}")
+            if not isinstance(meta, dict) or meta.get("step") != step:
+                found = meta.get("step") if isinstance(meta, dict) else type(meta).__name__
+                raise ValueError(f"its metadata is missing or names another step ({found!r})")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds for a bad directory
             raise CheckpointError(f"{path}: cannot restore training checkpoint ({_reason(e)})") from e
         log.info("checkpoint: restored step %d from %s", step, path)
+        window = meta.get("metrics_window") or []
+        if not (isinstance(window, list) and all(isinstance(w, dict) for w in window)):
+            log.warning("%s: ignoring its malformed metrics window (the next metrics line averages fewer steps)", path)
+            window = []
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
-                        meta.get("config"), meta.get("metrics_window") or [])
+                        meta.get("config"), window)
 
     def recorded_config(self, step: int) -> dict | None:
         """The config recorded with checkpoint `step` (None if it recorded none)."""

@@ -347,12 +347,15 @@ class Trainer:
             restored = self.checkpointer.restore(self._params, self._opt_state, step)
         except CheckpointError as e:
             raise CheckpointError(f"{e}{self._restore_hint(step, changed, str(e))}") from e
+        if data_iter is not None:
+            try:
+                data_iter.set_state(restored.data_state)
+            except Exception as e:  # noqa: BLE001 - the iterator's own error for a state it cannot take
+                where = self.checkpointer.directory / str(step) / "data_state"
+                raise CheckpointError(f"{where}: the data iterator refuses the saved position ({type(e).__name__}: "
+                                      f"{e}){self._restore_hint(step, changed, str(e))}") from e
         self._params, self._opt_state = restored.params, restored.opt_state
         self._window = list(restored.metrics_window)  # a resumed run's metrics lines average what a straight one's do
-        if data_iter is not None:
-            if restored.data_state is None:
-                raise ValueError(f"checkpoint step {step} in {self.checkpointer.directory} has no data-iterator state")
-            data_iter.set_state(restored.data_state)
         if changed:
             log.warning("resuming step %d with settings that differ from the checkpoint's: %s", step,
                         "; ".join(changed))
