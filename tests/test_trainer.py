@@ -341,11 +341,11 @@ def test_every_host_keeps_its_own_data_position(tmp_path):
     """Two real JAX processes (gloo collectives on CPU) at different iterator positions: the checkpoint
     holds both, and each process gets its own back (orbax writes the JSON from the primary only)."""
     script = (
-        "import json\n"
+        "import json, pathlib\n"
         "from mg5jax.training import checkpoint as ck\n"
         "i = jax.process_index()\n"
         "stored = {'per_process': ck._every_process({'next_index': 4 + 2 * i, 'host': 'h' * (i + 1)})}\n"
-        "print(json.dumps([stored, ck._this_process(stored, None)]))\n")
+        "print(json.dumps([stored, ck._this_process(stored, pathlib.Path('ck'))]))\n")
     results = [json.loads(out.strip().splitlines()[-1]) for out in run_two_processes(script)]
     both = {"0": {"json": {"next_index": 4, "host": "h"}}, "1": {"json": {"next_index": 6, "host": "hh"}}}
     assert all(stored == {"per_process": both} for stored, _ in results)
