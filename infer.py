@@ -186,6 +186,21 @@ def check_prompts(prompts, labels: list[str], cfg, max_tokens: int) -> None:
             raise ValueError(f"{where}: {problem}")
 
 
+def _check_inputs_survive_overwrite(prompts, labels: list[str]) -> None:
+    """--overwrite removes the earlier results in --out first: a prompt must not read its images from them."""
+    from mg5jax.generation.report import earlier_results
+
+    if not _OVERWRITE.value:
+        return
+    earlier = [p.resolve() for p in earlier_results(_OUT.value) if p.is_dir()]
+    for prompt, where in zip(prompts, labels):
+        for image in (*prompt.images, *([prompt.reference_image] if prompt.reference_image else [])):
+            path = pathlib.Path(image).resolve()
+            if any(path.is_relative_to(d) for d in earlier):
+                raise ValueError(f"{where}: image {image} is among the earlier results that --overwrite replaces "
+                                 f"in --out {_OUT.value}: copy it elsewhere first")
+
+
 def config_prompts(cfg, tokenizer):
     """The first --limit prompts of the config's validation file."""
     from mg5jax import build
@@ -228,8 +243,8 @@ def check_run_config(cfg, run_dir: str) -> None:
 
     recorded = recorded_config(run_dir)
     if recorded is None:
-        log.warning("%s records no config (no complete checkpoint in its checkpoints/): the config's model "
-                    "settings cannot be checked against the ones it was trained with", run_dir)
+        log.warning("%s records no config (no complete checkpoint in checkpoints/, or one saved without it): "
+                    "the config's model settings cannot be checked against the ones it was trained with", run_dir)
         return
     saved, current = flat_config(recorded), flat_config(cfg.to_dict())
     changed = []
@@ -270,6 +285,7 @@ def run(cfg) -> int:
         weights = {"checkpoint": str(run_dir), "params": str(params_dir), "chosen": chosen}
     if prompts is not None:
         check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
+        _check_inputs_survive_overwrite(prompts, labels)
     scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     make_scheduler(settings.scheduler, scheduler_cfg).set_timesteps(settings.num_inference_steps, (1, 4, 8, 8))
     build.enable_compile_cache()

@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_vokens = 8  # generative vokens [IMG0]…[IMG7]
     c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen weights (LLM body, U-Net, VAE, ViT, CLIP text)
     c.model.compute_dtype = "bfloat16"  # matmul/conv dtype of the frozen parts; norms and softmax stay fp32
-    # the LLM's residual stream: fp32 as under the original's autocast; "bfloat16" plans 13.2 instead of
-    # 14.0 GiB per v5e chip for stage 2 at 6 samples per chip, its 3 (python -m mg5jax.plan)
+    # the LLM's residual stream: fp32 as under the original's autocast; "bfloat16" would let stage 2 take
+    # 6 samples per v5e chip (13.2 instead of 14.0 GiB of 16; python -m mg5jax.plan)
     c.model.residual_dtype = "float32"
     c.model.attn_impl = "reference"  # "reference" (einsum) or "fused" (jax.nn.dot_product_attention)
     c.model.int8_weights = False  # inference: the LLM's and the ViT's layer projections in int8 with per-column
@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.train_path = ""  # the reader's file: cc3m *.tsv, VIST *_cleaned.json, MMDialog *.jsonl / .txt
     c.data.val_path = ""  # same format; "" = no validation
     c.data.per_device_batch_size = 6  # examples per device per micro-step: 6 x 8 v5e chips = 48, the original's
-    #                                   effective batch with no accumulation (stage 1; stage 2 takes 3 × 2 steps;
+    #                                   effective batch with no accumulation (stage 1; stage 2 takes 2 × 3 steps;
     #                                   `python -m mg5jax.plan` checks the fit)
     c.data.effective_batch_size = 48  # per_device × devices × accumulation (accumulation is derived)
     c.data.length_buckets = (256, 512, 1024)  # text-token buckets (source + target, no BOS)

@@ -15,9 +15,10 @@ def get_config():
     c.model.lora.enabled = True
     c.model.init_from = "runs/stage1_cc3m"  # stage-1 run (or stage1_cc3m.ckpt): voken rows, fc, mapper, queries
     c.loss.caption_weight = 0.0  # VIST samples have no caption
-    # 3 × 8 v5e chips × 2 accumulation = 48. At 6 per chip (no accumulation) stage 2's 1180 positions
-    # with 5 input images plan 14.0 GiB of the 16 (12% free); at 3, 8.9 GiB (44% free)
-    c.data.per_device_batch_size = 3
+    # 2 × 8 v5e chips × 3 accumulation = 48, the original's per-GPU batch of 2 (any device count divides
+    # into loss groups of 2). At 6 per chip stage 2's 1180 positions with 5 input images plan 14.0 GiB of
+    # the 16 (12% free); at 3, 8.9 GiB (44% free)
+    c.data.per_device_batch_size = 2
     c.trainer.workdir = "runs/stage2_vist"
     c.evals_per_epoch = 2  # as the original's val_check_interval = 0.5
     c.val_batches = None  # the whole validation set, as the original

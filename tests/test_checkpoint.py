@@ -51,8 +51,11 @@ def test_round_trip_keep_n_and_sharding(tmp_path, sharded_states):
     embed = resharded.params["embed"].get_value()
     assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     np.testing.assert_array_equal(np.asarray(embed), np.asarray(params["embed"].get_value()) + 2)
-    ckpt.save(4, params=params, opt_state=opt_state, data_state=b'{"grain": 1}')
-    assert ckpt.restore(params, opt_state, step=4).data_state == b'{"grain": 1}'
+    window = [{"loss": 1.0}]  # the steps since the last metrics line: the loop goes on appending to its list
+    ckpt.save(4, params=params, opt_state=opt_state, data_state=b'{"grain": 1}', metrics_window=window)
+    window += [{"loss": 2.0}, {"loss": 3.0}]
+    restored = ckpt.restore(params, opt_state, step=4)
+    assert restored.data_state == b'{"grain": 1}' and restored.metrics_window == [{"loss": 1.0}]
     ckpt.close()
 
 

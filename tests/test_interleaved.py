@@ -138,7 +138,9 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     _check_renders(index, 3)
     # a folder with an earlier report is refused, or emptied of it (other files stay): two runs never mix
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"holds an earlier report \(4 entries, e.g. index.html\)"):
+    (tmp_path / "out" / "1000").mkdir()  # a crash left it before its record.json
+    (tmp_path / "out" / "1000" / "image_1.png").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"holds an earlier report \(5 entries, e.g. index.html\)"):
         ReportWriter(tmp_path / "out")
     assert (tmp_path / "out" / "002" / "record.json").is_file()
     report = ReportWriter(tmp_path / "out", run={"command": "infer.py --seed 3"}, overwrite=True)
@@ -146,7 +148,8 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     report.add([batch[0]])
     assert [p.name for p in (tmp_path / "out" / "000").glob("image_*.png")] == ["image_1.png"]
     assert not list((tmp_path / "out" / "001").glob("image_*.png"))
-    assert not (tmp_path / "out" / "002").exists() and (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out" / "002").exists() and not (tmp_path / "out" / "1000").exists()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert report.index.read_text().count("<article") == 2
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"command": "infer.py --seed 3"}
 
@@ -334,7 +337,12 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
     (earlier / "000" / "record.json").write_text("{}")
     (earlier / "index.html").write_text("<html></html>")
     (tmp_path / "image.ckpt").write_bytes((tmp_path / "here.png").read_bytes())
+    (earlier / "000" / "image_1.png").write_bytes((tmp_path / "here.png").read_bytes())
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
+                           (["--prompt", slot, "--image", str(earlier / "000" / "image_1.png"), "--out", str(earlier),
+                             "--overwrite", "--checkpoint", str(plain_run)],
+                            f"--prompt: image {earlier / '000' / 'image_1.png'} is among the earlier results that "
+                            f"--overwrite replaces in --out {earlier}: copy it elsewhere first"),
                            (["--prompt", "a", "--out", str(earlier)],
                             f"--out {earlier}: holds the results of an earlier run (1 responses): pass --overwrite "
                             "to replace them, or choose another --out"),
@@ -373,6 +381,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
         assert r.returncode == 1 and last.startswith(f"infer.py: {message}"), r.stderr[-500:]
         assert "loading" not in r.stderr  # failed before any weights were read
     assert (earlier / "000" / "record.json").read_text() == "{}"  # nothing already written is lost
+    assert (earlier / "000" / "image_1.png").is_file()
 
 
 def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():

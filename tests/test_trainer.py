@@ -117,6 +117,25 @@ def test_resume_after_kill_is_bit_exact(tmp_path, initial_state):
     assert {t: scalars["train/lr"][t] for t in steps} == pytest.approx({r["step"]: r["lr"] for r in lines}, rel=1e-6)
 
 
+
+def test_a_resumed_metrics_window_is_averaged_over_the_terms_this_run_has(tmp_path, initial_state):
+    """A checkpoint between two metrics lines carries the steps since the last; a run resumed with other
+    loss terms (a changed weight, another model version) averages the ones every step has."""
+    first = make_trainer(initial_state, tmp_path, save_every=3)
+    first.fit(ToyIterator(), num_steps=5)
+    first.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "5")
+    meta_file = tmp_path / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert [w["loss"] for w in meta["metrics_window"]] and len(meta["metrics_window"]) == 1  # step 3's
+    meta["metrics_window"][0]["old_term"] = 9.0
+    meta_file.write_text(json.dumps(meta))
+    second = make_trainer(initial_state, tmp_path, save_every=3)
+    assert second.fit(ToyIterator(), num_steps=4).step == 4
+    second.close()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["step"] == 4 and "old_term" not in line and "loss" in line
+
 def read_events(folder: pathlib.Path) -> tuple[dict[str, dict[int, float]], list[int]]:
     """`{tag: {step: value}}` of the TensorBoard event files in `folder` (later files win) and the steps
     from which a restarted writer hides older events, read with tensorboardX's protos and CRC (the
@@ -191,10 +210,12 @@ def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_
                             ({"per_process": []}, "data_state: per_process must map process indices to states"),
                             ({"per_process": {"0": {"bytes": "!!!notbase64"}}}, "data_state: process 0's state does "
                                                                                   "not decode"),
-                            (None, "data_state: no data-iterator state (found NoneType)")):
+                            (None, "data_state: no data-iterator state (found NoneType)"),
+                            ({"per_process": {"0": {"json": None}}}, ": has no data-iterator state")):
         state_file.write_text(json.dumps(stored))
         resumed = make_trainer(initial_state, tmp_path)
-        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'checkpoints' / '4'}/{message}") + ".*; to "
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'checkpoints' / '4'}"
+                                                            f"{'' if message.startswith(':') else '/'}{message}") + ".*; to "
                            f"resume from the older checkpoint 2, move {re.escape(str(tmp_path / 'checkpoints' / '4'))} away"):
             resumed.fit(ToyIterator(), num_steps=10)
         resumed.close()

@@ -163,7 +163,7 @@ def check_torch_file(path: str | os.PathLike, where: str | None = None) -> None:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise CheckpointError(f"{where or path}: cannot read {path} ({e.strerror})") from e
+        raise CheckpointError(f"{where + ': ' if where else ''}cannot read {path} ({e.strerror})") from e
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(f"{where + ': ' if where else ''}{path} is not a torch checkpoint (neither a zip "
                               "archive nor a pickle)")

@@ -40,12 +40,14 @@ def _figure(src: str, caption: str, kind: str) -> str:
 
 
 def earlier_results(out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """What an earlier report left in `out_dir`: its `index.html`, `run.json` and response folders."""
+    """What an earlier report left in `out_dir`: its `index.html`, `run.json` and response folders (`NNN/`
+    holding a record or images; a crash may leave one without its record)."""
     out = pathlib.Path(out_dir)
     if not out.is_dir():
         return []
     found = [out / name for name in ("index.html", "run.json") if (out / name).is_file()]
-    return found + sorted(d for d in out.glob("[0-9][0-9][0-9]") if (d / "record.json").is_file())
+    return found + sorted(d for d in out.iterdir() if d.is_dir() and len(d.name) >= 3 and d.name.isdigit()
+                          and ((d / "record.json").is_file() or any(d.glob("*.png"))))
 
 
 class ReportWriter:
@@ -84,9 +86,11 @@ class ReportWriter:
         return self.index
 
     def _write(self, r: Response, n: int) -> str:
-        """Response `n`'s folder (images, record.json); returns its article."""
+        """Response `n`'s folder (images, record.json, no files of an earlier run); returns its article."""
         d = self.out / f"{n:03d}"
         d.mkdir(exist_ok=True)
+        for old in [*d.glob("input_*.png"), *d.glob("image_*.png"), d / "reference.png", d / "sd_baseline.png"]:
+            old.unlink(missing_ok=True)
         inputs = []
         for k, path in enumerate(r.prompt.images):
             name = f"input_{k + 1}.png"

@@ -81,7 +81,10 @@ def _this_process(stored: Any, path: pathlib.Path) -> Any:
     where = path / "data_state"
     if not isinstance(stored, dict):
         raise CheckpointError(f"{where}: no data-iterator state (found {type(stored).__name__})")
-    every = stored.get("per_process", {"0": stored})
+    if "per_process" not in stored:  # saved before per-process states: every process takes the one
+        every = {str(jax.process_index()): stored}
+    else:
+        every = stored["per_process"]
     if not isinstance(every, dict):
         raise CheckpointError(f"{where}: per_process must map process indices to states, found {type(every).__name__}")
     mine = every.get(str(jax.process_index()))
@@ -112,7 +115,9 @@ class Checkpointer:
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data_state=ocp.args.JsonSave({"per_process": _every_process(data_state)}),
-            meta=ocp.args.JsonSave({"step": int(step), "config": config, "metrics_window": metrics_window or []}),
+            # copies: orbax serialises the JSON items later, in the background, while training goes on
+            meta=ocp.args.JsonSave({"step": int(step), "config": config,
+                                    "metrics_window": [dict(w) for w in metrics_window or []]}),
         )
         self._manager.save(int(step), args=args, force=True)
         log.info("checkpoint: saving step %d to %s", step, self.directory)

@@ -348,6 +348,9 @@ class Trainer:
         except CheckpointError as e:
             raise CheckpointError(f"{e}{self._restore_hint(step, changed, str(e))}") from e
         if data_iter is not None:
+            if restored.data_state is None:  # saved without an iterator
+                raise CheckpointError(f"{self.checkpointer.directory / str(step)}: has no data-iterator state"
+                                      f"{self._restore_hint(step, changed, '')}")
             try:
                 data_iter.set_state(restored.data_state)
             except Exception as e:  # noqa: BLE001 - the iterator's own error for a state it cannot take
@@ -423,8 +426,9 @@ class Trainer:
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
                                  "step_s": f"{elapsed:.3f}", "samples/s": f"{batch_size / elapsed:.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == total:
-                    window = self._window
-                    means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    window = self._window  # a resumed window may hold terms this run no longer has
+                    keys = [k for k in window[-1] if all(k in w for w in window)]
+                    means = {k: float(np.mean([w[k] for w in window])) for k in keys}
                     metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **means})
                     self._window = []
                 if cfg.save_every and self.step % cfg.save_every == 0:
