@@ -16,8 +16,8 @@ def get_config():
     c.model.init_from = "runs/stage1_cc3m"  # stage-1 run (or stage1_cc3m.ckpt): voken rows, fc, mapper, queries
     c.loss.caption_weight = 0.0  # VIST samples have no caption
     # 2 × 8 v5e chips × 3 accumulation = 48, the original's per-GPU batch of 2 (any device count divides
-    # into loss groups of 2). At 6 per chip stage 2's 1180 positions with 5 input images plan 14.0 GiB of
-    # the 16 (12% free); at 3, 8.9 GiB (44% free)
+    # into loss groups of 2): stage 2's 1180 positions with 5 input images plan 7.3 GiB of the 16 (54% free;
+    # 6 per chip: 14.0 GiB, 12% free)
     c.data.per_device_batch_size = 2
     c.trainer.workdir = "runs/stage2_vist"
     c.evals_per_epoch = 2  # as the original's val_check_interval = 0.5
