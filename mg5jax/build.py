@@ -23,7 +23,7 @@ from mg5jax.data import datasets, pipeline
 from mg5jax.data.tokenization import MiniGPT5Tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion.pipeline import StableDiffusionPipeline
-from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
+from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt, image_size_problem
 from mg5jax.generation.report import write_outputs
 from mg5jax.models import lora as lora_lib
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
@@ -226,13 +226,10 @@ def check_model_paths(cfg, *, init_from: bool = True) -> None:
 def check_output_image_size(cfg) -> None:
     """`data.output_image_size` must be a multiple of what the VAE and the U-Net of `model.sd_path` divide
     it by (read from their config.json files, before any weights load)."""
-    size = cfg.data.output_image_size
-    sd = pathlib.Path(cfg.model.sd_path)
-    vae = 2 ** (len(read_json(sd / "vae" / "config.json", "model.sd_path")["block_out_channels"]) - 1)
-    unet = 2 ** (len(read_json(sd / "unet" / "config.json", "model.sd_path")["block_out_channels"]) - 1)
-    if size is None or size < 1 or size % (vae * unet):
-        raise ValueError(f"data.output_image_size={size}: must be a multiple of {vae * unet} for {sd} (the VAE's "
-                         f"factor {vae} × the U-Net's {unet})")
+    size, sd = cfg.data.output_image_size, pathlib.Path(cfg.model.sd_path)
+    if problem := image_size_problem(size, read_json(sd / "vae" / "config.json", "model.sd_path")["block_out_channels"],
+                                     read_json(sd / "unet" / "config.json", "model.sd_path")["block_out_channels"]):
+        raise ValueError(f"data.output_image_size={size} for {sd}: {problem}")
 
 
 def llm_remat(cfg) -> bool | str:

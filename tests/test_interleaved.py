@@ -359,7 +359,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             "num_inference_steps=1001: expected 1 to the scheduler's num_train_timesteps=1000"),
                            (["--prompt", "a", "--checkpoint", str(plain_run), "--config.data.output_image_size=36",
                              f"--config.model.sd_path={tiny_sd_dir}"],
-                            f"data.output_image_size=36: must be a multiple of 64 for {tiny_sd_dir} (the VAE's factor "
+                            f"data.output_image_size=36 for {tiny_sd_dir}: must be a multiple of 64 (the VAE's factor "
                             "8 × the U-Net's 8)"),
                            (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
                            (["--prompt", "a", "--image", str(tmp_path / "here.png"), "--checkpoint", str(plain_run)],

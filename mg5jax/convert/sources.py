@@ -159,14 +159,14 @@ def _torch_to_numpy(t) -> np.ndarray:
 def check_torch_file(path: str | os.PathLike, where: str | None = None) -> None:
     """Refuse a file that is not a torch checkpoint by its first bytes (a zip archive, or the pickle of
     the pre-1.6 format), before anything loads it; `where` names the setting that gave it."""
+    prefix = f"{where}: " if where else ""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise CheckpointError(f"{where + ': ' if where else ''}cannot read {path} ({e.strerror})") from e
+        raise CheckpointError(f"{prefix}cannot read {path} ({e.strerror})") from e
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise CheckpointError(f"{where + ': ' if where else ''}{path} is not a torch checkpoint (neither a zip "
-                              "archive nor a pickle)")
+        raise CheckpointError(f"{prefix}{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
 
 
 class TorchSource(TensorSource):

@@ -123,18 +123,14 @@ def min_snr_weights(alphas_cumprod: jax.Array, t: jax.Array, gamma: float = 5.0)
     return jnp.minimum(s, gamma) / s
 
 
-def _check_steps(num_inference_steps: int, num_train_timesteps: int | None):
+def _check_steps(num_inference_steps: int, num_train_timesteps: int, *, fractional: bool = False) -> tuple[int, int]:
     """`(n, t)`, refusing step counts the schedule cannot space on its integer timesteps (with more steps
-    than trained timesteps PNDM puts every step at t=1 and denoises nothing, silently); with no `t`
-    (fractional timesteps), `n` at least 1."""
-    n = int(num_inference_steps)
-    if num_train_timesteps is None:
-        if n < 1:
-            raise ValueError(f"num_inference_steps={n}: expected at least 1")
-        return n
-    t = int(num_train_timesteps)
-    if not 1 <= n <= t:
-        raise ValueError(f"num_inference_steps={n}: expected 1 to the scheduler's num_train_timesteps={t}")
+    than trained timesteps PNDM puts every step at t=1 and denoises nothing, silently); `fractional`
+    timesteps (interpolated sigmas) take any count from 1."""
+    n, t = int(num_inference_steps), int(num_train_timesteps)
+    if n < 1 or (n > t and not fractional):
+        raise ValueError(f"num_inference_steps={n}: expected 1 to the scheduler's num_train_timesteps={t}"
+                         if not fractional else f"num_inference_steps={n}: expected at least 1")
     return n, t
 
 
@@ -479,8 +475,8 @@ class EulerDiscreteScheduler(_Scheduler):
         return cls(schedule, s["timestep_spacing"], int(s["steps_offset"]), s["final_sigmas_type"])
 
     def set_timesteps(self, num_inference_steps: int, sample_shape: Sequence[int]) -> EulerState:
-        # fractional timesteps (sigmas interpolated): any count >= 1 is spaced, as in diffusers
-        n, t = _check_steps(num_inference_steps, None), self.schedule.num_train_timesteps
+        # fractional timesteps (sigmas interpolated): any count is spaced, as in diffusers
+        n, t = _check_steps(num_inference_steps, self.schedule.num_train_timesteps, fractional=True)
         if self.timestep_spacing == "linspace":
             ts = np.linspace(0, t - 1, n, dtype=np.float32)[::-1].copy()
         else:

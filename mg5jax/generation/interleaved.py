@@ -179,6 +179,15 @@ def render_call_size(images: int, render_batch: int) -> int:
     return min(1 << (images - 1).bit_length(), render_batch)
 
 
+def image_size_problem(size: int | None, vae_blocks: Sequence[int], unet_blocks: Sequence[int]) -> str | None:
+    """What is wrong with an output image size for a VAE and a U-Net of these `block_out_channels`: each
+    halves the size once per block after the first, and both need whole numbers. None when it fits."""
+    vae, unet = 2 ** (len(vae_blocks) - 1), 2 ** (len(unet_blocks) - 1)
+    if size is None or size < 1 or size % (vae * unet):
+        return f"must be a multiple of {vae * unet} (the VAE's factor {vae} × the U-Net's {unet})"
+    return None
+
+
 def image_seed(prompt_seed: int, j: int) -> int:
     """The initial-noise seed of image j of a response: from its prompt's seed alone (not the batch, not
     max_images)."""
@@ -209,10 +218,9 @@ class InterleavedGenerator:
         self._llm_split = nnx.split(model.llm)  # and for the decode loop
         vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         size = settings.image_size or model.unet.config.sample_size * vae_factor
-        multiple = vae_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)  # the U-Net halves it too
-        if size % multiple:
-            raise ValueError(f"image size {size} (data.output_image_size): must be a multiple of {multiple} (the "
-                             f"VAE's factor {vae_factor} × the U-Net's {multiple // vae_factor})")
+        if problem := image_size_problem(size, model.vae.config.block_out_channels,
+                                         model.unet.config.block_out_channels):
+            raise ValueError(f"image size {size} (data.output_image_size): {problem}")
         self.latent_size = (size // vae_factor, size // vae_factor)
 
     # ----------------------------------------------------------------------------------------- prompts

@@ -81,14 +81,12 @@ def _this_process(stored: Any, path: pathlib.Path) -> Any:
     where = path / "data_state"
     if not isinstance(stored, dict):
         raise CheckpointError(f"{where}: no data-iterator state (found {type(stored).__name__})")
-    if "per_process" not in stored:  # saved before per-process states: every process takes the one
-        every = {str(jax.process_index()): stored}
-    else:
-        every = stored["per_process"]
-    if not isinstance(every, dict):
+    every = stored.get("per_process")
+    if every is None:  # saved before per-process states: every process takes the one
+        mine = stored
+    elif not isinstance(every, dict):
         raise CheckpointError(f"{where}: per_process must map process indices to states, found {type(every).__name__}")
-    mine = every.get(str(jax.process_index()))
-    if mine is None:
+    elif (mine := every.get(str(jax.process_index()))) is None:
         raise CheckpointError(f"{where}: no data-iterator state for process {jax.process_index()} (it was saved "
                               f"by {len(every)} processes)")
     if not isinstance(mine, dict) or not ("bytes" in mine or "json" in mine):
