@@ -98,8 +98,8 @@ def run(cfg) -> int:
              global_batch * opt["grad_accum_steps"], opt["total_steps"])
 
     pad_id = built.tokenizer.ids.pad_id
-    train_ds = pipeline.make_dataset(train_samples, build.make_builder(cfg, built, per_process, train=True),
-                                     seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
+    train_builder = build.make_builder(cfg, built, per_process, train=True)
+    train_ds = pipeline.make_dataset(train_samples, train_builder, seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
     eval_data = None
     val_samples = []
     if d.val_path:
@@ -132,7 +132,8 @@ def run(cfg) -> int:
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
-        result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample)
+        result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample,
+                             skipped_samples=lambda: train_builder.dropped)
     finally:
         trainer.close()
     if result.preempted:
@@ -144,6 +145,9 @@ def run(cfg) -> int:
     summary = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items())
     print(f"finished at step {result.step}: {summary}" if summary else
           f"nothing to train: {trainer_cfg.workdir} is already at step {result.step}")
+    if result.skipped_samples:
+        print(f"skipped {result.skipped_samples} training samples that could not be built (the warnings above say "
+              "why; metrics.jsonl has skipped_samples per line)" + (" on this host" if jax.process_count() > 1 else ""))
     print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl"
           + (f"  tensorboard: {trainer_cfg.workdir}/tensorboard" if trainer_cfg.tensorboard else ""))
     if trainer.best.val_loss is not None:

@@ -97,6 +97,7 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
         strict(missing, np.random.default_rng(0))
     batches = list(pipeline.make_dataset([missing, vist[0], vist[1]], builder, shuffle=False))
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
+    assert builder.dropped == 1  # what train.py's metrics report as skipped_samples
     caplog.clear()  # thousands of bad rows: the first are logged one by one, then a count now and then
     quiet = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
     for _ in range(2 * pipeline.SKIP_REPORT_EVERY):

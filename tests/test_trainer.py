@@ -136,6 +136,23 @@ def test_a_resumed_metrics_window_is_averaged_over_the_terms_this_run_has(tmp_pa
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert line["step"] == 4 and "old_term" not in line and "loss" in line
 
+def test_metrics_lines_count_the_samples_the_pipeline_dropped(tmp_path, initial_state):
+    """`skipped_samples()` (train.py passes the pipeline's `ExampleBuilder.dropped`): each metrics line
+    has the number dropped over its steps, summed; the result has this call's total."""
+    data = ToyIterator()
+    dropped = {1: 3, 3: 4}  # the pipeline's running count once the batch of step i + 1 is drawn
+
+    def skipped():
+        return max((n for i, n in dropped.items() if data.index > i), default=0)
+
+    trainer = make_trainer(initial_state, tmp_path, save_every=0)
+    result = trainer.fit(data, num_steps=6, skipped_samples=skipped)
+    trainer.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_samples"]) for r in lines] == [(2, 3), (4, 1), (6, 0)]
+    assert result.skipped_samples == 4 and "skipped_samples" not in result.train_metrics
+
+
 def read_events(folder: pathlib.Path) -> tuple[dict[str, dict[int, float]], list[int]]:
     """`{tag: {step: value}}` of the TensorBoard event files in `folder` (later files win) and the steps
     from which a restarted writer hides older events, read with tensorboardX's protos and CRC (the

@@ -57,7 +57,8 @@ class ExampleBuilder:
 
     Returns None for a sample that cannot be built (unreadable image, too long, more images than
     slots, input images without a vision encoder or features) after logging why — or raises
-    `DataError` when `strict`.
+    `DataError` when `strict`. `skipped` counts those as they are built (grain builds ahead of the
+    training steps); `dropped`, as a `make_dataset` pipeline over this builder hands batches out.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class ExampleBuilder:
         self.vision_encoder = vision_encoder
         self.strict = strict
         self.skipped = 0
+        self.dropped = 0
 
     def _bad(self, sample: Sample, reason: str) -> None:
         msg = f"sample {sample.task_name}: {reason}"
@@ -319,10 +321,11 @@ UNBUILT = "unbuilt"  # what the pipeline carries for an example that could not b
 
 class _Built:
     """The filter after building: drops the examples that could not be built (each logged where it
-    failed), and stops the run once `limit` in a row fail, where a wrong path would have it search
-    forever for a buildable example."""
+    failed, and counted in `builder.dropped`), and stops the run once `limit` in a row fail, where a
+    wrong path would have it search forever for a buildable example."""
 
-    def __init__(self, limit: int = 1000):
+    def __init__(self, builder: ExampleBuilder, limit: int = 1000):
+        self.builder = builder
         self.limit = limit
         self.failed_in_a_row = 0
 
@@ -330,6 +333,7 @@ class _Built:
         if example != UNBUILT:
             self.failed_in_a_row = 0
             return True
+        self.builder.dropped += 1
         self.failed_in_a_row += 1
         if self.failed_in_a_row >= self.limit:
             raise DataError(f"{self.limit} examples in a row could not be built (the warnings above say why): "
@@ -373,6 +377,6 @@ def make_dataset(
     pad_id = builder.tokenizer.ids.pad_id
     return (
         ds.to_iter_dataset()
-        .filter(_Built())
+        .filter(_Built(builder))
         .batch(spec.batch_size, drop_remainder=drop_remainder, batch_fn=lambda es: collate(es, spec, pad_id))
     )

@@ -129,6 +129,10 @@ class FitResult:
     train_metrics: dict[str, float]  # the last step's terms
     eval_metrics: dict[str, float] | None  # the last validation's means
     stop_signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT)
+    skipped_samples: int = 0  # samples the data pipeline dropped during this call (see `fit`)
+
+
+SKIPPED = "skipped_samples"  # a metrics line's count of samples the pipeline dropped (summed, not averaged)
 
 
 def _shardings(state: nnx.State) -> nnx.State:
@@ -377,13 +381,16 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def fit(self, train_iter: Iterator, *, eval_data: Callable[[], Iterable] | None = None,
-            on_sample: Callable[[int], None] | None = None, num_steps: int | None = None) -> FitResult:
+            on_sample: Callable[[int], None] | None = None, num_steps: int | None = None,
+            skipped_samples: Callable[[], int] | None = None) -> FitResult:
         """Train until `num_steps` micro-steps (default from the config) or the data runs out.
 
         `train_iter` is an iterator of host batches with `get_state()`/`set_state()` (grain's
         DatasetIterator has both); `eval_data()` returns a fresh iterable of validation batches;
-        `on_sample(step)` may read `trainer.model`. On first use the latest checkpoint in the
-        workdir is restored. Returns after a SIGTERM or a first Ctrl-C once the current step is checkpointed.
+        `on_sample(step)` may read `trainer.model`; `skipped_samples()`, the samples this process's
+        pipeline has dropped so far (`ExampleBuilder.dropped`): each metrics line then has the number
+        dropped over its steps. On first use the latest checkpoint in the workdir is restored.
+        Returns after a SIGTERM or a first Ctrl-C once the current step is checkpointed.
         """
         for method in ("get_state", "set_state"):
             if not callable(getattr(train_iter, method, None)):
@@ -401,6 +408,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         terms: dict[str, float] = {}
         eval_terms, evaluated_at, first_step = None, None, self.step
+        skipped_at_start = skipped_before = skipped_samples() if skipped_samples is not None else 0
 
         def validate():
             terms = self.evaluate(eval_data())
@@ -421,14 +429,19 @@ class Trainer:
                 terms = self.train_step(batch)
                 elapsed = time.perf_counter() - start
                 batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0]) * jax.process_count()  # global
-                self._window.append(dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed))
+                record = dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed)
+                if skipped_samples is not None:
+                    skipped_now = skipped_samples()
+                    record[SKIPPED], skipped_before = skipped_now - skipped_before, skipped_now
+                self._window.append(record)
                 bar.update(1)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
                                  "step_s": f"{elapsed:.3f}", "samples/s": f"{batch_size / elapsed:.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == total:
                     window = self._window  # a resumed window may hold terms this run no longer has
                     keys = [k for k in window[-1] if all(k in w for w in window)]
-                    means = {k: float(np.mean([w[k] for w in window])) for k in keys}
+                    means = {k: int(sum(w[k] for w in window)) if k == SKIPPED
+                             else float(np.mean([w[k] for w in window])) for k in keys}
                     metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **means})
                     self._window = []
                 if cfg.save_every and self.step % cfg.save_every == 0:
@@ -451,7 +464,8 @@ class Trainer:
             self._restore_stop_handlers(previous_handlers)
             self.checkpointer.wait()
             self.best.wait()
-        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal)
+        skipped = skipped_samples() - skipped_at_start if skipped_samples is not None else 0
+        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal, skipped)
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM (a preemption) and a first Ctrl-C stop the loop after the current step, which is saved;
