@@ -104,6 +104,20 @@ def check_flags() -> None:
                          "pass --overwrite to replace them, or choose another --out")
 
 
+def check_official_lora(cfg) -> None:
+    """--official_stage2 holds LoRA adapters trained at alpha / r = 2: refused before any model loads when
+    the config's LLM has none or scales them otherwise."""
+    from mg5jax.convert.minigpt5 import OFFICIAL_LORA_SCALING
+
+    lora = cfg.model.lora
+    if _STAGE2.value and not lora.enabled:
+        raise ValueError("--official_stage2 holds LoRA adapters, and this config's model.lora.enabled is False: use "
+                         "a stage-2 config (configs/stage2_vist.py, configs/stage2_mmdialog.py)")
+    if _STAGE2.value and lora.alpha / lora.rank != OFFICIAL_LORA_SCALING:
+        raise ValueError(f"--official_stage2's LoRA runs at alpha / r = {OFFICIAL_LORA_SCALING}; this config's "
+                         f"model.lora has alpha {lora.alpha} / rank {lora.rank} (the original: 16 / 8)")
+
+
 def _read_rows(path: pathlib.Path) -> list[tuple[str, object]]:
     """`(where, row)` for the rows of a .json list ("entry 1", …) or a .jsonl file ("line 3", …); a parse
     error names the file and line."""
@@ -270,6 +284,7 @@ def run(cfg) -> int:
     from mg5jax.training.checkpoint import trained_params_dir
 
     check_flags()
+    check_official_lora(cfg)
     prompts, labels = flag_prompts()
     settings = GenerationSettings(
         do_sample=not _GREEDY.value, max_new_tokens=_MAX_NEW.value, max_images=_MAX_IMAGES.value,

@@ -20,7 +20,7 @@ from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the clas
 from mg5jax.convert import keymap as km
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.data import datasets, pipeline
-from mg5jax.data.tokenization import MiniGPT5Tokenizer
+from mg5jax.data.tokenization import MiniGPT5Tokenizer, load_hf_tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion.pipeline import StableDiffusionPipeline
 from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt, image_size_problem
@@ -134,7 +134,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
     unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet", dtype=compute, param_dtype=frozen, mesh=mesh,
                                                 remat=bool(m.remat_unet and train), attention_impl=m.attn_impl)
     vae = AutoencoderKL.from_pretrained(sd_dir / "vae", dtype=compute, param_dtype=frozen, mesh=mesh)
-    caption_tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
+    caption_tokenizer = load_hf_tokenizer(CLIPTokenizer, sd_dir / "tokenizer", "CLIP")
 
     text_encoder, empty = None, None
     cross = unet.config.cross_attention_dim  # an int, or one per block (all equal for SD)

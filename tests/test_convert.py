@@ -107,6 +107,51 @@ def test_a_torch_file_in_the_old_format_loads(tmp_path):
     np.testing.assert_array_equal(TorchSource([tmp_path / "old.bin"])["w"], np.arange(4.0))
 
 
+LFS_POINTER_TEXT = ("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234567\n")
+
+
+def test_files_that_are_not_weights_are_named(tmp_path):
+    """What a clone without git-lfs holds (pointer stubs), a file too short for its header, a pickle holding
+    objects besides tensors, and a folder with only an fp16 variant: each an error naming the file."""
+    import argparse
+
+    import torch
+
+    from mg5jax.data.tokenization import MiniGPT5Tokenizer
+
+    lfs = tmp_path / "lfs"
+    lfs.mkdir()
+    (lfs / "model.safetensors").write_text(LFS_POINTER_TEXT)
+    with pytest.raises(CheckpointError, match=r"lfs/model\.safetensors is a git-lfs pointer, not the file itself"):
+        open_weights(lfs)
+    (lfs / "tokenizer.model").write_text(LFS_POINTER_TEXT)
+    with pytest.raises(CheckpointError, match=r"lfs/tokenizer\.model is a git-lfs pointer"):
+        MiniGPT5Tokenizer.from_pretrained(lfs)
+    (lfs / "stage1.ckpt").write_text(LFS_POINTER_TEXT)
+    with pytest.raises(CheckpointError, match=r"lfs/stage1\.ckpt is a git-lfs pointer"):
+        TorchSource([lfs / "stage1.ckpt"], subkey="state_dict")
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "model.safetensors").write_bytes((10 ** 6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match=r"not a safetensors file \(its header would take 1000000 bytes of a "
+                                              r"10-byte file\)"):
+        open_weights(short)
+    # a Lightning checkpoint whose hyper-parameters hold an object: what it is and how to keep the tensors
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"args": argparse.Namespace(a=1)}},
+               tmp_path / "run.ckpt")
+    with pytest.raises(CheckpointError) as info:
+        TorchSource([tmp_path / "run.ckpt"], subkey="state_dict")
+    message = str(info.value)
+    assert "holds an object of type argparse.Namespace besides its tensors" in message and "\x1b" not in message
+    assert "torch.save({'state_dict': c['state_dict']}" in message
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"'diffusion_pytorch_model\.bin'.*only variant files "
+                                                r"\['diffusion_pytorch_model\.fp16\.safetensors'\]"):
+        open_weights(unet)
+
+
 def test_sharded_safetensors_and_mesh_load(tmp_path):
     import ml_dtypes
 

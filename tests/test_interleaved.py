@@ -337,6 +337,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
     (earlier / "000" / "record.json").write_text("{}")
     (earlier / "index.html").write_text("<html></html>")
     (tmp_path / "image.ckpt").write_bytes((tmp_path / "here.png").read_bytes())
+    (tmp_path / "zipped.ckpt").write_bytes(b"PK\x03\x04")  # looks like a torch file: read only after the checks
     (earlier / "000" / "image_1.png").write_bytes((tmp_path / "here.png").read_bytes())
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
                            (["--prompt", slot, "--image", str(earlier / "000" / "image_1.png"), "--out", str(earlier),
@@ -366,6 +367,11 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             "--prompt: the text has 0 <ImageHere> slots but 1 images are given"),
                            (["--prompt", "a", "--checkpoint", str(tmp_path / "nowhere")],
                             f"--checkpoint: no such directory: {tmp_path / 'nowhere'}"),
+                           (["--prompt", "a", "--checkpoint", str(tmp_path / "zipped.ckpt")],
+                            f"--checkpoint: {tmp_path / 'zipped.ckpt'} is a file; expected a run's directory"),
+                           (["--prompt", "a", "--official_stage1", str(tmp_path / "zipped.ckpt"), "--official_stage2",
+                             str(tmp_path / "zipped.ckpt")],
+                            "--official_stage2 holds LoRA adapters, and this config's model.lora.enabled is False"),
                            (["--prompt", "a", "--config.model.remat_lm=True"],
                             "--config.model.remat_lm: the config has no field 'remat_lm' (did you mean 'remat_llm'?)"),
                            (["--prompt", "a", "--checkpoint", str(run)],

@@ -94,12 +94,14 @@ def test_source_target_ids_match_hand_built(tok, sp):
     assert example.attention_mask == (1,) * len(example.input_ids)
 
 
-def test_hf_fallback_without_spm_model(tiny_tokenizer_dir, tok, tmp_path):  # noqa: F811
+def test_hf_fallback_without_spm_model(tiny_tokenizer_dir, tok, tmp_path, caplog):  # noqa: F811
     no_spm = tmp_path / "no_spm"
     shutil.copytree(tiny_tokenizer_dir, no_spm)
     (no_spm / "tokenizer.model").unlink()
     fallback = MiniGPT5Tokenizer.from_pretrained(no_spm)
     assert fallback.sp_model is None
+    # not silent: where a text begins with whitespace, tokenizer.json gives other ids than SentencePiece
+    assert "has no tokenizer.model: encoding with tokenizer.json" in caplog.text
     for text in (f"caption  {ALL_VOKENS_STR} ###", S1 + "###Human:x.<Img><ImageHere></Img>\n Tell me ###Assistant:"):
         assert fallback.encode(text) == tok.encode(text)
 

@@ -187,6 +187,8 @@ def test_configs():
         vision.QFormerConfig.from_hf({"hidden_act": "mish"})
     with pytest.raises(ValueError, match="text_config.hidden_size"):
         vision.VisionEncoderConfig.from_hf({})
+    # a Flan-T5 BLIP-2 (the family MiniGPT-4's Q-Former comes from) gives its width as d_model
+    assert vision.VisionEncoderConfig.from_hf({"text_config": {"model_type": "t5", "d_model": 2048}}).proj_dim == 2048
 
 
 def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):

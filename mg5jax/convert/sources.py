@@ -80,14 +80,36 @@ class TensorSource(Mapping):
         return type(self).__name__
 
 
+LFS_POINTER = b"version https://git-lfs"  # how a git-lfs pointer file begins
+
+
+def check_not_lfs_pointer(path: str | os.PathLike) -> None:
+    """Refuse a git-lfs pointer in place of a file (a clone made without git-lfs holds these short text
+    stubs instead of the weights and tokenizer files), naming it. A missing or unreadable file passes:
+    its loader names it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError:
+        return
+    if head == LFS_POINTER:
+        raise CheckpointError(f"{path} is a git-lfs pointer, not the file itself: fetch it (`git lfs pull` in the "
+                              "repository it was cloned from)")
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed eagerly, tensors memory-mapped lazily."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
+        check_not_lfs_pointer(self.path)
         try:
+            size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if 8 + n > size:
+                    raise CheckpointError(f"{self.path}: not a safetensors file (its header would take {n} bytes of "
+                                          f"a {size}-byte file)")
                 header = json.loads(f.read(n))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
@@ -161,12 +183,33 @@ def check_torch_file(path: str | os.PathLike, where: str | None = None) -> None:
     the pre-1.6 format), before anything loads it; `where` names the setting that gave it."""
     prefix = f"{where}: " if where else ""
     try:
+        check_not_lfs_pointer(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{prefix}{e}") from None
+    try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
         raise CheckpointError(f"{prefix}cannot read {path} ({e.strerror})") from e
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(f"{prefix}{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
+
+
+def _torch_load_problem(path: str, error: Exception, subkey: str | None) -> str:
+    """What `torch.load(path, weights_only=True)` failing with `error` means. Not torch's own advice
+    (weights_only=False, which would run the file's code), but what the file holds besides tensors and how
+    to keep only them; else the first line of its message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        keep = (f"{{'{subkey}': c['{subkey}']}}" if subkey else
+                "{k: v for k, v in c.items() if isinstance(v, torch.Tensor)}")
+        return (f"{path}: holds an object of type {unsupported.group(1)} besides its tensors, and weights are read "
+                "without running a file's code. If you trust the file, save its tensors alone: python -c "
+                f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({keep}, "
+                f"'{path}.tensors')\" and give that file instead")
+    first = text.splitlines()[0] if text else ""
+    return f"{path}: not a readable torch checkpoint ({type(error).__name__}: {first})"
 
 
 class TorchSource(TensorSource):
@@ -190,9 +233,7 @@ class TorchSource(TensorSource):
                         raise
                     obj = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-                # the first line: torch goes on with advice (weights_only=False) that would run the file's code
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {first})") from e
+                raise CheckpointError(_torch_load_problem(path, e, subkey)) from e
             if subkey is not None:
                 if not isinstance(obj, Mapping) or subkey not in obj:
                     found = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
@@ -274,9 +315,12 @@ def open_weights(directory: str | os.PathLike, stems: Iterable[str] = WEIGHT_STE
         index = d / f"{stem}.bin.index.json"
         if index.is_file():
             return _checked(index, TorchSource)
+    names = [f"{stem}.safetensors" for stem in stems] + [f"{stem}.bin" for stem in ("pytorch_model", *stems)]
+    variants = sorted(p.name for p in d.glob("*.*.safetensors")) + sorted(p.name for p in d.glob("*.*.bin"))
     raise FileNotFoundError(
-        f"no weights in {d}: expected one of {[s + '.safetensors' for s in stems]}, "
-        "a *.safetensors.index.json, or pytorch_model.bin"
+        f"no weights in {d}: expected one of {names} or a sharded *.index.json"
+        + (f"; it holds only variant files {variants[:4]}, which are not read (give the directory the full-precision "
+           "weights, or rename the variant to the plain name: it is cast to the configured dtype)" if variants else "")
     )
 
 

@@ -10,6 +10,7 @@ are rebuilt here from the SentencePiece model directly, independent of the insta
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +21,10 @@ from transformers import PreTrainedTokenizerBase
 # The class itself, not AutoTokenizer: transformers' auto classes import torch (about 230 MiB and 1 s)
 # whenever it is installed, and a JAX process has no use for it.
 from transformers.models.llama.tokenization_llama import LlamaTokenizer
+
+from mg5jax.convert.sources import CheckpointError, check_not_lfs_pointer
+
+log = logging.getLogger(__name__)
 
 NUM_VOKENS = 8
 IMAGE_PLACEHOLDER = "<ImageHere>"
@@ -139,6 +144,21 @@ def build_labels(
     return LabelledIds(input_ids=input_ids, labels=tuple(labels), attention_mask=(1,) * len(input_ids))
 
 
+def load_hf_tokenizer(tokenizer_class, directory: str | pathlib.Path, what: str):
+    """`tokenizer_class.from_pretrained(directory)`, its files checked for git-lfs pointers first and its
+    errors naming `directory` (tokenizers and sentencepiece raise many kinds, some naming no file)."""
+    directory = pathlib.Path(directory)
+    if directory.is_dir():
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.suffix in (".model", ".json", ".txt"):
+                check_not_lfs_pointer(path)
+    try:
+        return tokenizer_class.from_pretrained(str(directory))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{directory}: cannot load the {what} tokenizer ({type(e).__name__}: {first})") from e
+
+
 class MiniGPT5Tokenizer:
     """The LLM tokenizer as MiniGPT-5 uses it: original-exact ``encode``, HF ``decode``, the special ids.
 
@@ -168,10 +188,18 @@ class MiniGPT5Tokenizer:
     def from_pretrained(cls, llm_dir: str | pathlib.Path, num_vokens: int = NUM_VOKENS) -> MiniGPT5Tokenizer:
         """Load the LLaMA tokenizer of ``llm_dir`` and add the vokens and ``<ImageHere>``."""
         llm_dir = pathlib.Path(llm_dir)
-        hf_tokenizer = LlamaTokenizer.from_pretrained(str(llm_dir))
+        hf_tokenizer = load_hf_tokenizer(LlamaTokenizer, llm_dir, "LLaMA")
         ids = add_voken_tokens(hf_tokenizer, num_vokens)
         spm_file = llm_dir / "tokenizer.model"
-        sp_model = spm.SentencePieceProcessor(model_file=str(spm_file)) if spm_file.is_file() else None
+        sp_model = None
+        if spm_file.is_file():
+            try:
+                sp_model = spm.SentencePieceProcessor(model_file=str(spm_file))
+            except (OSError, RuntimeError) as e:
+                raise CheckpointError(f"{spm_file}: not a readable SentencePiece model ({e})") from e
+        else:
+            log.warning("%s has no tokenizer.model: encoding with tokenizer.json, whose ids differ from the original's "
+                        "SentencePiece ids where a text begins with whitespace", llm_dir)
         return cls(hf_tokenizer, ids, sp_model)
 
     def _encode_chunk(self, chunk: str) -> list[int]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mg5jax.data.tokenization import load_hf_tokenizer
 from mg5jax.diffusion.sampler import GuidedSampler
 from mg5jax.diffusion.schedulers import Scheduler, make_scheduler
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
@@ -69,7 +70,7 @@ class StableDiffusionPipeline:
             unet=UNet2DConditionModel.from_pretrained(root / "unet", **kw),
             vae=AutoencoderKL.from_pretrained(root / "vae", **kw),
             text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **kw),
-            tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+            tokenizer=load_hf_tokenizer(CLIPTokenizer, root / "tokenizer", "CLIP"),
             scheduler_config=json.loads((root / "scheduler" / "scheduler_config.json").read_text()),
             use_attention_mask=bool(text_config.get("use_attention_mask", False)),
         )  # fmt: skip

@@ -123,16 +123,18 @@ class VisionEncoderConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping, proj_dim: int | None = None, where: str = "BLIP-2 config") -> VisionEncoderConfig:
-        """From a transformers `Blip2Config` dict; `proj_dim` defaults to `text_config.hidden_size`
-        (the width of `language_projection`)."""
+        """From a transformers `Blip2Config` dict; `proj_dim` defaults to the language model's width,
+        `text_config.hidden_size` (OPT, LLaMA) or `text_config.d_model` (Flan-T5): the width of
+        `language_projection`."""
         if d.get("model_type", "blip-2") != "blip-2":
             raise ValueError(f"{where}: model_type={d['model_type']!r}, expected 'blip-2'")
         if proj_dim is None:
-            try:
-                proj_dim = int(d["text_config"]["hidden_size"])
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{where}: needs text_config.hidden_size (the projection width) "
-                                 "or an explicit proj_dim") from e
+            text = d.get("text_config")
+            width = (text.get("hidden_size") or text.get("d_model")) if isinstance(text, Mapping) else None
+            if width is None:
+                raise ValueError(f"{where}: needs text_config.hidden_size or text_config.d_model (the width of "
+                                 "language_projection), or a MiniGPT-4 projection file (model.vision.proj_path)")
+            proj_dim = int(width)
         return cls(
             vision=VisionConfig.from_hf(d.get("vision_config") or {}, where=f"{where}: vision_config"),
             qformer=QFormerConfig.from_hf(d.get("qformer_config") or {}, d.get("num_query_tokens", 32)),

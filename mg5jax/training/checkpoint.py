@@ -287,6 +287,10 @@ def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.
     chosen: its best validation step (`best/`), else its newest training checkpoint (a run without
     validation). `field` names the setting that gave `run_dir` in errors."""
     run = pathlib.Path(run_dir).absolute()
+    if run.is_file():
+        raise FileNotFoundError(f"{field}: {run_dir} is a file; expected a run's directory (the trainer.workdir "
+                                "that holds checkpoints/ and best/). An official MiniGPT-5 .ckpt goes to infer.py's "
+                                "--official_stage1 / --official_stage2, or to model.init_from as a file named *.ckpt")
     if not run.is_dir():
         raise FileNotFoundError(f"{field}: no such directory: {run_dir}")
     best = _complete_steps(run / "best")
