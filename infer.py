@@ -113,7 +113,7 @@ def check_official_lora(cfg) -> None:
     if _STAGE2.value and not lora.enabled:
         raise ValueError("--official_stage2 holds LoRA adapters, and this config's model.lora.enabled is False: use "
                          "a stage-2 config (configs/stage2_vist.py, configs/stage2_mmdialog.py)")
-    if _STAGE2.value and lora.alpha / lora.rank != OFFICIAL_LORA_SCALING:
+    if _STAGE2.value and lora.alpha != OFFICIAL_LORA_SCALING * lora.rank:
         raise ValueError(f"--official_stage2's LoRA runs at alpha / r = {OFFICIAL_LORA_SCALING}; this config's "
                          f"model.lora has alpha {lora.alpha} / rank {lora.rank} (the original: 16 / 8)")
 
