@@ -55,6 +55,7 @@ def run(cfg) -> int:
     if not os.access(workdir, os.W_OK):  # e.g. a read-only mount: found before any weights load
         raise ValueError(f"trainer.workdir {workdir}: not writable")
     d = cfg.data
+    pipeline.check_length_buckets(d.length_buckets)
     rows = cfg.loss.group_rows
     if rows < 0 or (rows and d.per_device_batch_size * jax.device_count() % rows):
         raise ValueError(f"loss.group_rows={rows} must divide the batch of data.per_device_batch_size "
@@ -126,7 +127,8 @@ def run(cfg) -> int:
             raise DataError(f"data.val_path {d.val_path}: no validation batch can be built (see the skipped samples "
                             f"logged above, e.g. longer than the largest of data.length_buckets {buckets}{precomputed})")
 
-    masks = build.voken_row_masks(built.model, built.num_new_rows) if cfg.model.train_new_rows_only else None
+    masks = (build.voken_row_masks(built.model, built.num_new_rows, cfg.trainer.optimizer.trainable)
+             if cfg.model.train_new_rows_only else None)
     schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],
                 "total_steps": opt["total_steps"]}
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})

@@ -34,7 +34,7 @@ from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
-from mg5jax.training.checkpoint import read_params, trained_params_dir
+from mg5jax.training.checkpoint import read_params, recorded_config, trained_params_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,32 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
             load_official(model, m.init_from, stage=1)
             log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
         else:
-            load_trainable(model, m.init_from)
+            _load_mapper_from_chain(model, m.init_from, load_trainable(model, m.init_from))
     return Built(model, tokenizer, caption_tokenizer, num_new)
+
+
+def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> None:
+    """A stage-2 run saves only what it trains: the mapper params it froze (fc, the decoder queries) are
+    those of the run it started from. Starting from such a run, take them from its recorded
+    `model.init_from`, and on down that chain of runs; an error naming them where the chain ends first
+    (they would stay at their random initialisation)."""
+    want = {p for p in km.flat_params(nnx.state(model, nnx.Param)) if p.startswith("mapper.")} - set(loaded)
+    source, seen = run_dir, {str(pathlib.Path(run_dir).absolute())}
+    while want:
+        earlier = ((recorded_config(source) or {}).get("model") or {}).get("init_from") or ""
+        if not earlier or pathlib.Path(earlier).suffix == ".ckpt" or str(pathlib.Path(earlier).absolute()) in seen \
+                or not pathlib.Path(earlier).is_dir():
+            raise CheckpointError(
+                f"model.init_from {run_dir}: holds no {sorted(want)[0]} ({len(want)} mapper params), as a stage-2 run "
+                f"keeps only what it trains, and the run it started from ({source} recorded model.init_from="
+                f"{earlier!r}) is not a run of ours to take them from: give model.init_from the stage-1 run "
+                "(or stage1_cc3m.ckpt), or the run that started from it")
+        got = load_trainable(model, earlier, only=want)
+        log.info("model.init_from %s: %d frozen mapper params from %s, the run it started from", run_dir, len(got),
+                 earlier)
+        want -= set(got)
+        source = earlier
+        seen.add(str(pathlib.Path(earlier).absolute()))
 
 
 def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: int, bos_id: int,
@@ -286,13 +310,17 @@ def _num_query_tokens(vision: VisionEncoder | None, features_dir: str) -> int:
     return shape[0] if shape else 32
 
 
-def voken_row_masks(model: MiniGPT5, num_new: int) -> dict[str, jax.Array]:
-    """Update masks `{param path: 0/1 mask}` letting only the last `num_new` vocab rows move."""
+def voken_row_masks(model: MiniGPT5, num_new: int, trainable=None) -> dict[str, jax.Array]:
+    """Update masks `{param path: 0/1 mask}` letting only the last `num_new` vocab rows move; with the
+    run's `trainable` rules, for the vocab params they train (a frozen lm_head needs no mask)."""
     import re
 
+    from mg5jax.training.optimizer import resolve_trainable
+
+    labels = resolve_trainable(model, trainable, warn_unused=False) if trainable is not None else None
     masks = {}
     for path, var in km.flat_params(nnx.state(model, nnx.Param)).items():
-        if re.search(VOCAB_PARAMS, path):
+        if re.search(VOCAB_PARAMS, path) and (labels is None or labels.get(path) is not None):
             names = tuple(var.get_metadata().get("out_sharding") or ())
             axis = names.index("vocab")
             n = var.shape[axis]
@@ -311,14 +339,15 @@ def quantize_for_inference(model: MiniGPT5) -> list[str]:
     return paths
 
 
-def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from", *, strict: bool = False) -> list[str]:
+def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from", *, strict: bool = False,
+                   only: set[str] | None = None) -> list[str]:
     """Load the trainable params saved by an earlier run of ours into `model`: its best validation
     step, or its newest checkpoint when it ran no validation (`checkpoint.trained_params_dir`).
 
     Params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper and
-    queries; its fresh LoRA stays); with `strict` (inference from the run itself), a stored param the
-    model lacks is an error. Returns the loaded paths; a shape mismatch is an error. `field` names
-    the setting that gave `run_dir` in errors.
+    queries; its fresh LoRA stays), or of those only the paths in `only`; with `strict` (inference
+    from the run itself), a stored param the model lacks is an error. Returns the loaded paths; a
+    shape mismatch is an error. `field` names the setting that gave `run_dir` in errors.
     """
     if isinstance(model, Built):
         raise TypeError("load_trainable takes the model: build_model(...).model, not what build_model returns")
@@ -332,7 +361,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
                               f"{extra[0]} (was the run trained with other model settings, e.g. model.lora?)")
     loaded = []
     for path, value in flat_stored.items():
-        if path not in flat:
+        if path not in flat or (only is not None and path not in only):
             continue
         if tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
@@ -340,7 +369,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
         now = flat[path].get_value()  # stays where the model's param is (sharded over a mesh, say)
         flat[path].set_value(jax.device_put(np.asarray(value).astype(now.dtype), now.sharding))
         loaded.append(path)
-    if not loaded:
+    if not loaded and only is None:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")
     log.info("%s %s: loaded %d trainable params from the %s", field, run_dir, len(loaded), chosen)
     return loaded

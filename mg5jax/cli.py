@@ -17,6 +17,9 @@ def parse_flags(program: str, argv: list[str], flag_values: flags.FlagValues = f
     config = _config_file(argv)
     if config is not None and not pathlib.Path(config[0]).is_file():
         sys.exit(f"{program}: --config: file not found: {config[0]}")
+    if repeated := _repeated_override(argv):
+        sys.exit(f"{program}: {repeated} is given more than once: give it once (a tuple would join the values, "
+                 "other fields keep the last)")
     try:
         return flag_values(argv)
     except flags.Error as e:
@@ -47,6 +50,20 @@ def _config_file(argv: list[str]) -> tuple[str, str | None] | None:
             path, _, extra = value.partition(":")
             found = (value, None) if pathlib.Path(value).is_file() or not extra else (path, extra)
     return found
+
+
+def _repeated_override(argv: list[str]) -> str | None:
+    """The first `--config.a.b` override given twice (up to the `--` that ends the flags)."""
+    seen = set()
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--config."):
+            name = arg.split("=", 1)[0]
+            if name in seen:
+                return name
+            seen.add(name)
+    return None
 
 
 def _unknown_override(argv: list[str], config: tuple[str, str | None]) -> str | None:

@@ -427,7 +427,8 @@ def plan_training(cfg, devices: Sequence, *, batch_per_device: int | None = None
     global_batch = per_device * len(devices)
     text_length = text_length or max(cfg.data.length_buckets)
     model = abstract_minigpt5(cfg, sizes, train=True)
-    masks = voken_row_masks(model, cfg.model.num_vokens + 1) if cfg.model.train_new_rows_only else None
+    masks = (voken_row_masks(model, cfg.model.num_vokens + 1, cfg.trainer.optimizer.trainable)
+             if cfg.model.train_new_rows_only else None)
     opt_cfg = optimizer_config(cfg, global_batch)
     tx, trainable = build_optimizer(model, opt_cfg, update_masks=masks)
     optimizer = nnx.eval_shape(lambda mdl: nnx.Optimizer(mdl, tx, wrt=trainable), model)

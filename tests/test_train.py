@@ -184,6 +184,31 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
     with pytest.raises(CheckpointError, match=r"trained params have no place in this model, e.g. llm\..*lora_a"):
         build.load_trainable(without_lora, str(tmp_path / "lora_run"), strict=True)
     assert sorted(build.load_trainable(without_lora, str(tmp_path / "lora_run"))) == sorted(want)
+    # the vocab rows' update masks cover the vocab params the run trains (a frozen lm_head needs none)
+    assert sorted(build.voken_row_masks(stage1, 9)) == ["llm.lm_head.kernel", "llm.model.embed_tokens.embedding"]
+    only_embed = ((r"llm\.model\.embed_tokens\..*", 1.0), (r"mapper\..*", 1.0))
+    assert list(build.voken_row_masks(stage1, 9, only_embed)) == ["llm.model.embed_tokens.embedding"]
+    # a stage-2 run keeps only what it trains: starting from one, the mapper params it froze come from the run
+    # it started from (its recorded model.init_from), and are an error where that chain ends without them
+    frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_in"), nnx.PathContains("decoder_queries")))
+    _, kept, _ = nnx.split(stage1, nnx.All(mapper, nnx.Not(frozen)), ...)
+    best = BestCheckpoint(tmp_path / "stage2_run" / "best", async_save=False)
+    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 2.0, kept))
+    best.close()
+    meta = tmp_path / "stage2_run" / "checkpoints" / "4" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(tmp_path / "stage1")}}}))
+    cfg.model.init_from = str(tmp_path / "stage2_run")
+    chained = km.flat_params(nnx.state(build.build_model(cfg).model, nnx.Param))
+    assert any("fc_in" in p for p in want) and any("decoder_queries" in p for p in want)
+    for p in want:
+        offset = 1.0 if "fc_in" in p or "decoder_queries" in p else -2.0  # from stage 1, else from the stage-2 run
+        np.testing.assert_array_equal(np.asarray(chained[p].get_value()), np.asarray(want[p].get_value()) + offset,
+                                      err_msg=p)
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": ""}}}))
+    with pytest.raises(CheckpointError, match=r"holds no mapper\..*\(\d+ mapper params\), as a stage-2 run keeps only "
+                                              r"what it trains"):
+        build.build_model(cfg)
 
 
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):
@@ -410,9 +435,15 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     for override, message in (("--config.trainer.optimizer.trainable=bad",
                                "train.py: trainer.optimizer.trainable[0] must be (regex, multiplier >= 0 | None), "
                                "got 'bad'"),
-                              ("--config.trainer..x=3", "train.py: Could not parse 'trainer..x'")):
+                              ("--config.trainer..x=3", "train.py: Could not parse 'trainer..x'"),
+                              ("--config.data.length_buckets=(128,96)",
+                               "train.py: data.length_buckets=(128, 96): expected increasing positive lengths, "
+                               "e.g. (96, 128)")):
         r = _train("--config", "configs/demo.py", override)
         assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-300:]
+    r = _train("--config", "configs/demo.py", "--config.data.length_buckets=(64,)", "--config.data.length_buckets=(96,)")
+    assert r.stderr.strip().splitlines()[-1] == ("train.py: --config.data.length_buckets is given more than once: give "
+                                                 "it once (a tuple would join the values, other fields keep the last)")
     r = _train("--config", "configs/demo.py", "--config.model.llm_path=/nowhere/llm")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == "train.py: model.llm_path: directory not found: /nowhere/llm"
@@ -424,7 +455,7 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
                f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
                f"--config.data.train_path={bad}/train_cleaned.json", "--config.data.val_path=",
-               "--config.data.strict=True")
+               "--config.data.strict=True", f"--config.trainer.workdir={tmp_path / 'strict_run'}")
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: ") and "missing.png" in last, last

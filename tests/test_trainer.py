@@ -345,6 +345,8 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     assert fresh.best.val_loss == pytest.approx(val[best_step], rel=1e-6)
     assert fresh.restore_latest() is None and fresh.best.val_loss is None  # a fresh run sets its own bar
     fresh.close()
+    # and never hands on the earlier best (say it does not validate): moved aside, not lost
+    assert not (tmp_path / "fresh" / "best").exists() and (tmp_path / "fresh" / "best.earlier_1" / str(best_step)).is_dir()
     shutil.rmtree(tmp_path / "best")  # a run without validation: its newest checkpoint, and no best/
     make_trainer(initial_state, tmp_path, save_every=0).close()
     assert not (tmp_path / "best").exists()

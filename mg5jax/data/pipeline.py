@@ -47,6 +47,17 @@ class BatchSpec:
     llm_dim: int = 4096  # D_llm (for precomputed features)
     latent_size: int = 64  # h = w of VAE moments (for precomputed moments)
 
+    def __post_init__(self):
+        check_length_buckets(self.length_buckets)
+
+
+def check_length_buckets(buckets, field: str = "data.length_buckets") -> None:
+    """Text lengths a batch pads to: increasing (a sample takes the first that fits; one longer than the
+    last is skipped), else an error naming `field`."""
+    buckets = tuple(buckets)
+    if not buckets or any(b < 1 for b in buckets) or any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ValueError(f"{field}={buckets}: expected increasing positive lengths, e.g. {tuple(sorted({b for b in buckets if b > 0}))}")
+
 
 LOGGED_SKIPS = 20  # skipped samples logged one by one; after that, a line per SKIP_REPORT_EVERY
 SKIP_REPORT_EVERY = 1000

@@ -192,10 +192,16 @@ class BestCheckpoint:
         self.val_loss = _read_best_meta(self.directory).get("val_loss")  # a resumed run keeps its bar
 
     def forget(self) -> None:
-        """Start a fresh run's record: the next offer is saved whatever an earlier run left here."""
-        if self.val_loss is not None:
-            log.warning("%s holds an earlier run's best (val loss %.6g): this run's first validation "
-                        "replaces it", self.directory, self.val_loss)
+        """Start a fresh run's record: an earlier run's best is moved aside to `<directory>.earlier_<n>`
+        (kept, but neither a bar for this run nor what stage 2 or inference load from it, even when this
+        run never validates); by process 0, on the shared workdir."""
+        if _complete_steps(self.directory) and jax.process_index() == 0:
+            n = 1
+            while (aside := self.directory.with_name(f"{self.directory.name}.earlier_{n}")).exists():
+                n += 1
+            self.directory.rename(aside)
+            log.warning("%s held an earlier run's best (val loss %s): moved to %s, this run keeps its own",
+                        self.directory, "unknown" if self.val_loss is None else f"{self.val_loss:.6g}", aside)
         self.val_loss = None
 
     def offer(self, step: int, val_loss: float, params: nnx.State) -> bool:
