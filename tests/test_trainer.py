@@ -153,6 +153,21 @@ def test_metrics_lines_count_the_samples_the_pipeline_dropped(tmp_path, initial_
     assert result.skipped_samples == 4 and "skipped_samples" not in result.train_metrics
 
 
+def test_image_terms_average_over_the_steps_with_images(tmp_path, initial_state):
+    """A model's `weighted_terms` (MiniGPT-5: the image terms, means over a batch's groups with an image):
+    over steps or validation batches each step counts by its `image_groups`, a step without images not at
+    all (it used to halve a validation's image_loss when one of two batches had no target image)."""
+    trainer = make_trainer(initial_state, tmp_path)
+    trainer._weighted = {"image_loss": "image_groups"}
+    steps = [{"loss": 1.0, "image_loss": 0.8, "image_groups": 3.0, "skipped_samples": 2},
+             {"loss": 3.0, "image_loss": 0.0, "image_groups": 0.0, "skipped_samples": 1},
+             {"loss": 2.0, "image_loss": 0.4, "image_groups": 1.0, "skipped_samples": 0}]
+    assert trainer._means(steps) == pytest.approx({"loss": 2.0, "image_loss": (0.8 * 3 + 0.4) / 4,
+                                                   "image_groups": 4 / 3, "skipped_samples": 3})
+    assert trainer._means(steps[1:2])["image_loss"] == 0.0  # no image anywhere: nothing to average
+    trainer.close()
+
+
 def read_events(folder: pathlib.Path) -> tuple[dict[str, dict[int, float]], list[int]]:
     """`{tag: {step: value}}` of the TensorBoard event files in `folder` (later files win) and the steps
     from which a restarted writer hides older events, read with tensorboardX's protos and CRC (the

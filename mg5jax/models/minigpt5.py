@@ -56,6 +56,10 @@ class MiniGPT5Config:
 class MiniGPT5(nnx.Module):
     """The composition. `loss(batch, rng)` is the whole training objective."""
 
+    # the image terms of a batch are means over its loss groups with an image: averaged over batches
+    # (validation, a metrics line), each counts by that number, a batch without images not at all
+    weighted_terms = {"image_loss": "image_groups", "caption_loss": "image_groups"}
+
     def __init__(
         self,
         config: MiniGPT5Config,
@@ -183,7 +187,8 @@ class MiniGPT5(nnx.Module):
         `cfg_drop [S]`, `noise [S,4,h,w]`, `timesteps [S]` and `posterior_noise [S,4,h,w]` override the
         random draws (for parity tests). Returns fp32 scalars `loss`, `text_loss`, `image_loss` and,
         when the caption loss is enabled, `caption_loss`: each a mean within every group of
-        `loss_group_rows` rows, then over the groups (the image terms over the groups with an image).
+        `loss_group_rows` rows, then over the groups (the image terms over the groups with an image,
+        whose number is `image_groups`).
         """
         cfg = self.config
         k_drop, k_post, k_noise, k_t = jax.random.split(rng, 4)
@@ -236,9 +241,10 @@ class MiniGPT5(nnx.Module):
         text_term = cfg.text_loss_weight * text_loss
         terms["loss"] = jnp.where(n_valid > 0, text_term + voken_terms, text_term)
         # the image terms are reported over the groups that have an image (the others add none to the loss)
-        with_image = jnp.maximum(jnp.sum(n_valid > 0), 1)
-        return {k: jnp.sum(v) / with_image if k in ("image_loss", "caption_loss") else jnp.mean(v)
-                for k, v in terms.items()}
+        image_groups = jnp.sum(n_valid > 0)
+        out = {k: jnp.sum(v) / jnp.maximum(image_groups, 1) if k in self.weighted_terms else jnp.mean(v)
+               for k, v in terms.items()}
+        return dict(out, image_groups=image_groups.astype(jnp.float32))
 
     def _target_latents(self, batch, g, key, posterior_noise) -> jax.Array:
         """Scaled VAE latents of the first G target images of every sample `[B·G,4,h,w]` (posterior samples)."""

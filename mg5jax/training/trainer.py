@@ -1,6 +1,8 @@
 """The training loop around any model with `model.loss(batch, rng) -> {"loss", "text_loss", ...}`.
 
-The trainer knows nothing of the model beyond that method and its parameter paths. It owns the
+The trainer knows nothing of the model beyond that method, its parameter paths and an optional
+`weighted_terms` mapping ({term: the term that counts what it is a mean over}, so that steps average
+it by that count). It owns the
 mesh, places the model with its logical shardings, builds the optimizer from the trainable rules,
 and runs one `jax.jit` train step over the split state (trainable params and optimizer state
 donated, frozen params read-only; gradients only for the trainable params). Each step's rng is
@@ -206,6 +208,8 @@ class Trainer:
                         "run-to-run deterministic, so a resume is not bit-exact (call "
                         "mg5jax.training.trainer.request_deterministic_ops() before JAX starts)", DETERMINISTIC_FLAG)
         self._batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # {term: the term counting what it is a mean over}: terms averaged over steps with those weights
+        self._weighted = dict(getattr(model, "weighted_terms", {}))
         self._model = parallel.shard_model(model, self.mesh)
         tx, self.trainable = build_optimizer(model, cfg.optimizer, update_masks=update_masks)
         masks = resolve_masks(update_masks, nnx.state(model, self.trainable))
@@ -313,17 +317,33 @@ class Trainer:
         return terms
 
     def evaluate(self, batches: Iterable) -> dict[str, float]:
-        """Mean loss terms over `batches` (no gradients, deterministic per-batch rng)."""
-        sums: dict[str, jax.Array] = {}
-        n = 0
+        """Mean loss terms over `batches` (no gradients, deterministic per-batch rng; the model's
+        `weighted_terms` weighted by their counts)."""
+        steps = []
         with jax.set_mesh(self.mesh):
             for index, batch in enumerate(batches):
-                terms = self._eval_step(self._params, self._frozen, self._place_batch(batch), np.int32(index))
-                sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
-                n += 1
-        if not n:
+                steps.append(self._eval_step(self._params, self._frozen, self._place_batch(batch), np.int32(index)))
+        if not steps:
             raise ValueError("evaluate: the validation data yielded no batches")
-        return {k: float(v) / n for k, v in jax.device_get(sums).items()}
+        return self._means([{k: float(v) for k, v in terms.items()} for terms in jax.device_get(steps)])
+
+    def _means(self, steps: list[dict]) -> dict[str, float]:
+        """The terms every step has, each averaged over the steps: summed for `skipped_samples`, weighted
+        by their count for the model's `weighted_terms` (e.g. an image term by the step's groups with an
+        image: a step without any adds nothing)."""
+        keys = [k for k in steps[-1] if all(k in s for s in steps)]
+        out = {}
+        for k in keys:
+            values = [s[k] for s in steps]
+            weight = self._weighted.get(k)
+            if k == SKIPPED:
+                out[k] = int(sum(values))
+            elif weight in keys:
+                total = sum(s[weight] for s in steps)
+                out[k] = float(sum(v * s[weight] for v, s in zip(values, steps)) / total) if total else 0.0
+            else:
+                out[k] = float(np.mean(values))
+        return out
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -438,11 +458,8 @@ class Trainer:
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
                                  "step_s": f"{elapsed:.3f}", "samples/s": f"{batch_size / elapsed:.1f}"})
                 if self.step % cfg.log_every == 0 or self.step == total:
-                    window = self._window  # a resumed window may hold terms this run no longer has
-                    keys = [k for k in window[-1] if all(k in w for w in window)]
-                    means = {k: int(sum(w[k] for w in window)) if k == SKIPPED
-                             else float(np.mean([w[k] for w in window])) for k in keys}
-                    metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **means})
+                    # a resumed window may hold terms this run no longer has: the ones every step has
+                    metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **self._means(self._window)})
                     self._window = []
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(train_iter)
