@@ -148,8 +148,9 @@ def run(cfg) -> int:
     print(f"finished at step {result.step}: {summary}" if summary else
           f"nothing to train: {trainer_cfg.workdir} is already at step {result.step}")
     if result.skipped_samples:
-        print(f"skipped {result.skipped_samples} training samples that could not be built (the warnings above say "
-              "why; metrics.jsonl has skipped_samples per line)" + (" on this host" if jax.process_count() > 1 else ""))
+        print(f"skipped {result.skipped_samples} training samples that could not be built since this start (the "
+              "warnings above say why; metrics.jsonl has skipped_samples per line)"
+              + (" on this host" if jax.process_count() > 1 else ""))
     print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl"
           + (f"  tensorboard: {trainer_cfg.workdir}/tensorboard" if trainer_cfg.tensorboard else ""))
     if trainer.best.val_loss is not None:

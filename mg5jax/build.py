@@ -174,25 +174,40 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
 def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> None:
     """A stage-2 run saves only what it trains: the mapper params it froze (fc, the decoder queries) are
     those of the run it started from. Starting from such a run, take them from its recorded
-    `model.init_from`, and on down that chain of runs; an error naming them where the chain ends first
+    `model.init_from`, and on down that chain of runs (to an official stage-1 .ckpt, whose other params
+    then do not replace what the later runs trained); an error naming them where the chain ends first
     (they would stay at their random initialisation)."""
-    want = {p for p in km.flat_params(nnx.state(model, nnx.Param)) if p.startswith("mapper.")} - set(loaded)
-    source, seen = run_dir, {str(pathlib.Path(run_dir).absolute())}
+    flat = km.flat_params(nnx.state(model, nnx.Param))
+    want = {p for p in flat if p.startswith("mapper.")} - set(loaded)
+    done, source, seen = set(loaded), run_dir, {str(pathlib.Path(run_dir).absolute())}
     while want:
         earlier = ((recorded_config(source) or {}).get("model") or {}).get("init_from") or ""
-        if not earlier or pathlib.Path(earlier).suffix == ".ckpt" or str(pathlib.Path(earlier).absolute()) in seen \
-                or not pathlib.Path(earlier).is_dir():
+        path = pathlib.Path(earlier)
+        problem = ("records no model.init_from" if not earlier else
+                   "starts from itself" if str(path.absolute()) in seen else
+                   f"started from {earlier}, not found from {pathlib.Path.cwd()}" if not path.exists() else None)
+        if problem:
             raise CheckpointError(
-                f"model.init_from {run_dir}: holds no {sorted(want)[0]} ({len(want)} mapper params), as a stage-2 run "
-                f"keeps only what it trains, and the run it started from ({source} recorded model.init_from="
-                f"{earlier!r}) is not a run of ours to take them from: give model.init_from the stage-1 run "
-                "(or stage1_cc3m.ckpt), or the run that started from it")
-        got = load_trainable(model, earlier, only=want)
+                f"model.init_from {run_dir}: holds no {sorted(want)[0]} ({len(want)} mapper params; a stage-2 run "
+                "keeps only what it trains, and a run with other model.mapper settings has other params), and "
+                f"{source} {problem}: give model.init_from the stage-1 run or stage1_cc3m.ckpt, or a run that started "
+                "from one")
+        if path.suffix == ".ckpt":  # the official stage-1 file: all of stage 1, then what the runs trained on top
+            from mg5jax.convert.minigpt5 import load_official
+
+            trained = {p: flat[p].get_value() for p in done}
+            load_official(model, earlier, stage=1)
+            for p, value in trained.items():
+                flat[p].set_value(value)
+            got = want
+        else:
+            got = set(load_trainable(model, earlier, only=want))
         log.info("model.init_from %s: %d frozen mapper params from %s, the run it started from", run_dir, len(got),
                  earlier)
-        want -= set(got)
+        want -= got
+        done |= got
         source = earlier
-        seen.add(str(pathlib.Path(earlier).absolute()))
+        seen.add(str(path.absolute()))
 
 
 def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: int, bos_id: int,

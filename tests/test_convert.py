@@ -143,7 +143,7 @@ def test_files_that_are_not_weights_are_named(tmp_path):
         TorchSource([tmp_path / "run.ckpt"], subkey="state_dict")
     message = str(info.value)
     assert "holds an object of type argparse.Namespace besides its tensors" in message and "\x1b" not in message
-    assert "torch.save({'state_dict': c['state_dict']}" in message
+    assert f"torch.save({{'state_dict': c['state_dict']}}, '{tmp_path / 'run.tensors.ckpt'}')" in message
     unet = tmp_path / "unet"
     unet.mkdir()
     (unet / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")

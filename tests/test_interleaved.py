@@ -372,6 +372,11 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                            (["--prompt", "a", "--official_stage1", str(tmp_path / "zipped.ckpt"), "--official_stage2",
                              str(tmp_path / "zipped.ckpt")],
                             "--official_stage2 holds LoRA adapters, and this config's model.lora.enabled is False"),
+                           (["--prompt", "a", "--official_stage1", str(tmp_path / "zipped.ckpt"), "--official_stage2",
+                             str(tmp_path / "zipped.ckpt"), "--config.model.lora.enabled=True",
+                             "--config.model.lora.alpha=8"],
+                            "--official_stage2's LoRA runs at alpha / r = 2.0; this config's model.lora has alpha 8 / "
+                            "rank 8 (the original: 16 / 8)"),
                            (["--prompt", "a", "--config.model.remat_lm=True"],
                             "--config.model.remat_lm: the config has no field 'remat_lm' (did you mean 'remat_llm'?)"),
                            (["--prompt", "a", "--checkpoint", str(run)],

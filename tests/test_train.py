@@ -206,8 +206,8 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
         np.testing.assert_array_equal(np.asarray(chained[p].get_value()), np.asarray(want[p].get_value()) + offset,
                                       err_msg=p)
     (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": ""}}}))
-    with pytest.raises(CheckpointError, match=r"holds no mapper\..*\(\d+ mapper params\), as a stage-2 run keeps only "
-                                              r"what it trains"):
+    with pytest.raises(CheckpointError, match=r"holds no mapper\..*\(\d+ mapper params; a stage-2 run keeps only what "
+                                              r"it trains.*stage2_run records no model.init_from"):
         build.build_model(cfg)
 
 
@@ -231,6 +231,22 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     cfg.model.init_from = str(tmp_path / "gone.ckpt")
     with pytest.raises(FileNotFoundError, match="model.init_from: file not found: .*gone.ckpt"):
         build.build_model(cfg)
+    # a stage-2 run that started from the official file: what it froze comes from that file, what it trained
+    # stays as it trained it
+    frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_in"), nnx.PathContains("decoder_queries")))
+    _, kept, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.PathContains("mapper"), nnx.Not(frozen)), ...)
+    best = BestCheckpoint(tmp_path / "stage2_run" / "best", async_save=False)
+    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 2.0, kept))
+    best.close()
+    meta = tmp_path / "stage2_run" / "checkpoints" / "4" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(ckpt)}}}))
+    cfg.model.init_from = str(tmp_path / "stage2_run")
+    chained = km.flat_params(nnx.state(build.build_model(cfg).model, nnx.Param))
+    for p in [p for p in want if p.startswith("mapper.")]:
+        offset = 0.0 if "fc_in" in p or "decoder_queries" in p else -2.0  # stage 1's (already +0.5), or the run's
+        np.testing.assert_array_equal(np.asarray(chained[p].get_value()), np.asarray(want[p].get_value()) + offset,
+                                      err_msg=p)
 
 
 def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path, monkeypatch, caplog):

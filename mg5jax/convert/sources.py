@@ -204,10 +204,12 @@ def _torch_load_problem(path: str, error: Exception, subkey: str | None) -> str:
     if unsupported:
         keep = (f"{{'{subkey}': c['{subkey}']}}" if subkey else
                 "{k: v for k, v in c.items() if isinstance(v, torch.Tensor)}")
+        file = pathlib.Path(path)
+        out = file.with_name(f"{file.stem}.tensors{file.suffix}")  # keeps the suffix that says what it is
         return (f"{path}: holds an object of type {unsupported.group(1)} besides its tensors, and weights are read "
                 "without running a file's code. If you trust the file, save its tensors alone: python -c "
-                f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({keep}, "
-                f"'{path}.tensors')\" and give that file instead")
+                f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({keep}, '{out}')\", "
+                "then use that file in its place")
     first = text.splitlines()[0] if text else ""
     return f"{path}: not a readable torch checkpoint ({type(error).__name__}: {first})"
 
