@@ -56,7 +56,8 @@ def check_length_buckets(buckets, field: str = "data.length_buckets") -> None:
     last is skipped), else an error naming `field`."""
     buckets = tuple(buckets)
     if not buckets or any(b < 1 for b in buckets) or any(a >= b for a, b in zip(buckets, buckets[1:])):
-        raise ValueError(f"{field}={buckets}: expected increasing positive lengths, e.g. {tuple(sorted({b for b in buckets if b > 0}))}")
+        fixed = tuple(sorted({b for b in buckets if b > 0}))
+        raise ValueError(f"{field}={buckets}: expected increasing positive lengths, e.g. {fixed}")
 
 
 LOGGED_SKIPS = 20  # skipped samples logged one by one; after that, a line per SKIP_REPORT_EVERY
