@@ -199,7 +199,7 @@ def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) ->
             load_official(model, earlier, stage=1)
             for p, value in trained.items():
                 flat[p].set_value(value)
-            got = want
+            got = set(want)
         else:
             got = set(load_trainable(model, earlier, only=want))
         log.info("model.init_from %s: %d frozen mapper params from %s, the run it started from", run_dir, len(got),
