@@ -195,6 +195,13 @@ def check_torch_file(path: str | os.PathLike, where: str | None = None) -> None:
         raise CheckpointError(f"{prefix}{path} is not a torch checkpoint (neither a zip archive nor a pickle)")
 
 
+def error_summary(error: Exception) -> str:
+    """`Kind: first line` of `error`'s message, terminal colour codes removed (libraries go on for lines,
+    with advice that is not ours to give)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _torch_load_problem(path: str, error: Exception, subkey: str | None) -> str:
     """What `torch.load(path, weights_only=True)` failing with `error` means. Not torch's own advice
     (weights_only=False, which would run the file's code), but what the file holds besides tensors and how
@@ -210,8 +217,7 @@ def _torch_load_problem(path: str, error: Exception, subkey: str | None) -> str:
                 "without running a file's code. If you trust the file, save its tensors alone: python -c "
                 f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({keep}, '{out}')\", "
                 "then use that file in its place")
-    first = text.splitlines()[0] if text else ""
-    return f"{path}: not a readable torch checkpoint ({type(error).__name__}: {first})"
+    return f"{path}: not a readable torch checkpoint ({error_summary(error)})"
 
 
 class TorchSource(TensorSource):

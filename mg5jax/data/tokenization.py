@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 # whenever it is installed, and a JAX process has no use for it.
 from transformers.models.llama.tokenization_llama import LlamaTokenizer
 
-from mg5jax.convert.sources import CheckpointError, check_not_lfs_pointer
+from mg5jax.convert.sources import CheckpointError, check_not_lfs_pointer, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,7 @@ def load_hf_tokenizer(tokenizer_class, directory: str | pathlib.Path, what: str)
     try:
         return tokenizer_class.from_pretrained(str(directory))
     except Exception as e:  # noqa: BLE001 - see the docstring
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{directory}: cannot load the {what} tokenizer ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"{directory}: cannot load the {what} tokenizer ({error_summary(e)})") from e
 
 
 class MiniGPT5Tokenizer:

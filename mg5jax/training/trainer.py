@@ -481,8 +481,8 @@ class Trainer:
             self._restore_stop_handlers(previous_handlers)
             self.checkpointer.wait()
             self.best.wait()
-        skipped = skipped_samples() - skipped_at_start if skipped_samples is not None else 0
-        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal, skipped)
+        return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal,
+                         skipped_before - skipped_at_start)
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM (a preemption) and a first Ctrl-C stop the loop after the current step, which is saved;
