@@ -13,6 +13,7 @@ from transformers.generation import logits_process as hf
 
 from mg5jax.generation import decode, sampling
 from mg5jax.generation.sampling import SamplingConfig
+from mg5jax.models.llama import LlamaForCausalLM, prepare_for_decoding
 
 
 def _random_logits(seed, b=3, v=257):
@@ -219,6 +220,21 @@ def test_forced_insertion_windows_match_teacher_forcing(tiny_llama, inserted):
             window = hidden[start:start + 8]
             worst = max(worst, float(np.abs(out.insertion_hidden[r, c] - window).max()))
     assert worst <= 1e-5, worst
+
+
+def test_a_model_prepared_for_decoding_generates_the_same(llama_gqa, inserted):
+    """Fused projections and (on a CPU) the packed small-batch kernel: HF's greedy ids, and the same
+    sampled run with forced insertion (ids and insertion hidden states) as the model as loaded."""
+    prepared = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32)
+    prepare_for_decoding(prepared)
+    ids, mask = _padded(PROMPTS)
+    out = decode.generate(prepared, input_ids=ids, prompt_mask=mask, config=SamplingConfig(max_new_tokens=12))
+    for r, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(np.asarray(out.ids[r]), _hf_greedy(llama_gqa.torch_model, prompt, 12))
+    got = decode.generate(prepared, inputs_embeds=prepared.embed(ids), prompt_mask=mask, config=SAMPLE_CFG,
+                          insertion=decode.ForcedInsertion(**INSERTION), key=jax.random.key(3), row_seeds=SEEDS)
+    np.testing.assert_array_equal(np.asarray(got.ids), inserted.ids)
+    np.testing.assert_allclose(np.asarray(got.insertion_hidden), inserted.insertion_hidden, atol=1e-5)
 
 
 def test_a_used_up_trigger_is_banned_before_top_k_and_top_p(tiny_llama):

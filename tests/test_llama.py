@@ -15,13 +15,16 @@ from flax import nnx
 
 from mg5jax import parallel
 from mg5jax.convert.sources import CheckpointError, open_weights, write_safetensors
+from mg5jax.models import cpu_decode, lora
 from mg5jax.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaOutput,
     add_voken_rows,
+    prepare_for_decoding,
     train_new_rows_only,
 )
+from mg5jax.models.quantize import Int8Linear, quantize_int8
 
 pytestmark = pytest.mark.xdist_group("llama")
 
@@ -331,3 +334,75 @@ def test_bf16_compute_keeps_the_residual_stream_in_fp32(llama_gqa):
     rounded = np.asarray(model.model.norm(embeds.astype(jnp.bfloat16)), np.float32)  # a bf16 stream's result
     assert not np.array_equal(rounded, np.asarray(out.hidden_states, np.float32))
     np.testing.assert_array_equal(np.asarray(zero_blocks(jnp.bfloat16)(ids).hidden_states, np.float32), rounded)
+
+
+def _decode_logits(model, ids, mask, steps):
+    """Logits of a right-padded prefill and then `steps` one-token cached steps (each row's next id)."""
+    b, t = ids.shape
+    out = step(model, jnp.asarray(ids), jnp.asarray(mask), None, model.init_cache(b, t + steps))
+    logits, cache = [out.logits], out.cache
+    pos = mask.sum(1)
+    for i in range(steps):
+        tok = jnp.asarray((ids[:, :1] + i + 1) % model.config.vocab_size)
+        out = step(model, tok, jnp.ones((b, 1), jnp.int32), jnp.asarray(pos[:, None] + i), cache)
+        logits.append(out.logits)
+        cache = out.cache
+    return logits
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_odd"])
+def test_prepare_for_decoding_keeps_logits(name, request):
+    ref = request.getfixturevalue(name)
+    cfg = ref.model.config
+    prepared = LlamaForCausalLM.from_pretrained(ref.path, param_dtype=jnp.float32)
+    done = prepare_for_decoding(prepared)
+    kernel = cpu_decode.unavailable_reason() is None
+    untied = not cfg.tie_word_embeddings
+    assert done == {"fused_layers": cfg.num_hidden_layers,
+                    "packed_layers": (4 * cfg.num_hidden_layers + untied) if kernel else 0,
+                    "not_packed": cpu_decode.unavailable_reason()}
+    attn = prepared.model.layers[0].self_attn
+    assert attn.q_proj is None and attn.qkv_proj is not None
+    assert isinstance(attn.qkv_proj, cpu_decode.PackedLinear) == kernel
+    assert prepare_for_decoding(prepared)["fused_layers"] == 0  # a second call changes nothing
+    ids, mask = right_padded(np.random.default_rng(5), cfg.vocab_size, [6, 3, 5], 6)
+    errors = [np.abs(np.asarray(a) - np.asarray(b))[:, -1].max() for a, b in
+              zip(_decode_logits(prepared, ids, mask, 3), _decode_logits(ref.model, ids, mask, 3))]
+    print(f"{name} prepared vs as loaded, prefill and 3 cached steps:", [f"{e:.1e}" for e in errors])
+    assert max(errors) <= 1e-5, errors
+    with pytest.raises(ValueError, match="save before preparing it"):
+        prepared.save_pretrained(request.getfixturevalue("tmp_path"))
+
+
+def test_prepare_for_decoding_folds_lora_and_leaves_int8_and_meshes_unpacked(llama_gqa):
+    cfg = llama_gqa.model.config
+    ids, mask = right_padded(np.random.default_rng(6), cfg.vocab_size, [7, 4], 7)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+
+    adapted = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32)
+    lora.apply_lora(adapted, rank=4, alpha=8.0, dropout=0.0, rngs=nnx.Rngs(1))
+    for _, m in nnx.iter_modules(adapted):
+        if isinstance(m, lora.LoraLinear):
+            m.lora_b.set_value(jax.random.normal(jax.random.key(2), m.lora_b.shape) * 0.1)
+    want = forward(adapted, ids, mask).logits
+    assert prepare_for_decoding(adapted)["fused_layers"] == cfg.num_hidden_layers
+    assert not lora.lora_paths(adapted)
+    assert np.abs(np.asarray(forward(adapted, ids, mask).logits) - np.asarray(want)).max() <= 1e-5
+
+    quantized = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32)
+    quantize_int8(quantized)
+    want = forward(quantized, ids, mask).logits
+    done = prepare_for_decoding(quantized)
+    assert done["fused_layers"] == 0 and isinstance(quantized.model.layers[0].mlp.down_proj, Int8Linear)
+    assert done["packed_layers"] == (1 if done["not_packed"] is None else 0)  # the fp32 lm_head only
+    assert np.abs(np.asarray(forward(quantized, ids, mask).logits) - np.asarray(want)).max() <= 1e-5
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = LlamaForCausalLM.from_pretrained(llama_gqa.path, param_dtype=jnp.float32, mesh=mesh)
+    done = prepare_for_decoding(sharded)
+    assert done == {"fused_layers": cfg.num_hidden_layers, "packed_layers": 0,
+                    "not_packed": "the model is not on one CPU device"}
+    with jax.set_mesh(mesh):
+        out = forward(sharded, ids, mask)
+    want = forward(llama_gqa.model, ids, mask).logits
+    assert np.abs(np.asarray(out.logits) - np.asarray(want))[np.asarray(mask, bool)].max() <= 1e-5
