@@ -276,11 +276,15 @@ def check_run_config(cfg, run_dir: str) -> None:
 
 
 def run(cfg) -> int:
+    import jax
+
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.diffusion.schedulers import make_scheduler
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import ReportWriter
+    from mg5jax.models import cpu_decode
+    from mg5jax.models.llama import prepare_for_decoding
     from mg5jax.training.checkpoint import trained_params_dir
 
     check_flags()
@@ -304,6 +308,8 @@ def run(cfg) -> int:
     scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     make_scheduler(settings.scheduler, scheduler_cfg).set_timesteps(settings.num_inference_steps, (1, 4, 8, 8))
     build.enable_compile_cache()
+    if jax.default_backend() == "cpu":
+        cpu_decode.available()  # registered before stored programs that call the kernels load
     aot.preload("infer")  # the programs the last run used load while the weights do
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
     built = build.build_model(cfg, train=False, init_from=not _STAGE1.value)
@@ -313,6 +319,10 @@ def run(cfg) -> int:
         build.load_trainable(built.model, run_dir, field, strict=True)
     if cfg.model.int8_weights:
         print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
+    prepared = prepare_for_decoding(built.model.llm)
+    print(f"LLM prepared for decoding: {prepared['fused_layers']} layers fused, {prepared['packed_layers']} "
+          f"projections packed" + (f" (not packed: {prepared['not_packed']})" if prepared["not_packed"] else ""),
+          flush=True)
     if prompts is None:
         prompts = config_prompts(cfg, built.tokenizer)
     if not prompts:

@@ -1,7 +1,9 @@
 """KV-cache decoding: mg5jax's jitted loop vs transformers `generate` (torch) on the same CPU (or GPU).
 
 A small random LLaMA (hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000) is built and
-saved in a temporary directory (no downloads); both sides load the same fp32 weights. Every row
+saved in a temporary directory (no downloads); both sides load the same fp32 weights, and ours is then
+re-laid for inference by `prepare_for_decoding` (fused q/k/v and gate/up; on a CPU, weights packed for
+the small-batch kernel of `cpu_decode`; `--plain` skips it). Every row
 decodes exactly `--max-new` tokens (no EOS). Compile time (first call minus a warm call) is kept
 apart from run time; tokens/s counts generated tokens over the whole batch; each timing is the best
 of `--repeats` runs, and torch's is the best over 1 thread and all cores. With `--device cuda` both
@@ -10,7 +12,7 @@ must choose the same ids), or with `--sampling original` MiniGPT-5's sampling se
 Prints one JSON object.
 
     .venv/bin/python benchmarks/decode.py [--batch 1 8] [--max-new 128] [--prompt-len 32] [--device cpu|cuda]
-        [--sampling greedy|original]
+        [--sampling greedy|original] [--plain]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as TorchLlama
 
 from mg5jax.generation import SamplingConfig, generate
-from mg5jax.models.llama import LlamaForCausalLM
+from mg5jax.models.llama import LlamaForCausalLM, prepare_for_decoding
 
 SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=1024)
@@ -85,6 +87,7 @@ def main():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--sampling", choices=["greedy", "original"], default="greedy",
                    help="greedy, or MiniGPT-5's top-k 50 / top-p 0.9 / repetition penalty 2.0 sampling")
+    p.add_argument("--plain", action="store_true", help="decode with the model as loaded (no prepare_for_decoding)")
     args = p.parse_args()
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
@@ -97,6 +100,7 @@ def main():
         torch_model.save_pretrained(d)
         model = LlamaForCausalLM.from_pretrained(d, dtype=jnp.float32, param_dtype=jnp.float32,
                                                  attn_impl=args.attn_impl)
+    prepared = None if args.plain else prepare_for_decoding(model)
 
     torch_model.to(args.device)
     torch_threads = sorted({1, torch.get_num_threads()}, reverse=True) if args.device == "cpu" else [1]
@@ -130,6 +134,7 @@ def main():
         "max_new_tokens": args.max_new,
         "prompt_len": args.prompt_len,
         "attn_impl": args.attn_impl,
+        "prepare_for_decoding": prepared,
         "cpu": platform.processor() or platform.machine(),
         "device": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
