@@ -22,7 +22,7 @@ from mg5jax.generation.decode import ForcedInsertion, generate
 from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt, image_seed
 from mg5jax.generation.report import ReportWriter, write_outputs
 from mg5jax.generation.sampling import SamplingConfig
-from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM
+from mg5jax.models.llama import LlamaConfig, LlamaForCausalLM, prepare_for_decoding
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
 from mg5jax.models.unet import UNet2DConditionModel
@@ -87,8 +87,8 @@ def story_model(parts):
     last = tokenizer.encode(PROMPTS[0])[-1]  # every prompt ends with "###Assistant:"
     (stop,) = tokenizer.encode("###")
     (w1,), (w2,) = tokenizer.encode("sister"), tokenizer.encode("day")  # single pieces
-    llm = bigram_llm(tokenizer, {last: {w1: 0.0}, w1: {img0: 0.0, stop: 0.0}, img7: {w2: 0.0},
-                                 w2: {img0: 0.0, stop: 0.0}})
+    transitions = {last: {w1: 0.0}, w1: {img0: 0.0, stop: 0.0}, img7: {w2: 0.0}, w2: {img0: 0.0, stop: 0.0}}
+    llm = bigram_llm(tokenizer, transitions)
     model = make_model(parts, llm)
     gen = InterleavedGenerator(model, tokenizer, parts[1], settings=SETTINGS, max_input_images=1)
     # find seeds whose (batch-1) responses hold 0, 1 and 2 images: the model is seeded, not scripted
@@ -98,14 +98,14 @@ def story_model(parts):
         by_count.setdefault(len(r.images), []).append(r)
         if all(k in by_count for k in (0, 1, 2)):
             break
-    return model, gen, [by_count[k][0] for k in (0, 1, 2)]
+    return model, gen, [by_count[k][0] for k in (0, 1, 2)], transitions
 
 
 def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     tokenizer = parts[0]
     img0 = tokenizer.ids.voken_ids[0]
     (stop,) = tokenizer.encode("###")
-    model, gen, singles = story_model
+    model, gen, singles, _ = story_model
     batch = gen([r.prompt for r in singles])
     for k, (single, batched) in enumerate(zip(singles, batch)):
         assert len(batched.images) == k
@@ -125,6 +125,17 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     with pytest.raises(ValueError, match="render_batch=0"):
         dataclasses.replace(SETTINGS, render_batch=0)
     for one, other in zip(chunked, batch):
+        assert one.token_ids == other.token_ids and len(one.images) == len(other.images)
+        for a, b in zip(one.images, other.images):
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    # the LLM re-laid for decoding (fused, and on a CPU the packed matmul and attention kernels) writes
+    # the same responses
+    prepared_llm = bigram_llm(tokenizer, transitions=story_model[3])
+    assert prepare_for_decoding(prepared_llm)["fused_layers"] == 1
+    prepared = InterleavedGenerator(make_model(parts, prepared_llm), tokenizer, parts[1], settings=SETTINGS,
+                                    max_input_images=1)([r.prompt for r in singles])
+    for one, other in zip(prepared, batch):
         assert one.token_ids == other.token_ids and len(one.images) == len(other.images)
         for a, b in zip(one.images, other.images):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -156,7 +167,7 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
 
 def test_streamed_text_is_the_response_text(parts, story_model):
     """Pieces decoded as they come join to the decoded response (no space lost at a chunk's start)."""
-    _, gen, singles = story_model
+    _, gen, singles, _ = story_model
     prompts = [r.prompt for r in singles]
     pieces = ["", "", ""]
     for item in gen.stream(prompts, chunk_steps=1):
@@ -177,7 +188,7 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
     from mg5jax.diffusion import StableDiffusionPipeline
     from mg5jax.diffusion.sampler import initial_latents
 
-    model, _, singles = story_model
+    model, _, singles, _ = story_model
     none, one = singles[0].prompt, singles[1].prompt
     reference = tmp_path / "gt.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(reference)
