@@ -85,28 +85,33 @@ constexpr int kMaxRows = 6;
 constexpr PanelFn kPanelFns[kMaxRows + 1] = {nullptr,      Panel<1, 4>, Panel<2, 2>, Panel<3, 1>,
                                              Panel<4, 1>, Panel<5, 1>, Panel<6, 1>};
 
-// Ranges of panels handed out through an atomic counter. The calling thread works too and then waits
-// only for ranges other threads have taken, so a helper that a busy pool never starts stalls nothing
-// (it finds no work left when it does run; the shared_ptr keeps the job alive until then).
-struct Job {
-  const float* x;
-  const float* p;
-  float* y;
-  int64_t rows, K, N, panels, per_chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+// body(begin, end) over the items [0, n), in about four ranges per thread handed out through an atomic
+// counter. The calling thread works too and then waits only for ranges other threads have taken, so a
+// helper that a busy pool never starts stalls nothing (it finds no range left when it does run; the
+// shared_ptr keeps the counters alive until then, and it never calls body).
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, Body body) {
+  struct Shared {
+    Shared(Body body, int64_t n, int64_t per_range)
+        : body(body), n(n), per_range(per_range), ranges((n + per_range - 1) / per_range) {}
+    Body body;
+    int64_t n, per_range, ranges;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
 
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t end = std::min(panels, (c + 1) * per_chunk);
-      for (int64_t t = c * per_chunk; t < end; ++t)
-        for (int64_t m = 0; m < rows; m += kMaxRows)
-          kPanelFns[std::min<int64_t>(kMaxRows, rows - m)](x + m * K, p + t * K * kPanel, y + m * N, K, N,
-                                                           t * kPanel);
-      done.fetch_add(1, std::memory_order_release);
+    void Work() {
+      for (int64_t r; (r = next.fetch_add(1, std::memory_order_relaxed)) < ranges;) {
+        body(r * per_range, std::min(n, (r + 1) * per_range));
+        done.fetch_add(1, std::memory_order_release);
+      }
     }
-  }
-};
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto shared = std::make_shared<Shared>(body, n, std::max<int64_t>(1, n / (4 * threads)));
+  for (int64_t t = 1; t < std::min(threads, shared->ranges); ++t) pool.Schedule([shared] { shared->Work(); });
+  shared->Work();
+  while (shared->done.load(std::memory_order_acquire) < shared->ranges) _mm_pause();
+}
 
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> p,
                         ffi::ResultBuffer<ffi::F32> y) {
@@ -117,20 +122,16 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       yd.size() != xd.size() || yd.back() < 1 || yd.back() > pd[0] * kPanel ||
       x.element_count() / pd[1] != y->element_count() / yd.back())
     return ffi::Error::InvalidArgument("mg5jax_packed_matmul: expected x [..., K], p [T, K, 16], y [..., N <= 16 T]");
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->p = p.typed_data();
-  job->y = y->typed_data();
-  job->K = pd[1];
-  job->N = yd.back();
-  job->rows = x.element_count() / job->K;
-  job->panels = pd[0];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->per_chunk = std::max<int64_t>(1, job->panels / (4 * threads));  // about four ranges per thread
-  job->chunks = (job->panels + job->per_chunk - 1) / job->per_chunk;
-  for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+  const float* xs = x.typed_data();
+  const float* ps = p.typed_data();
+  float* ys = y->typed_data();
+  const int64_t K = pd[1], N = yd.back(), rows = x.element_count() / K;
+  ParallelFor(pool, pd[0], [=](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m = 0; m < rows; m += kMaxRows)
+        kPanelFns[std::min<int64_t>(kMaxRows, rows - m)](xs + m * K, ps + t * K * kPanel, ys + m * N, K, N,
+                                                         t * kPanel);
+  });
   return ffi::Error::Success();
 }
 
@@ -184,15 +185,18 @@ void AttendRow(const float* q, const float* k, const float* v, const bool* mask,
   }
   // as the reference's softmax over finfo.min-masked scores: masked slots weigh exactly 0; a row with
   // no valid slot weighs all slots equally
-  int64_t s = 0;
-  const __m256 vmx = _mm256_set1_ps(mx);
-  for (; s + 8 <= S; s += 8) {
-    const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(w + s), vmx));
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, e);
-    for (int j = 0; j < 8; ++j) w[s + j] = valid == 0 ? 1.f : (mask[s + j] ? tmp[j] : 0.f);
+  if (valid == 0) {
+    std::fill(w, w + S, 1.f);
+  } else {
+    int64_t s = 0;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    for (; s + 8 <= S; s += 8) {
+      alignas(32) float e[8];
+      _mm256_store_ps(e, Exp8(_mm256_sub_ps(_mm256_loadu_ps(w + s), vmx)));
+      for (int j = 0; j < 8; ++j) w[s + j] = mask[s + j] ? e[j] : 0.f;
+    }
+    for (; s < S; ++s) w[s] = mask[s] ? std::exp(w[s] - mx) : 0.f;
   }
-  for (; s < S; ++s) w[s] = valid == 0 ? 1.f : (mask[s] ? std::exp(w[s] - mx) : 0.f);
   float total = 0.f;
   std::fill(out, out + D, 0.f);
   for (int64_t t = 0; t < S; ++t) {
@@ -209,60 +213,29 @@ void AttendRow(const float* q, const float* k, const float* v, const bool* mask,
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
-// Query rows (b, h) handed out in ranges through an atomic counter, as Job does for panels; each
-// thread keeps its own score buffer.
-struct AttentionJob {
-  const float *q, *k, *v;
-  const bool* mask;
-  float* out;
-  int64_t heads, kv_heads, S, D, per_chunk, chunks, pairs;
-  float scale;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Work() {
-    std::vector<float> w(S);
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t end = std::min(pairs, (c + 1) * per_chunk);
-      for (int64_t i = c * per_chunk; i < end; ++i) {
-        const int64_t b = i / heads, h = i % heads, g = h / (heads / kv_heads);
-        const int64_t kv = (b * kv_heads + g) * S * D;
-        AttendRow(q + i * D, k + kv, v + kv, mask + b * S, out + i * D, S, D, scale, w.data());
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
                            ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || qd[1] != 1 || kd[0] != qd[0] || kd[3] != qd[3] || kd[1] < 1 ||
-      qd[2] % kd[1] != 0 || v.element_count() != k.element_count() || v.dimensions()[2] != kd[2] ||
-      mask.element_count() != kd[0] * kd[2])
+      qd[2] % kd[1] != 0 || v.dimensions().size() != 4 || v.element_count() != k.element_count() ||
+      v.dimensions()[2] != kd[2] || static_cast<int64_t>(mask.element_count()) != kd[0] * kd[2])
     return ffi::Error::InvalidArgument(
         "mg5jax_decode_attention: expected q [B, 1, H, D], k and v [B, Hkv, S, D] (H a multiple of Hkv), "
         "mask [B, 1, 1, S]");
-  auto job = std::make_shared<AttentionJob>();
-  job->q = q.typed_data();
-  job->k = k.typed_data();
-  job->v = v.typed_data();
-  job->mask = mask.typed_data();
-  job->out = out->typed_data();
-  job->heads = qd[2];
-  job->kv_heads = kd[1];
-  job->S = kd[2];
-  job->D = kd[3];
-  job->scale = scale;
-  job->pairs = qd[0] * qd[2];
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->per_chunk = std::max<int64_t>(1, job->pairs / (4 * threads));
-  job->chunks = (job->pairs + job->per_chunk - 1) / job->per_chunk;
-  for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
+  const bool* masks = mask.typed_data();
+  float* outs = out->typed_data();
+  const int64_t heads = qd[2], kv_heads = kd[1], S = kd[2], D = kd[3];
+  ParallelFor(pool, qd[0] * heads, [=](int64_t begin, int64_t end) {  // query rows (b, h)
+    std::vector<float> w(S);  // the row's scores, then weights
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, g = i % heads / (heads / kv_heads);
+      const int64_t kv = (b * kv_heads + g) * S * D;
+      AttendRow(qs + i * D, ks + kv, vs + kv, masks + b * S, outs + i * D, S, D, scale, w.data());
+    }
+  });
   return ffi::Error::Success();
 }
 }  // namespace
