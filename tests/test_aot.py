@@ -331,3 +331,24 @@ def test_preload_loads_what_the_last_run_used_and_falls_back_on_anything_amiss(c
         out = aot.Program(_double_plus, static_argnums=(0,), persist=True)(1, x)
     np.testing.assert_array_equal(out, [3, 3])  # compiled anew
     assert "ignoring unreadable compiled program" in caplog.text
+
+
+def _noisy_sum(x, key, absent, unused):
+    """A program with a donated argument, a typed PRNG key, a None and an argument it does not use."""
+    del absent, unused
+    return x * 2 + jax.random.uniform(key, x.shape)
+
+
+def test_a_loaded_program_runs_once_on_zeros_unless_its_arguments_are_too_large(cache_dir, monkeypatch):
+    """What preload does on an accelerator with each program it loads, run here on CPU."""
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    x = jax.device_put(np.ones((8, 4), np.float32), jax.sharding.NamedSharding(mesh, jax.P("data", "fsdp")))
+    program = aot.Program(_noisy_sum, donate_argnums=(0,), persist=True)
+    expected = program(x.copy(), jax.random.key(1), None, np.ones(3, np.int32))
+    (path,) = cache_dir.glob("_noisy_sum-*.bin")
+    compiled = aot._read(path)
+    assert aot._run_once(compiled)
+    out = compiled(x.copy(), jax.random.key(1), None, np.ones(3, np.int32))  # still runs as stored
+    np.testing.assert_array_equal(out, expected)
+    monkeypatch.setattr(aot, "RUN_ONCE_MAX_BYTES", 8 * 4 * 4 - 1)  # x alone is 128 bytes
+    assert not aot._run_once(aot._read(path))
