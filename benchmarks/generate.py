@@ -4,12 +4,14 @@
 
 Needs the demo assets and run (`make demo`). Prints JSON: tokens/s and images/s per batch size,
 the batch-8 / batch-1 throughput ratio (eight prompts as one batch against the same eight one at a
-time), and cold start (compile + first response) against the same response in steady state. The
+time), and cold start (compile + first response) against the same response in steady state, each
+with its phases (`InterleavedGenerator.timings`: prepare, text, images, respond). The
 persistent compilation cache (.cache/jax) is used, as in a real run: on a second run the generation
 programs load from `.cache/jax/programs` (mg5jax.aot) without tracing;
 `programs_stored_at_start` says how many were there. As infer.py does, the programs the last run used
 are preloaded in the background while the model loads (`model_load_s`; `--no_preload` loads each one
-when first called instead, inside the cold start), and the LLM is prepared for decoding
+when first called instead, inside the cold start) and, on an accelerator, run once on zeros there
+(`--no_first_run` skips that); `start_to_first_response_s` counts the load too. The LLM is prepared for decoding
 (`prepare_for_decoding`, reported as `llm_prepared`).
 """
 
@@ -43,7 +45,11 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no_preload", action="store_true", help="load each stored program when first called")
+    ap.add_argument("--no_first_run", action="store_true",
+                    help="on an accelerator, do not run preloaded programs once on zeros while the model loads")
     args = ap.parse_args()
+    if args.no_first_run:
+        aot.RUN_ONCE_MAX_BYTES = -1
     if not (ROOT / "run" / "checkpoints").is_dir():
         sys.exit(f"no demo run in {ROOT}: run `make demo` first")
     stored = REPO / ".cache" / "jax" / "programs"
@@ -73,32 +79,39 @@ def main() -> None:
     def timed(batch):
         start = time.perf_counter()
         out = gen(batch)
-        return time.perf_counter() - start, out
+        return time.perf_counter() - start, out, dict(gen.timings)
 
-    cold_s, _ = timed(prompts[:1])
+    cold_s, _, cold_phases = timed(prompts[:1])
     result = {"steps": args.steps, "max_new_tokens": args.max_new_tokens, "backend": jax.default_backend(),
-              "preload": not args.no_preload, "model_load_s": round(model_load_s, 2), "llm_prepared": prepared}
+              "device": jax.devices()[0].device_kind, "preload": not args.no_preload,
+              "first_run_while_loading": not (args.no_preload or args.no_first_run or jax.default_backend() == "cpu"),
+              "model_load_s": round(model_load_s, 2), "llm_prepared": prepared}
 
     def best(batch):
         timed(batch)  # compile this batch shape (prompt lengths share buckets)
-        runs = [timed(batch) for _ in range(args.repeats)]
-        return min(s for s, _ in runs), runs[0][1]
+        return min((timed(batch) for _ in range(args.repeats)), key=lambda run: run[0])
 
     # the same eight prompts one at a time and as one batch: the same responses (a row's does not depend
     # on its batch), so the time ratio is the throughput ratio (the batch's sampler call may render a few
     # padding images: calls are padded to a power of two)
     singles = [best([p]) for p in prompts]
     batched = best(prompts)
-    for b, (seconds, out) in ((1, (sum(s for s, _ in singles), [r for _, o in singles for r in o])), (8, batched)):
+    one_at_a_time = (sum(s for s, _, _ in singles), [r for _, o, _ in singles for r in o],
+                     {k: sum(t.get(k, 0.0) for _, _, t in singles) for k in {k for _, _, t in singles for k in t}})
+    for b, (seconds, out, phases) in ((1, one_at_a_time), (8, batched)):
         tokens = sum(len(r.token_ids) for r in out)
         images = sum(len(r.images) for r in out)
         result[f"batch{b}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                               "images_per_s": round(images / seconds, 2), "images": images, "tokens": tokens}
+                               "images_per_s": round(images / seconds, 2), "images": images, "tokens": tokens,
+                               "phases_s": {k: round(v, 4) for k, v in phases.items()}}
     result["throughput_ratio_b8_vs_b1"] = round(result["batch1"]["seconds"] / result["batch8"]["seconds"], 2)
     steady_s = singles[0][0]
     result["steady_first_prompt_s"] = round(steady_s, 3)
-    result["cold_start_s"] = round(cold_s, 2)
+    result["steady_first_prompt_phases_s"] = {k: round(v, 4) for k, v in singles[0][2].items()}
+    result["cold_start_s"] = round(cold_s, 3)
+    result["cold_start_phases_s"] = {k: round(v, 4) for k, v in cold_phases.items()}
     result["cold_vs_steady_response"] = round(cold_s / steady_s, 2)
+    result["start_to_first_response_s"] = round(model_load_s + cold_s, 2)
     result["programs_stored_at_start"] = programs_at_start
     print(json.dumps(result, indent=2))
 

@@ -8,7 +8,9 @@ from mg5jax.data.images import (
     CLIP_MEAN,
     CLIP_STD,
     ImageLoadError,
+    clip_normalize,
     expand2square,
+    input_image_pixels,
     input_image_transform,
     load_image,
     output_image_transform,
@@ -56,6 +58,15 @@ def test_input_transform_resize_and_center_crop(vist_image, box, resized_wh, lef
 def test_input_transform_flip(vist_image):
     img = vist_image.crop((0, 30, 256, 210))
     np.testing.assert_array_equal(input_image_transform(img, flip=True), input_image_transform(img)[:, :, ::-1])
+
+
+def test_uint8_pixels_normalized_later_are_the_transform(vist_image):
+    """Generation sends uint8 pixels to the device and normalizes them there."""
+    img = vist_image.crop((40, 0, 190, 256))
+    for flip in (False, True):
+        pixels = input_image_pixels(img, flip=flip)
+        assert pixels.dtype == np.uint8 and pixels.shape == (3, 224, 224)
+        np.testing.assert_array_equal(clip_normalize(pixels), input_image_transform(img, flip=flip))
 
 
 def test_expand2square_centres_content():

@@ -107,6 +107,8 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     (stop,) = tokenizer.encode("###")
     model, gen, singles, _ = story_model
     batch = gen([r.prompt for r in singles])
+    assert set(gen.timings) == {"prepare_s", "text_s", "images_s", "sampler_s", "respond_s"}
+    assert gen.timings["sampler_s"] <= gen.timings["images_s"]
     for k, (single, batched) in enumerate(zip(singles, batch)):
         assert len(batched.images) == k
         assert batched.token_ids == single.token_ids
@@ -417,3 +419,52 @@ def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():
     recorded["model"]["vision"]["kind"] = "blip2"
     assert {"model.vision.kind", "model.vision.blip2_dir", "model.vision.proj_path",
             "data.input_image_size"} <= set(infer.run_settings(recorded))
+
+
+def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
+    """Input images are read in parallel into uint8 `[B, M, 3, S, S]` and normalized in the splice
+    program: the same LLM inputs as the model's splice of host-normalized images; a missing file is named."""
+    from PIL import Image
+
+    from mg5jax.data.images import ImageLoadError, input_image_pixels, input_image_transform, load_image
+    from mg5jax.generation.interleaved import _splice
+    from mg5jax.models.minigpt5 import PromptEncoder
+    from mg5jax.models.vision import QFormerConfig, VisionConfig, VisionEncoder, VisionEncoderConfig
+
+    tokenizer = parts[0]
+    cfg = VisionEncoderConfig(
+        vision=VisionConfig(image_size=28, patch_size=14, width=24, depth=1, heads=2, mlp_dim=32),
+        qformer=QFormerConfig(hidden_size=16, num_layers=1, heads=2, intermediate_size=32, cross_attention_freq=1,
+                              encoder_width=24, num_query_tokens=4), proj_dim=D)
+    base = make_model(parts, bigram_llm(tokenizer, {}))
+    model = MiniGPT5(dataclasses.replace(base.config, num_query_tokens=4), llm=base.llm, mapper=base.mapper,
+                     unet=base.unet, vae=base.vae, noise_schedule=schedulers.NoiseSchedule.from_config(parts[1]),
+                     vision=VisionEncoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(3)))
+    gen = InterleavedGenerator(model, tokenizer, parts[1], settings=SETTINGS, input_image_size=28, max_input_images=2)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(((40, 30), (17, 50), (28, 28))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    slot = "<Img><ImageHere></Img>"
+    prompts = [Prompt(f"###Human: {slot} a story {slot} ###Assistant:", (paths[0], paths[1])),
+               Prompt(f"###Human: {slot} more ###Assistant:", (paths[2],))]
+    batch = gen.prepare(prompts)
+    assert batch["input_images"].dtype == np.uint8 and batch["input_images"].shape == (2, 2, 3, 28, 28)
+    for (i, k), path in zip(((0, 0), (0, 1), (1, 0)), paths):
+        np.testing.assert_array_equal(batch["input_images"][i, k], input_image_pixels(load_image(path), size=28))
+    np.testing.assert_array_equal(batch["input_images"][1, 1], 0)
+    np.testing.assert_array_equal(batch["input_image_mask"], [[True, True], [True, False]])
+
+    embeds, mask = _splice(*gen._prompt_split, batch)
+    floats = dict(batch, input_images=np.zeros((2, 2, 3, 28, 28), np.float32))
+    for (i, k), path in zip(((0, 0), (0, 1), (1, 0)), paths):
+        floats["input_images"][i, k] = input_image_transform(load_image(path), size=28)
+    expected, expected_mask, _ = model.splice(jax.tree.map(jnp.asarray, floats))
+    np.testing.assert_array_equal(mask, np.asarray(expected_mask).astype(bool))
+    np.testing.assert_allclose(embeds, expected, atol=1e-5, rtol=0)
+    assert isinstance(PromptEncoder(model).vision, VisionEncoder)
+
+    missing = str(tmp_path / "gone.png")
+    with pytest.raises(ImageLoadError, match="gone.png"):
+        gen.prepare([Prompt(f"{slot}{slot}", (paths[0], missing))])

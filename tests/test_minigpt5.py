@@ -22,7 +22,7 @@ from mg5jax.diffusion import schedulers
 from mg5jax.models.clip_text import CLIPTextModel, encode_prompts
 from mg5jax.models.llama import LlamaForCausalLM
 from mg5jax.models.mapper import MapperConfig, VokenMapper
-from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
+from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config, PromptEncoder
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 
@@ -332,3 +332,20 @@ def test_stored_moments_give_the_loss_of_the_images(setup):
     for k in ("loss", "image_loss"):
         np.testing.assert_allclose(float(offline[k]), float(online[k]), rtol=1e-5, err_msg=k)
     assert float(online["image_loss"]) > 0
+
+
+def test_generation_programs_compute_what_the_model_does(setup):
+    """The generator's splice and conditioning programs take parts of the model (a `PromptEncoder`, the
+    mapper), not all of it: the same embeddings, conditioning and CFG negative."""
+    from mg5jax.generation.interleaved import _conditioning, _splice
+
+    model, _ = setup
+    batch = jax.tree.map(jnp.asarray, make_batch(np.random.default_rng(2)))
+    embeds, att, labels = model.splice(batch)
+    out_embeds, out_mask = _splice(*nnx.split(PromptEncoder(model)), batch)
+    np.testing.assert_array_equal(out_embeds, embeds)
+    np.testing.assert_array_equal(out_mask, att.astype(bool))
+    windows = jax.random.normal(jax.random.key(0), (3, 8, D))
+    cond, uncond = _conditioning(*nnx.split(model.mapper), windows)
+    np.testing.assert_array_equal(cond, model.conditioning(windows))
+    np.testing.assert_allclose(uncond, model.uncond_conditioning(3), atol=1e-6, rtol=0)

@@ -18,9 +18,10 @@ from mg5jax import encode_images, parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert import vision as convert
 from mg5jax.convert.sources import CheckpointError, DictSource
-from mg5jax.data.images import ImageLoadError, input_image_transform, load_image
+from mg5jax.data.images import ImageLoadError, input_image_pixels, input_image_transform, load_image
 from mg5jax.data.pipeline import read_feature_sources
 from mg5jax.models import vision
+from mg5jax.models.minigpt5 import embed_images
 
 F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
 TOL = 1e-4
@@ -229,3 +230,16 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
     capsys.readouterr()
     assert encode_images.main(argv) == 1
     assert "d.png" in capsys.readouterr().err
+
+
+def test_uint8_input_images_are_normalized_on_the_device(hf_encoder):
+    """`embed_images` takes uint8 pixels [B, M, 3, S, S] (what generation sends) as the host's normalized floats."""
+    size = hf_encoder.config.vision.image_size
+    rng = np.random.default_rng(5)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((40, 30), (17, 50))]
+    pixels = np.stack([input_image_pixels(img, size=size) for img in imgs]).reshape(1, 2, 3, size, size)
+    floats = np.stack([input_image_transform(img, size=size) for img in imgs]).reshape(1, 2, 3, size, size)
+    run = nnx.jit(lambda encoder, x: embed_images(encoder, {"input_images": x}, jnp.float32))
+    out, ref = run(hf_encoder, jnp.asarray(pixels)), run(hf_encoder, jnp.asarray(floats))
+    chex.assert_shape(out, (1, 2, 8, 16))
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)

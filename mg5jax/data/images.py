@@ -62,12 +62,30 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _to_chw_unit(img: Image.Image, flip: bool) -> np.ndarray:
-    """RGB PIL -> float32 [3, H, W] in [0, 1] (torchvision ``ToTensor``), optionally mirrored left-right."""
-    array = np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)  # [H, W, 3]
+def _to_chw_uint8(img: Image.Image, flip: bool) -> np.ndarray:
+    """RGB PIL -> uint8 [3, H, W], optionally mirrored left-right."""
+    array = np.asarray(img.convert("RGB"))  # [H, W, 3]
     if flip:
         array = array[:, ::-1]
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _to_chw_unit(img: Image.Image, flip: bool) -> np.ndarray:
+    """RGB PIL -> float32 [3, H, W] in [0, 1] (torchvision ``ToTensor``), optionally mirrored left-right."""
+    return _to_chw_uint8(img, flip).astype(np.float32) / np.float32(255.0)
+
+
+def input_image_pixels(img: Image.Image, size: int = 224, flip: bool = False) -> np.ndarray:
+    """LLM-side image before normalization: resize shorter side, centre crop, optional h-flip -> uint8
+    [3, size, size] (a quarter of the float bytes to send to a device; `clip_normalize` there)."""
+    return _to_chw_uint8(center_crop(resize_shorter_side(img, size), size), flip)
+
+
+def clip_normalize(pixels):
+    """uint8 pixels `[..., 3, H, W]` (numpy or jax) -> float32 CLIP-normalized (``ToTensor`` + ``Normalize``)."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+    return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
 def input_image_transform(img: Image.Image, size: int = 224, flip: bool = False) -> np.ndarray:
@@ -75,10 +93,7 @@ def input_image_transform(img: Image.Image, size: int = 224, flip: bool = False)
 
     The original flips with probability 0.5 in training only; pass the draw as ``flip``.
     """
-    array = _to_chw_unit(center_crop(resize_shorter_side(img, size), size), flip)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-    return (array - mean) / std
+    return clip_normalize(input_image_pixels(img, size, flip))
 
 
 def output_image_transform(img: Image.Image, size: int = 512, flip: bool = False, normalize: bool = True) -> np.ndarray:

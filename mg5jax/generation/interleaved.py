@@ -13,13 +13,18 @@ baseline), rendered from the same initial noise as the response's first image.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import pathlib
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from flax import nnx
 
 from mg5jax import aot
@@ -30,6 +35,7 @@ from mg5jax.diffusion.sampler import GuidedSampler
 from mg5jax.diffusion.schedulers import make_scheduler
 from mg5jax.generation.decode import ForcedInsertion, GenerationOutput, generate, generate_stream
 from mg5jax.generation.sampling import SamplingConfig
+from mg5jax.models.minigpt5 import PromptEncoder, map_vokens
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +66,17 @@ class Prompt:
 
 
 def _splice(graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """The prompts' LLM input embeddings `[B,L,D]` and mask `[B,L]` (vision encoder included): one program."""
+    """The prompts' LLM input embeddings `[B,L,D]` and mask `[B,L]` (vision encoder included), from a
+    split `PromptEncoder`: one program."""
     embeds, mask, _ = nnx.merge(graphdef, state).splice(batch)
     return embeds, mask.astype(bool)
 
 
 def _conditioning(graphdef, state, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative for as many images: one program."""
-    model = nnx.merge(graphdef, state)
-    return model.conditioning(windows), model.uncond_conditioning(windows.shape[0])
+    """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative (the mapped all-zero window,
+    `MiniGPT5.uncond_conditioning`) for as many images, from the split mapper: one program."""
+    mapper = nnx.merge(graphdef, state)
+    return map_vokens(mapper, windows), map_vokens(mapper, jnp.zeros(windows.shape, jnp.float32))
 
 
 _splice_program = aot.Program(_splice, static_argnums=(0,))
@@ -214,7 +222,9 @@ class InterleavedGenerator:
         self.insertion = settings.insertion(tokenizer.ids.voken_ids)
         self.scheduler = make_scheduler(settings.scheduler, scheduler_config)
         self.sampler = GuidedSampler(model.unet, model.vae)
-        self._split = nnx.split(model)  # (graphdef, state) for the jitted splice and conditioning
+        # (graphdef, state) pairs for the programs: each takes only the parts it uses
+        self._prompt_split = nnx.split(PromptEncoder(model))
+        self._mapper_split = nnx.split(model.mapper)
         self._llm_split = nnx.split(model.llm)  # and for the decode loop
         vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
         size = settings.image_size or model.unet.config.sample_size * vae_factor
@@ -222,11 +232,20 @@ class InterleavedGenerator:
                                          model.unet.config.block_out_channels):
             raise ValueError(f"image size {size} (data.output_image_size): {problem}")
         self.latent_size = (size // vae_factor, size // vae_factor)
+        # wall seconds of the last call's phases: "prepare_s" (tokens and input images, on the host),
+        # "text_s" (splice and decode, until the ids reach the host), "images_s" (conditioning and
+        # sampler, until the pixels do; "sampler_s" of it in the sampler), "respond_s" (the responses' text)
+        self.timings: dict[str, float] = {}
+        self._text_start: float | None = None  # when the last prompts were prepared (None: finished)
+        self._image_loader = concurrent.futures.ThreadPoolExecutor(  # PIL decodes and resizes without the GIL
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="mg5jax-input-images")
+        PIL.Image.preinit()  # PIL's common file formats, imported now rather than by the first prompt's image
 
     # ----------------------------------------------------------------------------------------- prompts
 
     def prepare(self, prompts: Sequence[Prompt]) -> dict:
-        """Token ids (padded to a bucket) and input images of a batch of prompts (no labels)."""
+        """Token ids (padded to a bucket) and input images of a batch of prompts (no labels). Images are
+        uint8 pixels `[B, M, 3, S, S]`, normalized in the splice program; files are read in parallel."""
         ids = [self.tokenizer.encode(p.text) for p in prompts]
         for i, (p, row) in enumerate(zip(prompts, ids)):
             if problem := prompt_problem(p, row, self.tokenizer, max_input_images=self.max_input_images,
@@ -241,23 +260,34 @@ class InterleavedGenerator:
             "input_ids": np.full((b, t), self.tokenizer.ids.pad_id, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
             "labels": np.full((b, t), IGNORE_INDEX, np.int32),
-            "input_images": np.zeros((b, m, 3, s, s), np.float32),
             "input_image_mask": np.zeros((b, m), bool),
         }
         for i, (p, row) in enumerate(zip(prompts, ids)):
             batch["input_ids"][i, : len(row)] = row
             batch["attention_mask"][i, : len(row)] = 1
-            for k, path in enumerate(p.images):
-                batch["input_images"][i, k] = image_ops.input_image_transform(image_ops.load_image(path), size=s)
-                batch["input_image_mask"][i, k] = True
         if self.model.vision is None:
-            del batch["input_images"]
             batch["input_image_features"] = np.zeros(
                 (b, m, self.model.config.num_query_tokens, self.model.llm.config.hidden_size), np.float32)
+            return batch
+        batch["input_images"] = np.zeros((b, m, 3, s, s), np.uint8)
+        slots = [(i, k, path) for i, p in enumerate(prompts) for k, path in enumerate(p.images)]
+
+        def load(path: str) -> np.ndarray:
+            return image_ops.input_image_pixels(image_ops.load_image(path), size=s)
+
+        paths = [path for _, _, path in slots]
+        loaded = self._image_loader.map(load, paths) if len(paths) > 1 else map(load, paths)
+        for (i, k, _), pixels in zip(slots, loaded):
+            batch["input_images"][i, k] = pixels
+            batch["input_image_mask"][i, k] = True
         return batch
 
     def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
-        embeds, mask = _splice_program(*self._split, self.prepare(prompts))
+        start = time.perf_counter()
+        batch = self.prepare(prompts)
+        self._text_start = time.perf_counter()
+        self.timings = {"prepare_s": self._text_start - start}
+        embeds, mask = _splice_program(*self._prompt_split, batch)
         # text under fold_in(key, 0), image noise under fold_in(key, 1): no decode step shares a key with an image
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
                     key=jax.random.fold_in(key, 0), row_seeds=np.asarray([p.seed for p in prompts], np.int32))
@@ -294,13 +324,19 @@ class InterleavedGenerator:
     def finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array) -> list[Response]:
         """Map every voken window to conditioning, render the images, split the text around them."""
         counts = np.asarray(out.insertion_counts)
+        images_start = time.perf_counter()
+        if self._text_start is None:  # `finish` called on its own: no text phase of ours to time
+            self.timings = {}
+        else:
+            self.timings["text_s"] = images_start - self._text_start
+            self._text_start = None
         windows = out.insertion_hidden  # [B, K, W, D]
         b, k = counts.shape[0], windows.shape[1]
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
         flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
         key = jax.random.fold_in(key, 1)
 
-        pixels = self._render(lambda x: _conditioning_program(*self._split, x),
+        pixels = self._render(lambda x: _conditioning_program(*self._mapper_split, x),
                               np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
                               [image_seed(prompts[r].seed, j) for r, j in rows], key)
         images = dict(zip(rows, pixels))
@@ -313,11 +349,15 @@ class InterleavedGenerator:
                                       np.asarray([prompts[r].caption for r in with_caption]),
                                       [image_seed(prompts[r].seed, 0) for r in with_caption], key)
                 baselines = dict(zip(with_caption, pixels))
+        respond_start = time.perf_counter()
+        self.timings["images_s"] = respond_start - images_start
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
         positions = np.asarray(out.insertion_positions)
-        return [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),
-                               [images[(r, j)] for j in range(int(counts[r]))], baselines.get(r))
-                for r in range(b)]
+        responses = [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),
+                                    [images[(r, j)] for j in range(int(counts[r]))], baselines.get(r))
+                     for r in range(b)]
+        self.timings["respond_s"] = time.perf_counter() - respond_start
+        return responses
 
     def _render(self, conditioning, inputs: np.ndarray | None, seeds: list[int], key: jax.Array) -> list[np.ndarray]:
         """Images `[H,W,3]` uint8 of `inputs` (`conditioning(x) -> (cond, uncond)`), at most
@@ -333,6 +373,7 @@ class InterleavedGenerator:
                                   seeds=np.asarray(seeds[i : i + per_call] + [0] * (n - len(chunk)), np.uint32),
                                   key=key, latent_size=self.latent_size)
             images.extend((np.asarray(pixels)[: len(chunk)] * 255).round().astype(np.uint8))
+            self.timings["sampler_s"] = self.timings.get("sampler_s", 0.0) + self.sampler.timings["run_s"]
             log.info("rendered %d images (%s)", len(chunk), self.sampler.timings)
         return images
 

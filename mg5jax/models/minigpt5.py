@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import chex
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mg5jax.data.images import clip_normalize
 from mg5jax.data.tokenization import IGNORE_INDEX
 from mg5jax.diffusion import schedulers
 from mg5jax.models.clip_text import CLIPTextModel
@@ -89,14 +91,7 @@ class MiniGPT5(nnx.Module):
 
     def image_embeddings(self, batch: dict) -> jax.Array:
         """Input-image embeddings `[B, M, Q, D]` from pixels (frozen encoder) or precomputed features."""
-        if "input_image_features" in batch:
-            return batch["input_image_features"].astype(self.llm.dtype)
-        pixels = batch["input_images"]
-        b, m = pixels.shape[:2]
-        if self.vision is None:
-            raise ValueError("batch has input_images but the model has no vision encoder")
-        feats = self.vision(pixels.reshape(b * m, *pixels.shape[2:]))
-        return feats.reshape(b, m, *feats.shape[1:]).astype(self.llm.dtype)
+        return embed_images(self.vision, batch, self.llm.dtype)
 
     def splice(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Embed `<s>` + text with each `<ImageHere>` replaced by its image's Q embeddings.
@@ -104,36 +99,7 @@ class MiniGPT5(nnx.Module):
         Returns `inputs_embeds [B,L,D]`, `attention_mask [B,L]`, `labels [B,L]` (−100 on `<s>`, image
         and padding positions). Static shapes: every row is laid out in `L = 1 + T + (Q-1)·M`.
         """
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        b, t = ids.shape
-        q = self.config.num_query_tokens
-        image_embeds = self.image_embeddings(batch)  # [B, M, Q, D]
-        m = image_embeds.shape[1]
-        length = 1 + t + (q - 1) * m
-        text_embeds = self.llm.embed(ids)  # [B, T, D]
-        bos = self.llm.embed(jnp.full((b, 1), self.config.bos_id, jnp.int32))
-
-        is_slot = (ids == self.config.image_placeholder_id) & (mask > 0)
-        slots_before = jnp.cumsum(is_slot, axis=1) - is_slot
-        out_pos = 1 + jnp.arange(t)[None] + (q - 1) * slots_before  # [B, T]
-        text_pos = jnp.where(is_slot, length, out_pos)  # slot tokens themselves are dropped
-        slot_start = jnp.full((b, m), length, jnp.int32)
-        slot_start = jax.vmap(lambda s, idx, pos: s.at[idx].set(pos, mode="drop"))(
-            slot_start, jnp.where(is_slot, slots_before, m), out_pos)
-        image_pos = (slot_start[:, :, None] + jnp.arange(q)).reshape(b, m * q)  # [B, M·Q]
-
-        def row(bos_e, txt_e, img_e, tpos, ipos, tmask, tlab):
-            emb = jnp.zeros((length, txt_e.shape[-1]), txt_e.dtype).at[0].set(bos_e[0])
-            emb = emb.at[tpos].set(txt_e, mode="drop").at[ipos].set(img_e, mode="drop")
-            att = jnp.zeros((length,), jnp.int32).at[0].set(1)
-            att = att.at[tpos].set(tmask, mode="drop").at[ipos].set(1, mode="drop")
-            lab = jnp.full((length,), IGNORE_INDEX, jnp.int32).at[tpos].set(tlab, mode="drop")
-            return emb, att, lab
-
-        embeds, att, lab = jax.vmap(row)(
-            bos, text_embeds, image_embeds.reshape(b, m * q, -1), text_pos, image_pos, mask, labels)
-        chex.assert_shape(embeds, (b, length, text_embeds.shape[-1]))
-        return embeds, att, lab
+        return splice_inputs(batch, self.config, self.llm.embed, self.image_embeddings(batch))
 
     # ---------------------------------------------------------------------------------------- vokens
 
@@ -152,10 +118,7 @@ class MiniGPT5(nnx.Module):
 
     def conditioning(self, windows: jax.Array, drop: jax.Array | None = None) -> jax.Array:
         """Voken windows `[S,W,D]` → U-Net conditioning `[S,N,C]`; dropped groups use zeros."""
-        windows = windows.astype(jnp.float32)
-        if drop is not None:
-            windows = jnp.where(drop[:, None, None], 0.0, windows)
-        return self.mapper(windows)
+        return map_vokens(self.mapper, windows, drop)
 
     def draw_cfg_drop(self, key: jax.Array, n: int) -> jax.Array:
         """Which of `n` voken groups are replaced by zeros: independent draws with p = `cfg_drop`."""
@@ -163,8 +126,7 @@ class MiniGPT5(nnx.Module):
 
     def uncond_conditioning(self, n: int) -> jax.Array:
         """The classifier-free-guidance negative: the mapped all-zero voken window, `[n,N,C]`."""
-        zeros = jnp.zeros((n, self.config.num_vokens, self.llm.config.hidden_size), jnp.float32)
-        return self.mapper(zeros)
+        return map_vokens(self.mapper, jnp.zeros((n, self.config.num_vokens, self.llm.config.hidden_size)))
 
     def encode_captions(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Frozen CLIP-text features of captions (with their attention mask, as the original)."""
@@ -278,3 +240,77 @@ def _causal_lm_loss(logits: jax.Array, labels: jax.Array, groups: int) -> jax.Ar
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(supervised, targets, 0))
     total = jnp.where(supervised, ce, 0.0).reshape(groups, -1).sum(axis=1)
     return total / jnp.maximum(supervised.reshape(groups, -1).sum(axis=1), 1)
+
+
+def embed_images(vision: VisionEncoder | None, batch: dict, dtype) -> jax.Array:
+    """Input-image embeddings `[B, M, Q, D]` in `dtype`: precomputed `input_image_features`, or
+    `input_images [B, M, 3, H, W]` through the vision encoder, CLIP-normalized float32 or uint8 pixels
+    (resized and cropped; normalized here as `input_image_transform` does on the host)."""
+    if "input_image_features" in batch:
+        return batch["input_image_features"].astype(dtype)
+    pixels = batch["input_images"]
+    b, m = pixels.shape[:2]
+    if vision is None:
+        raise ValueError("batch has input_images but the model has no vision encoder")
+    if pixels.dtype == jnp.uint8:
+        pixels = clip_normalize(pixels)
+    feats = vision(pixels.reshape(b * m, *pixels.shape[2:]))
+    return feats.reshape(b, m, *feats.shape[1:]).astype(dtype)
+
+
+def splice_inputs(batch: dict, config: MiniGPT5Config, embed: Callable[[jax.Array], jax.Array],
+                  image_embeds: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`MiniGPT5.splice` given the LLM's token embedding (`[B, T]` ids → `[B, T, D]`) and the images'
+    embeddings `[B, M, Q, D]`."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    b, t = ids.shape
+    q = config.num_query_tokens
+    m = image_embeds.shape[1]
+    length = 1 + t + (q - 1) * m
+    text_embeds = embed(ids)  # [B, T, D]
+    bos = embed(jnp.full((b, 1), config.bos_id, jnp.int32))
+
+    is_slot = (ids == config.image_placeholder_id) & (mask > 0)
+    slots_before = jnp.cumsum(is_slot, axis=1) - is_slot
+    out_pos = 1 + jnp.arange(t)[None] + (q - 1) * slots_before  # [B, T]
+    text_pos = jnp.where(is_slot, length, out_pos)  # slot tokens themselves are dropped
+    slot_start = jnp.full((b, m), length, jnp.int32)
+    slot_start = jax.vmap(lambda s, idx, pos: s.at[idx].set(pos, mode="drop"))(
+        slot_start, jnp.where(is_slot, slots_before, m), out_pos)
+    image_pos = (slot_start[:, :, None] + jnp.arange(q)).reshape(b, m * q)  # [B, M·Q]
+
+    def row(bos_e, txt_e, img_e, tpos, ipos, tmask, tlab):
+        emb = jnp.zeros((length, txt_e.shape[-1]), txt_e.dtype).at[0].set(bos_e[0])
+        emb = emb.at[tpos].set(txt_e, mode="drop").at[ipos].set(img_e, mode="drop")
+        att = jnp.zeros((length,), jnp.int32).at[0].set(1)
+        att = att.at[tpos].set(tmask, mode="drop").at[ipos].set(1, mode="drop")
+        lab = jnp.full((length,), IGNORE_INDEX, jnp.int32).at[tpos].set(tlab, mode="drop")
+        return emb, att, lab
+
+    embeds, att, lab = jax.vmap(row)(
+        bos, text_embeds, image_embeds.reshape(b, m * q, -1), text_pos, image_pos, mask, labels)
+    chex.assert_shape(embeds, (b, length, text_embeds.shape[-1]))
+    return embeds, att, lab
+
+
+def map_vokens(mapper: VokenMapper, windows: jax.Array, drop: jax.Array | None = None) -> jax.Array:
+    """Voken windows `[S,W,D]` → U-Net conditioning `[S,N,C]`; dropped groups (`drop [S]`) use zeros."""
+    windows = windows.astype(jnp.float32)
+    if drop is not None:
+        windows = jnp.where(drop[:, None, None], 0.0, windows)
+    return mapper(windows)
+
+
+class PromptEncoder(nnx.Module):
+    """A MiniGPT5's prompt side alone, sharing its weights: the LLM's token embedding and the input-image
+    encoder. `splice(batch)` is `MiniGPT5.splice`; a program that only splices takes this small graph
+    (no LLM layers, U-Net or VAE to key and pass)."""
+
+    def __init__(self, model: MiniGPT5):
+        self.config = model.config
+        self.embed_tokens = model.llm.model.embed_tokens
+        self.vision = model.vision
+        self.dtype = model.llm.dtype
+
+    def splice(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return splice_inputs(batch, self.config, self.embed_tokens, embed_images(self.vision, batch, self.dtype))
