@@ -467,6 +467,7 @@ def preload(name: str) -> threading.Thread | None:
         thread.join()
 
     thread = threading.Thread(target=load_all, name=f"mg5jax-preload-{name}", daemon=True)
+    _ASKED.clear()  # a new loading phase: its programs run first until a caller asks for one
     thread.start()
     atexit.register(finish)
     return thread

@@ -352,3 +352,28 @@ def test_a_loaded_program_runs_once_on_zeros_unless_its_arguments_are_too_large(
     np.testing.assert_array_equal(out, expected)
     monkeypatch.setattr(aot, "RUN_ONCE_MAX_BYTES", 8 * 4 * 4 - 1)  # x alone is 128 bytes
     assert not aot._run_once(aot._read(path))
+
+
+def test_preload_runs_programs_first_on_an_accelerator_until_a_caller_asks(cache_dir, monkeypatch):
+    monkeypatch.setattr(aot, "_RECORD", {})
+    monkeypatch.setattr(aot, "_PRELOADED", {})
+    x = np.ones(2, np.float32)
+    assert aot.preload("accelerator") is None
+    for k in (1, 2):
+        aot.Program(_double_plus, static_argnums=(0,), persist=True)(k, x)
+    ran = []
+
+    def run_once(compiled):  # a caller asks for a program while the first one runs
+        ran.append(compiled)
+        aot._ASKED.set()
+        return True
+
+    monkeypatch.setattr(aot, "_run_once", run_once)
+    aot.preload("accelerator").join()  # on CPU: loaded, not run
+    assert not ran and len(aot._PRELOADED) == 2
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    aot._PRELOADED.clear()
+    aot.preload("accelerator").join()  # a new preload runs first again, until the caller asked
+    assert len(ran) == 1 and len(aot._PRELOADED) == 2
+    monkeypatch.undo()
+    np.testing.assert_array_equal(aot.Program(_double_plus, static_argnums=(0,), persist=True)(2, x), [4, 4])
