@@ -22,8 +22,9 @@ five). `preload(name)` moves that off the critical path: it loads, in a backgrou
 that the last run under the same name used (listed in `programs/<name>.json`), and runs one small program
 (the backend sets up its GEMM and reduction libraries on their first use), while the caller goes on
 loading weights; a program asked for later takes the loaded executable, waiting for it if need be. On
-an accelerator each preloaded program also runs once on zeros until the caller first asks for one: the
-first run of a program on a GPU loads its kernels and records its command buffers.
+an accelerator each preloaded program whose arguments (weights included) take at most 1 GiB also runs
+once on zeros, until the caller first asks for a program: the first run of a program on a GPU loads its
+kernels and records its command buffers.
 """
 
 from __future__ import annotations
@@ -494,14 +495,15 @@ def _warm_up_kernels() -> None:
 def _run_once(compiled: jax.stages.Compiled) -> bool:
     """Run a loaded program once on zeros if its arguments take at most RUN_ONCE_MAX_BYTES; returns
     whether it ran. A GPU loads a program's kernels and records its command buffers on its first run
-    (0.1 s of the generator's 0.2 s first response on an H200), which would otherwise fall on the first
-    real call."""
-    infos = compiled.in_tree.flatten_up_to(compiled.args_info)
-    shardings = compiled.in_tree.flatten_up_to(compiled.input_shardings)  # None: an argument not used
-    if sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize for i in infos
-           if not jax.dtypes.issubdtype(i.dtype, jax.dtypes.prng_key)) > RUN_ONCE_MAX_BYTES:
-        return False
+    (0.1 s of the demo generator's 0.2 s first response on an H200), which would otherwise fall on the
+    first real call. The arguments include the weights: at full size only the small programs qualify,
+    and a loop whose trip count is an argument runs no iterations on zeros."""
     try:
+        infos = compiled.in_tree.flatten_up_to(compiled.args_info)
+        shardings = compiled.in_tree.flatten_up_to(compiled.input_shardings)  # None: an argument not used
+        if sum(np.prod(i.shape) * np.dtype(i.dtype).itemsize for i in infos
+               if not jax.dtypes.issubdtype(i.dtype, jax.dtypes.prng_key)) > RUN_ONCE_MAX_BYTES:
+            return False
         leaves = []
         for info, sharding in zip(infos, shardings):
             if jax.dtypes.issubdtype(info.dtype, jax.dtypes.prng_key):

@@ -9,6 +9,7 @@ from mg5jax.data.images import (
     CLIP_STD,
     ImageLoadError,
     clip_normalize,
+    clip_normalize_table,
     expand2square,
     input_image_pixels,
     input_image_transform,
@@ -67,6 +68,8 @@ def test_uint8_pixels_normalized_later_are_the_transform(vist_image):
         pixels = input_image_pixels(img, flip=flip)
         assert pixels.dtype == np.uint8 and pixels.shape == (3, 224, 224)
         np.testing.assert_array_equal(clip_normalize(pixels), input_image_transform(img, flip=flip))
+    table = clip_normalize_table()  # what a device looks the pixels up in
+    np.testing.assert_array_equal(table[np.arange(3)[:, None, None], pixels], clip_normalize(pixels))
 
 
 def test_expand2square_centres_content():

@@ -6,6 +6,7 @@ shorter side, ``CenterCrop`` rounds the offsets), so results match the original'
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -81,11 +82,19 @@ def input_image_pixels(img: Image.Image, size: int = 224, flip: bool = False) ->
     return _to_chw_uint8(center_crop(resize_shorter_side(img, size), size), flip)
 
 
-def clip_normalize(pixels):
-    """uint8 pixels `[..., 3, H, W]` (numpy or jax) -> float32 CLIP-normalized (``ToTensor`` + ``Normalize``)."""
+def clip_normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels `[..., 3, H, W]` -> float32 CLIP-normalized (``ToTensor`` + ``Normalize``)."""
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
     return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+@functools.cache
+def clip_normalize_table() -> np.ndarray:
+    """`clip_normalize` of every uint8 value per channel, `[3, 256]` float32: a device looks pixels up in it
+    and gets the host's values exactly (XLA would turn the divisions into multiplications)."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (3, 256, 1))  # [3, H=256, W=1]
+    return np.ascontiguousarray(clip_normalize(values)[..., 0])
 
 
 def input_image_transform(img: Image.Image, size: int = 224, flip: bool = False) -> np.ndarray:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -81,6 +82,14 @@ def _conditioning(graphdef, state, windows: jax.Array) -> tuple[jax.Array, jax.A
 
 _splice_program = aot.Program(_splice, static_argnums=(0,))
 _conditioning_program = aot.Program(_conditioning, static_argnums=(0,))
+
+
+@functools.cache
+def _image_loader() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that read prompts' input images, one pool per process (PIL decodes and resizes
+    without the GIL)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                 thread_name_prefix="mg5jax-input-images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +242,10 @@ class InterleavedGenerator:
             raise ValueError(f"image size {size} (data.output_image_size): {problem}")
         self.latent_size = (size // vae_factor, size // vae_factor)
         # wall seconds of the last call's phases: "prepare_s" (tokens and input images, on the host),
-        # "text_s" (splice and decode, until the ids reach the host), "images_s" (conditioning and
-        # sampler, until the pixels do; "sampler_s" of it in the sampler), "respond_s" (the responses' text)
+        # "text_s" (splice and decode, until the ids reach the host; in `stream`, with the time the
+        # caller spends between chunks), "images_s" (conditioning and sampler, until the pixels do;
+        # "sampler_s" of it in the sampler), "respond_s" (the responses' text)
         self.timings: dict[str, float] = {}
-        self._text_start: float | None = None  # when the last prompts were prepared (None: finished)
-        self._image_loader = concurrent.futures.ThreadPoolExecutor(  # PIL decodes and resizes without the GIL
-            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="mg5jax-input-images")
         PIL.Image.preinit()  # PIL's common file formats, imported now rather than by the first prompt's image
 
     # ----------------------------------------------------------------------------------------- prompts
@@ -276,29 +283,31 @@ class InterleavedGenerator:
             return image_ops.input_image_pixels(image_ops.load_image(path), size=s)
 
         paths = [path for _, _, path in slots]
-        loaded = self._image_loader.map(load, paths) if len(paths) > 1 else map(load, paths)
+        loaded = _image_loader().map(load, paths) if len(paths) > 1 else map(load, paths)
         for (i, k, _), pixels in zip(slots, loaded):
             batch["input_images"][i, k] = pixels
             batch["input_image_mask"][i, k] = True
         return batch
 
-    def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> dict:
+    def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> tuple[dict, float]:
+        """The decode loop's arguments, and when the prompts were prepared (`timings` starts anew)."""
         start = time.perf_counter()
         batch = self.prepare(prompts)
-        self._text_start = time.perf_counter()
-        self.timings = {"prepare_s": self._text_start - start}
+        prepared = time.perf_counter()
+        self.timings = {"prepare_s": prepared - start}
         embeds, mask = _splice_program(*self._prompt_split, batch)
         # text under fold_in(key, 0), image noise under fold_in(key, 1): no decode step shares a key with an image
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
-                    key=jax.random.fold_in(key, 0), row_seeds=np.asarray([p.seed for p in prompts], np.int32))
+                    key=jax.random.fold_in(key, 0),
+                    row_seeds=np.asarray([p.seed for p in prompts], np.int32)), prepared
 
     # -------------------------------------------------------------------------------------- generation
 
     def __call__(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None) -> list[Response]:
         """Generate a response for every prompt (text, then all images of the batch at once)."""
         key = jax.random.key(0) if key is None else key
-        out = generate(self._llm_split, **self._decode_args(prompts, key))
-        return self.finish(prompts, out, key)
+        args, prepared = self._decode_args(prompts, key)
+        return self._finish(prompts, generate(self._llm_split, **args), key, prepared)
 
     def stream(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None,
                chunk_steps: int = 8) -> Iterator[tuple[int, str] | list[Response]]:
@@ -306,7 +315,8 @@ class InterleavedGenerator:
         key = jax.random.key(0) if key is None else key
         ids_so_far: list[list[int]] = [[] for _ in prompts]
         text_so_far = [""] * len(prompts)
-        for chunk in generate_stream(self._llm_split, **self._decode_args(prompts, key), chunk_steps=chunk_steps):
+        args, prepared = self._decode_args(prompts, key)
+        for chunk in generate_stream(self._llm_split, **args, chunk_steps=chunk_steps):
             for row, ids in enumerate(chunk.new_ids):
                 if len(ids):
                     # the whole row decoded each time: a chunk decoded alone loses the space SentencePiece
@@ -319,17 +329,20 @@ class InterleavedGenerator:
                     if new:
                         yield row, new
             if chunk.output is not None:
-                yield self.finish(prompts, chunk.output, key)
+                yield self._finish(prompts, chunk.output, key, prepared)
 
     def finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array) -> list[Response]:
         """Map every voken window to conditioning, render the images, split the text around them."""
+        self.timings = {}
+        return self._finish(prompts, out, key, None)
+
+    def _finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array,
+                prepared: float | None) -> list[Response]:
+        """`finish`, timing the text phase from `prepared` (when the prompts were prepared) if given."""
         counts = np.asarray(out.insertion_counts)
         images_start = time.perf_counter()
-        if self._text_start is None:  # `finish` called on its own: no text phase of ours to time
-            self.timings = {}
-        else:
-            self.timings["text_s"] = images_start - self._text_start
-            self._text_start = None
+        if prepared is not None:
+            self.timings["text_s"] = images_start - prepared
         windows = out.insertion_hidden  # [B, K, W, D]
         b, k = counts.shape[0], windows.shape[1]
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]

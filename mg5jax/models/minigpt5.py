@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mg5jax.data.images import clip_normalize
+from mg5jax.data.images import clip_normalize_table
 from mg5jax.data.tokenization import IGNORE_INDEX
 from mg5jax.diffusion import schedulers
 from mg5jax.models.clip_text import CLIPTextModel
@@ -245,7 +245,7 @@ def _causal_lm_loss(logits: jax.Array, labels: jax.Array, groups: int) -> jax.Ar
 def embed_images(vision: VisionEncoder | None, batch: dict, dtype) -> jax.Array:
     """Input-image embeddings `[B, M, Q, D]` in `dtype`: precomputed `input_image_features`, or
     `input_images [B, M, 3, H, W]` through the vision encoder, CLIP-normalized float32 or uint8 pixels
-    (resized and cropped; normalized here as `input_image_transform` does on the host)."""
+    (resized and cropped; normalized here to exactly the values `input_image_transform` gives on the host)."""
     if "input_image_features" in batch:
         return batch["input_image_features"].astype(dtype)
     pixels = batch["input_images"]
@@ -253,7 +253,7 @@ def embed_images(vision: VisionEncoder | None, batch: dict, dtype) -> jax.Array:
     if vision is None:
         raise ValueError("batch has input_images but the model has no vision encoder")
     if pixels.dtype == jnp.uint8:
-        pixels = clip_normalize(pixels)
+        pixels = jnp.asarray(clip_normalize_table())[jnp.arange(3)[:, None, None], pixels]
     feats = vision(pixels.reshape(b * m, *pixels.shape[2:]))
     return feats.reshape(b, m, *feats.shape[1:]).astype(dtype)
 
