@@ -71,9 +71,14 @@ def _to_chw_uint8(img: Image.Image, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1] (torchvision ``ToTensor``'s scaling)."""
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
 def _to_chw_unit(img: Image.Image, flip: bool) -> np.ndarray:
     """RGB PIL -> float32 [3, H, W] in [0, 1] (torchvision ``ToTensor``), optionally mirrored left-right."""
-    return _to_chw_uint8(img, flip).astype(np.float32) / np.float32(255.0)
+    return _unit(_to_chw_uint8(img, flip))
 
 
 def input_image_pixels(img: Image.Image, size: int = 224, flip: bool = False) -> np.ndarray:
@@ -86,7 +91,7 @@ def clip_normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels `[..., 3, H, W]` -> float32 CLIP-normalized (``ToTensor`` + ``Normalize``)."""
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
-    return (pixels.astype(np.float32) / np.float32(255.0) - mean) / std
+    return (_unit(pixels) - mean) / std
 
 
 @functools.cache

@@ -140,10 +140,16 @@ class PackedLinear(nnx.Module):
     logical name. Inference only: the FFI call has no gradient.
     """
 
+    @staticmethod
+    def accepts(layer: nnx.Module) -> bool:
+        """Whether `layer` is a plain `nnx.Linear` with fp32 weights and compute."""
+        return type(layer) is nnx.Linear and layer.kernel.dtype == jnp.float32 and layer.dtype in (None, jnp.float32)
+
     def __init__(self, base: nnx.Linear):
+        if not PackedLinear.accepts(base):
+            raise TypeError(f"PackedLinear takes an fp32 layer (a plain nnx.Linear); got {type(base).__name__}, kernel "
+                            f"{base.kernel.dtype}, compute dtype {base.dtype}")
         kernel = base.kernel[...]
-        if kernel.dtype != jnp.float32 or (base.dtype not in (None, jnp.float32)):
-            raise TypeError(f"PackedLinear takes an fp32 layer; got kernel {kernel.dtype}, compute dtype {base.dtype}")
         in_axis, _ = base.kernel.get_metadata().get("out_sharding") or (None, None)
         self.in_features, self.out_features = kernel.shape
         self.packed = nnx.Param(pack(kernel), out_sharding=(None, in_axis, None))

@@ -581,24 +581,19 @@ def prepare_for_decoding(model: LlamaForCausalLM) -> dict:
         if mlp.gate_up_proj is None and _fusable([mlp.gate_proj, mlp.up_proj]):
             mlp.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj], ("embed", "mlp"))
             mlp.gate_proj = mlp.up_proj = None
-    if not _on_one_cpu(model):
-        reason = "the model is not on one CPU device"
-    else:
-        reason = cpu_decode.unavailable_reason()
+    reason = cpu_decode.unavailable_reason() if _on_one_cpu(model) else "the model is not on one CPU device"
     packed = 0
     if reason is None:
         owners = [(model, ("lm_head",))]
         for layer in model.model.layers:
             owners += [(layer.self_attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
                        (layer.mlp, ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))]
+            layer.self_attn.decode_kernel = True
         for owner, names in owners:
             for name in names:
-                m = getattr(owner, name)
-                if type(m) is nnx.Linear and m.kernel.dtype == jnp.float32 and m.dtype in (None, jnp.float32):
+                if cpu_decode.PackedLinear.accepts(m := getattr(owner, name)):
                     setattr(owner, name, cpu_decode.PackedLinear(m))
                     packed += 1
-        for layer in model.model.layers:
-            layer.self_attn.decode_kernel = True
     return {"fused_layers": fused, "packed_layers": packed, "not_packed": reason}
 
 
