@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as TorchLlama
 
@@ -66,9 +67,10 @@ def bench_torch(model, ids: np.ndarray, max_new: int, repeats: int, threads: int
 def bench_jax(model, ids: np.ndarray, max_new: int, repeats: int, sampling: dict) -> tuple[float, float, np.ndarray]:
     cfg = SamplingConfig(max_new_tokens=max_new, **sampling)
     x = jnp.asarray(ids)
+    split = nnx.split(model)  # as a caller that decodes often does (generate's docstring)
 
     def run():
-        return jax.block_until_ready(generate(model, input_ids=x, config=cfg, key=jax.random.key(0)))
+        return jax.block_until_ready(generate(split, input_ids=x, config=cfg, key=jax.random.key(0)))
 
     t0 = time.perf_counter()
     run()

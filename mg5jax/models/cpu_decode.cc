@@ -1,7 +1,7 @@
-// CPU kernels for the steps of a KV-cache decode (fp32, AVX2 + FMA), as XLA FFI handlers that share
+// CPU kernels for LLM inference (fp32, AVX2 + FMA): KV-cache decode steps and prefills, as XLA FFI handlers that share
 // their work out to XLA's intra-op threads. Built and registered by cpu_decode.py.
 //
-// Mg5jaxPackedMatmul: `y [..., N] = x [..., K] @ w [K, N]` for a few rows, with `w` packed ahead of
+// Mg5jaxPackedMatmul: `y [..., N] = x [..., K] @ w [K, N]` (decode steps and prefills), with `w` packed ahead of
 // time into 16-column panels `p [ceil(N / 16), K, 16]` (zero-padded) so that each panel is one
 // contiguous stream. Each panel meets every block of up to six rows while it is in cache.
 //
