@@ -70,8 +70,7 @@ def run(cfg) -> int:
     global_batch = d.per_device_batch_size * jax.device_count()
     t = cfg.trainer.to_dict()
     opt = t["optimizer"]
-    if opt["grad_accum_steps"] is None:
-        opt["grad_accum_steps"] = max(1, d.effective_batch_size // global_batch)
+    opt["grad_accum_steps"] = build.grad_accum_steps(cfg, global_batch)
     # a resume under another batch schedule is refused by the trainer too, but only once the weights are in
     try:
         saved = recorded_config(cfg.trainer.workdir)
@@ -81,9 +80,15 @@ def run(cfg) -> int:
                    {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"]})
     mesh = parallel.make_mesh(**cfg.trainer.mesh.to_dict())
     check_training_mesh(mesh)
-    built = build.build_model(cfg, train=True, mesh=mesh)  # weights read straight into their shardings
+    # the data before any weights: a malformed row or a missing image costs seconds, not a model load
+    tokenizer = build.load_tokenizer(cfg)
     train_samples = build.read_samples(d.kind, d.train_path, test=False, seed=cfg.seed, strict=d.strict,
-                                       tokenizer=built.tokenizer, field="data.train_path", required=True)
+                                       tokenizer=tokenizer, field="data.train_path", required=True)
+    val_samples = []
+    if d.val_path:
+        val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
+                                         tokenizer=tokenizer, field="data.val_path")
+    built = build.build_model(cfg, train=True, mesh=mesh, tokenizer=tokenizer)  # straight into their shardings
     t["eval_every"] = build.eval_every(cfg, len(train_samples), global_batch)
     if opt["total_steps"] is None and t["num_steps"]:  # the schedule ends where the run does
         opt["total_steps"] = max(1, t["num_steps"] // opt["grad_accum_steps"])
@@ -102,10 +107,7 @@ def run(cfg) -> int:
     train_builder = build.make_builder(cfg, built, per_process, train=True)
     train_ds = pipeline.make_dataset(train_samples, train_builder, seed=cfg.seed, shuffle=d.shuffle, num_epochs=None)
     eval_data = None
-    val_samples = []
     if d.val_path:
-        val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
-                                         tokenizer=built.tokenizer, field="data.val_path")
         if not val_samples:
             log.warning("data.val_path %s gives no samples: no validation", d.val_path)
         elif len(val_samples) < global_batch:

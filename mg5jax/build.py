@@ -93,7 +93,31 @@ def scheduler_config(sd_path) -> dict:
     return read_json(pathlib.Path(sd_path) / "scheduler" / "scheduler_config.json", "model.sd_path")
 
 
-def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sharding.Mesh | None = None) -> Built:
+def load_tokenizer(cfg) -> MiniGPT5Tokenizer:
+    """The LLM's tokenizer with the voken tokens (no weights: a caller reads its data with it first)."""
+    require_dir(cfg.model.llm_path, "model.llm_path")
+    return MiniGPT5Tokenizer.from_pretrained(pathlib.Path(cfg.model.llm_path), num_vokens=cfg.model.num_vokens)
+
+
+def grad_accum_steps(cfg, global_batch: int) -> int:
+    """`trainer.optimizer.grad_accum_steps`, or, when it is None, the micro-steps per update that come
+    closest to `data.effective_batch_size` without passing it; a batch that misses it is logged as a warning."""
+    given = cfg.trainer.optimizer.grad_accum_steps
+    if given is not None:
+        return given
+    wanted = cfg.data.effective_batch_size
+    steps = max(1, wanted // global_batch)
+    if steps * global_batch != wanted:
+        log.warning("data.effective_batch_size=%d is not a multiple of the global batch %d (data.per_device_batch_size"
+                    " %d × %d devices): updates average %d examples instead. Choose the batch per device so that it "
+                    "divides, or set trainer.optimizer.grad_accum_steps", wanted, global_batch,
+                    cfg.data.per_device_batch_size, global_batch // cfg.data.per_device_batch_size,
+                    steps * global_batch)
+    return steps
+
+
+def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sharding.Mesh | None = None,
+                tokenizer: MiniGPT5Tokenizer | None = None) -> Built:
     """Load every pretrained part named in `cfg.model`, add the voken rows (and LoRA), build the mapper.
     With `mesh`, the pretrained weights are read straight into their shardings (a 7B LLM never sits whole
     on one device).
@@ -102,7 +126,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
     in fp32. With `model.init_from` set (and `init_from`), the trainable params of that run
     (`load_trainable`) or of the released `stage1_cc3m.ckpt` (a `.ckpt` file: fc, queries, voken rows,
     mapper) are loaded. For inference (`train=False`) no remat, no caption text encoder, and the voken
-    rows in the frozen dtype.
+    rows in the frozen dtype. `tokenizer`: the one `load_tokenizer` gave, when the caller has it already.
     """
     m = cfg.model
     frozen = config_dtype(m.frozen_dtype, "model.frozen_dtype")
@@ -118,7 +142,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
         schedule_cfg, where=f"{sd_dir / 'scheduler' / 'scheduler_config.json'} (model.sd_path)",
         prediction_types=("epsilon",) if train else schedulers.NoiseSchedule.PREDICTION_TYPES)
 
-    tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
+    tokenizer = tokenizer or MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
                                            remat=llm_remat(cfg) if train else False, mesh=mesh)

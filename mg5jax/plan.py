@@ -36,7 +36,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mg5jax import parallel
-from mg5jax.build import config_dtype, llm_remat, minigpt5_config, quantize_for_inference, voken_row_masks
+from mg5jax.build import (config_dtype, grad_accum_steps, llm_remat, minigpt5_config, quantize_for_inference,
+                          voken_row_masks)
 from mg5jax.cli import parse_flags
 from mg5jax.convert.keymap import abstract_rngs
 from mg5jax.diffusion import schedulers
@@ -410,8 +411,7 @@ def _place_batch(batch: dict, mesh: Mesh) -> dict:
 def optimizer_config(cfg, global_batch: int) -> OptimizerConfig:
     """The run's optimizer settings, with accumulation derived as train.py does."""
     opt = cfg.trainer.optimizer.to_dict()
-    if opt["grad_accum_steps"] is None:
-        opt["grad_accum_steps"] = max(1, cfg.data.effective_batch_size // global_batch)
+    opt["grad_accum_steps"] = grad_accum_steps(cfg, global_batch)
     if opt["total_steps"] is None:
         opt["total_steps"] = OptimizerConfig.total_steps
     return OptimizerConfig.from_dict(opt)

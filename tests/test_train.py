@@ -3,6 +3,7 @@ the same step on 1 device and on 8-device meshes, frozen parameters and old voca
 and train.py's one-line errors for bad overrides, missing weights and missing images."""
 
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -433,6 +434,20 @@ def test_the_llm_remat_policy_comes_from_the_config():
     assert build.llm_remat(cfg) is False
 
 
+def test_accumulation_comes_from_the_effective_batch(caplog):
+    from configs import stage2_vist
+
+    cfg = stage2_vist.get_config()  # 48 per update, 2 per device
+    with caplog.at_level(logging.WARNING, logger="mg5jax.build"):
+        assert build.grad_accum_steps(cfg, 2 * 8) == 3
+        assert not caplog.records
+        assert build.grad_accum_steps(cfg, 2 * 5) == 4
+    assert ("data.effective_batch_size=48 is not a multiple of the global batch 10 (data.per_device_batch_size 2 × 5 "
+            "devices): updates average 40 examples instead") in caplog.text
+    cfg.trainer.optimizer.grad_accum_steps = 7  # given: taken as it is
+    assert build.grad_accum_steps(cfg, 10) == 7
+
+
 def test_stage_configs_validate_as_often_per_epoch_as_the_original():
     from configs import demo, stage1_cc3m, stage2_vist
 
@@ -475,6 +490,7 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: ") and "missing.png" in last, last
+    assert "loading" not in r.stderr  # found before any weights load
     # a workdir whose newest checkpoint ran another batch schedule: refused before any weights load
     run = tmp_path / "run"
     (run / "checkpoints" / "4" / "meta").mkdir(parents=True)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -20,7 +21,7 @@ from flax import nnx
 from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
 from _multiprocess import run_two_processes
 from mg5jax.convert.sources import CheckpointError
-from mg5jax.training.checkpoint import read_params, trained_params_dir
+from mg5jax.training.checkpoint import Checkpointer, read_params, trained_params_dir
 from mg5jax.training.optimizer import OptimizerConfig
 from mg5jax.training.trainer import (MeshConfig, NonFiniteLossError, Trainer, TrainerConfig, deterministic_ops_enabled,
                                      request_deterministic_ops)
@@ -258,6 +259,18 @@ def test_nan_stops_keeps_last_good_checkpoint_and_corrupt_resume_names_path(tmp_
                                               f"the older checkpoint 2, move {tmp_path / 'checkpoints' / '4'} away"):
         resumed.fit(ToyIterator(), num_steps=10)
     resumed.close()
+
+
+def test_a_truncated_array_file_is_named(tmp_path):
+    """TensorStore's own message gives only the index read; the error names the array and the file's fault."""
+    params = nnx.State({"embed": nnx.Param(jnp.arange(4096, dtype=jnp.float32))})
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(1, params=params, opt_state=params, data_state={"index": 1})
+    data = max((tmp_path / "1" / "params").rglob("ocdbt.process_*/d/*"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / '1'}: cannot restore training checkpoint (") +
+                       r'.*; caused by .*Error reading "embed\.value/0".*not valid for value of size'):
+        checkpointer.restore(params, params)
 
 
 def test_ctrl_c_saves_and_stops_and_a_changed_setting_is_named_on_resume(tmp_path, initial_state, caplog):

@@ -276,11 +276,20 @@ def read_params(params_dir: pathlib.Path) -> Any:
         absl_log.removeFilter(_no_item_metadata_warning)
 
 
-def _reason(e: Exception) -> str:
-    """An orbax error in a line: TensorStore appends its whole spec (tens of lines) to its message."""
-    lines = str(e).split(" See full TensorStore details")[0].strip().splitlines() or [""]
-    cut = len(lines) > 1 or len(lines[0]) > 300
-    return f"{type(e).__name__}: {lines[0][:300]}{' …' if cut else ''}"
+def _reason(e: BaseException) -> str:
+    """An orbax error in a line. TensorStore appends its whole spec (tens of lines) to its message, and only
+    the error that caused it names the array that failed (e.g. `Error reading "opt.mu.value/0"` for a
+    truncated file), so that one is added."""
+    def line(x: BaseException) -> str:
+        lines = str(x).split(" See full TensorStore details")[0].strip().splitlines() or [""]
+        cut = len(lines) > 1 or len(lines[0]) > 300
+        return f"{type(x).__name__}: {lines[0][:300]}{' …' if cut else ''}"
+
+    root, seen = e, {id(e)}
+    while (inner := root.__cause__ or root.__context__) is not None and id(inner) not in seen:
+        root = inner
+        seen.add(id(inner))
+    return line(e) if root is e else f"{line(e)}; caused by {line(root)}"
 
 
 def _no_item_metadata_warning(record: logging.LogRecord) -> bool:
