@@ -187,11 +187,9 @@ def check_prompts(prompts, labels: list[str], cfg, max_tokens: int) -> None:
     """Refuse, before any model loads, what generation would refuse after (`prompt_problem`, with the
     tokenizer alone)."""
     from mg5jax import build
-    from mg5jax.data.tokenization import MiniGPT5Tokenizer
     from mg5jax.generation.interleaved import prompt_problem
 
-    llm_dir = build.require_dir(cfg.model.llm_path, "model.llm_path")
-    tokenizer = MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=cfg.model.num_vokens)
+    tokenizer = build.load_tokenizer(cfg)
     for prompt, where in zip(prompts, labels):
         problem = prompt_problem(prompt, tokenizer.encode(prompt.text), tokenizer,
                                  max_input_images=cfg.data.max_input_images, has_vision=cfg.model.vision.kind != "none",

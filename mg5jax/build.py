@@ -142,7 +142,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
         schedule_cfg, where=f"{sd_dir / 'scheduler' / 'scheduler_config.json'} (model.sd_path)",
         prediction_types=("epsilon",) if train else schedulers.NoiseSchedule.PREDICTION_TYPES)
 
-    tokenizer = tokenizer or MiniGPT5Tokenizer.from_pretrained(llm_dir, num_vokens=m.num_vokens)
+    tokenizer = tokenizer or load_tokenizer(cfg)
     llm = LlamaForCausalLM.from_pretrained(llm_dir, dtype=compute, param_dtype=frozen, attn_impl=m.attn_impl,
                                            residual_dtype=config_dtype(m.residual_dtype, "model.residual_dtype"),
                                            remat=llm_remat(cfg) if train else False, mesh=mesh)

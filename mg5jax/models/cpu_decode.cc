@@ -1,8 +1,8 @@
-// CPU kernels for LLM inference (fp32, AVX2 + FMA): KV-cache decode steps and prefills, as XLA FFI handlers that share
-// their work out to XLA's intra-op threads. Built and registered by cpu_decode.py.
+// CPU kernels for LLM inference (fp32, AVX2 + FMA): KV-cache decode steps and prefills, as XLA FFI
+// handlers that share their work out to XLA's intra-op threads. Built and registered by cpu_decode.py.
 //
-// Mg5jaxPackedMatmul: `y [..., N] = x [..., K] @ w [K, N]` (decode steps and prefills), with `w` packed ahead of
-// time into 16-column panels `p [ceil(N / 16), K, 16]` (zero-padded) so that each panel is one
+// Mg5jaxPackedMatmul: `y [..., N] = x [..., K] @ w [K, N]` for any number of rows, with `w` packed ahead
+// of time into 16-column panels `p [ceil(N / 16), K, 16]` (zero-padded) so that each panel is one
 // contiguous stream. Each panel meets every block of up to six rows while it is in cache.
 //
 // Mg5jaxDecodeAttention: one query per row against its KV cache, softmax(q k^T * scale) v over the
