@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 from flax import nnx
@@ -36,7 +35,7 @@ from mg5jax.diffusion.sampler import GuidedSampler
 from mg5jax.diffusion.schedulers import make_scheduler
 from mg5jax.generation.decode import ForcedInsertion, GenerationOutput, generate, generate_stream
 from mg5jax.generation.sampling import SamplingConfig
-from mg5jax.models.minigpt5 import PromptEncoder, map_vokens
+from mg5jax.models.minigpt5 import PromptEncoder, map_vokens, uncond_vokens
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +73,10 @@ def _splice(graphdef, state, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def _conditioning(graphdef, state, windows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative (the mapped all-zero window,
-    `MiniGPT5.uncond_conditioning`) for as many images, from the split mapper: one program."""
+    """U-Net conditioning of voken windows `[N,W,D]` and the CFG negative for as many images, from the
+    split mapper: one program."""
     mapper = nnx.merge(graphdef, state)
-    return map_vokens(mapper, windows), map_vokens(mapper, jnp.zeros(windows.shape, jnp.float32))
+    return map_vokens(mapper, windows), uncond_vokens(mapper, *windows.shape)
 
 
 _splice_program = aot.Program(_splice, static_argnums=(0,))

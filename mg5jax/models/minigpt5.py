@@ -126,7 +126,7 @@ class MiniGPT5(nnx.Module):
 
     def uncond_conditioning(self, n: int) -> jax.Array:
         """The classifier-free-guidance negative: the mapped all-zero voken window, `[n,N,C]`."""
-        return map_vokens(self.mapper, jnp.zeros((n, self.config.num_vokens, self.llm.config.hidden_size)))
+        return uncond_vokens(self.mapper, n, self.config.num_vokens, self.llm.config.hidden_size)
 
     def encode_captions(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Frozen CLIP-text features of captions (with their attention mask, as the original)."""
@@ -299,6 +299,11 @@ def map_vokens(mapper: VokenMapper, windows: jax.Array, drop: jax.Array | None =
     if drop is not None:
         windows = jnp.where(drop[:, None, None], 0.0, windows)
     return mapper(windows)
+
+
+def uncond_vokens(mapper: VokenMapper, n: int, window: int, dim: int) -> jax.Array:
+    """The classifier-free-guidance negative `[n,N,C]`: the mapped all-zero voken window `[window, dim]`."""
+    return map_vokens(mapper, jnp.zeros((n, window, dim), jnp.float32))
 
 
 class PromptEncoder(nnx.Module):
