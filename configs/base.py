@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mapper.dec_layers = 4  # nn.Transformer decoder layers
     c.model.mapper.heads = 8  # attention heads (torch default)
     c.model.mapper.ff = 4096  # feed-forward width
-    c.model.train_new_rows_only = True  # embed_tokens / lm_head: only the added voken rows may change
+    c.model.train_new_rows_only = True  # embed_tokens / lm_head: only the added voken rows change (and hold Adam state)
     c.model.init_from = ""  # seeds the trainable params (stage 2): our stage-1 run dir or the official stage1_cc3m.ckpt
 
     # --- the objective -----------------------------------------------------------------------------

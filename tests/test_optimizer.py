@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _fixtures_training import RULES, VOKEN_ROWS, ToyModel, voken_row_mask
+from _fixtures_training import DIM, HIDDEN, RULES, VOCAB, VOKEN_ROWS, ToyModel, voken_row_mask
 from mg5jax.training.optimizer import OptimizerConfig, build_optimizer, linear_warmup_decay, resolve_trainable
 
 
@@ -105,6 +105,47 @@ def test_adamw_groups_decay_and_masks_match_torch_formula(toy_init):
     initial = flat(toy_init)
     for name in ("backbone.kernel", "backbone.bias"):  # frozen: bit-identical, no weight decay
         np.testing.assert_array_equal(got[name], initial[name])
+
+
+@pytest.mark.parametrize("kind", ["rows", "scattered rows", "elementwise"])
+def test_update_masks_keep_state_for_selected_rows_only(toy_init, kind):
+    """A mask letting whole rows through keeps AdamW's moments (and the accumulator) for those rows alone;
+    scattered rows, a mask on the other axis and an elementwise mask give the same updates as the
+    torch formula with the mask multiplied in."""
+    mask = {"rows": voken_row_mask(), "scattered rows": np.zeros((VOCAB, 1), np.float32),
+            "elementwise": np.zeros((VOCAB, DIM), np.float32)}[kind]
+    if kind == "scattered rows":
+        mask[[1, 5, 6, 14]] = 1.0
+    elif kind == "elementwise":
+        mask[12:, :3] = 1.0
+    head_mask = np.zeros((1, DIM), np.float32)
+    head_mask[0, [2, 3]] = 1.0  # output columns of head.kernel [HIDDEN, DIM]
+    cfg = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=6, weight_decay=0.1, grad_accum_steps=2,
+                          trainable=RULES)
+    model = fresh_model(toy_init)
+    tx, wrt = build_optimizer(model, cfg, update_masks={"embed": mask, "head.kernel": head_mask})
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    state_shapes = {".".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(optimizer))}
+    rows = {"rows": 4, "scattered rows": 4, "elementwise": VOCAB}[kind]
+    for part in ("mu", "nu"):
+        assert [s for p, s in state_shapes.items() if p.endswith(f"{part}.embed")] == [(rows, DIM)]
+        assert [s for p, s in state_shapes.items() if p.endswith(f"{part}.head.kernel")] == [(HIDDEN, 2)]
+    assert [s for p, s in state_shapes.items() if p.endswith("acc_grads.embed")] == [(rows, DIM)]
+
+    rng = np.random.default_rng(3)
+    trainable = flat(nnx.state(model, wrt))
+    micro = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in trainable.items()} for _ in range(6)]
+    for g in micro:
+        optimizer.update(model, grads_like(nnx.state(model, wrt), g))
+    got = flat(nnx.state(model, wrt))
+    mean_grads = [{k: (a[k] + b[k]) / 2 for k in a} for a, b in zip(micro[::2], micro[1::2])]
+    base_lrs = [cfg.learning_rate * hf_lambda(n, 0, cfg.total_steps) for n in range(3)]
+    for name, m, mult in (("embed", mask, 1.0), ("head.kernel", head_mask, 10.0)):
+        want = reference_adamw(trainable[name], [g[name] * m for g in mean_grads], base_lrs, mult, m, cfg)
+        np.testing.assert_allclose(got[name] - trainable[name], want - trainable[name], rtol=1e-4, atol=1e-9,
+                                   err_msg=name)
+        still = np.broadcast_to(m, got[name].shape) == 0
+        np.testing.assert_array_equal(got[name][still], trainable[name][still])  # bit-identical
 
 
 def test_gradient_accumulation_applies_the_mean_every_k(toy_init):

@@ -10,6 +10,10 @@ parameter's lr = base lr × multiplier × the HF linear warmup/decay factor of t
 count (REFERENCE §5.2-5.3). Gradient accumulation uses `optax.MultiSteps`: every call is one
 micro-batch, the accumulated mean gradient is applied every `grad_accum_steps` calls, and the
 schedule counts applied updates only.
+
+An update mask that lets whole rows through (the new voken rows of embed_tokens / lm_head) keeps
+optimizer state for those rows only: AdamW's moments (and MultiSteps' accumulator) of a
+[32009, 4096] embedding shrink to [9, 4096], and the update touches 9 rows instead of all.
 """
 
 from __future__ import annotations
@@ -205,6 +209,67 @@ def resolve_masks(masks: UpdateMasks | None, state: nnx.State) -> dict[str, np.n
     return out
 
 
+RowSelection = tuple[int, "slice | np.ndarray"]  # (axis, the indices along it that may move)
+
+
+def _row_selection(mask: np.ndarray, shape: tuple[int, ...]) -> RowSelection | None:
+    """`(axis, indices)` when `mask` is 0/1 and varies along one axis of `shape` only (it lets whole rows
+    through), with a contiguous run of indices as a slice; None for any other mask."""
+    varying = [i for i, n in enumerate(mask.shape) if n != 1]
+    if len(varying) != 1 or not np.isin(mask, (0.0, 1.0)).all():
+        return None
+    rows = np.flatnonzero(mask.reshape(-1))
+    if rows.size == 0:
+        return None
+    axis = len(shape) - mask.ndim + varying[0]  # masks broadcast from the right
+    contiguous = rows[-1] - rows[0] + 1 == rows.size
+    return axis, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+
+
+def _on_rows(inner: optax.GradientTransformation, selections: Mapping[str, RowSelection]
+             ) -> optax.GradientTransformation:
+    """`inner` applied to the selected rows of the listed params only: its state holds those rows alone
+    (their logical sharding name dropped on the row axis, the rows being few), and every other row's
+    update is exactly zero."""
+
+    def index(axis: int, rows) -> tuple:
+        return (slice(None),) * axis + (rows,)
+
+    def take(tree):
+        def one(keypath, x):
+            selection = selections.get(_keypath_str(keypath))
+            if selection is None:
+                return x
+            axis, rows = selection
+            if isinstance(x, nnx.Variable):  # init sees Variables: keep their metadata, minus the row axis' name
+                names = x.get_metadata().get("out_sharding")
+                extra = {"out_sharding": tuple(None if i == axis else n for i, n in enumerate(names))} if names else {}
+                return x.replace(x.get_value()[index(axis, rows)], **extra)
+            return x[index(axis, rows)]
+
+        return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def init(params):
+        return inner.init(take(params))
+
+    def update(updates, state, params=None):
+        small, state = inner.update(take(updates), state, None if params is None else take(params))
+
+        def put(keypath, full, u):
+            selection = selections.get(_keypath_str(keypath))
+            return u if selection is None else jnp.zeros_like(full).at[index(*selection)].set(u)
+
+        return jax.tree_util.tree_map_with_path(put, updates, small), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _taken_shape(shape: tuple[int, ...], selection: RowSelection) -> tuple[int, ...]:
+    axis, rows = selection
+    n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+    return shape[:axis] + (n,) + shape[axis + 1:]
+
+
 def build_optimizer(
     model: nnx.Module, cfg: OptimizerConfig, *, update_masks: UpdateMasks | None = None
 ) -> tuple[optax.GradientTransformation, TrainableFilter]:
@@ -212,7 +277,8 @@ def build_optimizer(
 
     `update_masks` multiply the gradients before anything else (a masked entry, e.g. an embedding row
     that is not a voken, counts toward no clipping norm) and the *final* updates (after weight decay
-    and the lr), so it never moves. Use with `nnx.Optimizer(model, tx, wrt=filter)`.
+    and the lr), so it never moves. A 0/1 mask that selects whole rows does this by keeping only
+    those rows in the optimizer (`_on_rows`). Use with `nnx.Optimizer(model, tx, wrt=filter)`.
     """
     labels = resolve_trainable(model, cfg.trainable)
     multipliers = tuple((p, m) for p, m in labels.items() if m is not None)
@@ -220,7 +286,11 @@ def build_optimizer(
         raise ValueError(f"no trainable parameters: the rules {list(cfg.trainable)} match none of "
                          f"{len(labels)} params (first: {list(labels)[:3]})")
     wrt = TrainableFilter(multipliers)
-    masks = resolve_masks(update_masks, nnx.state(model, wrt))
+    state = nnx.state(model, wrt)
+    masks = resolve_masks(update_masks, state)
+    shapes = {_dotted(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+    selections = {p: sel for p, m in masks.items() if (sel := _row_selection(m, shapes[p])) is not None}
+    masks = {p: m for p, m in masks.items() if p not in selections}
     schedule = linear_warmup_decay(cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
     tx = optax.chain(
         _scale_by_path(masks),
@@ -233,9 +303,12 @@ def build_optimizer(
     )
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    if selections:
+        tx = _on_rows(tx, selections)
     groups: dict[float, int] = {}
     for _, m in multipliers:
         groups[m] = groups.get(m, 0) + 1
-    log.info("optimizer: %d trainable / %d params; lr multiplier groups %s; %d update masks",
-             len(multipliers), len(labels), groups, len(masks))
+    log.info("optimizer: %d trainable / %d params; lr multiplier groups %s; %d multiplicative update masks; "
+             "state for selected rows only: %s", len(multipliers), len(labels), groups, len(masks),
+             {p: f"{shapes[p]} -> {_taken_shape(shapes[p], sel)}" for p, sel in selections.items()} or "none")
     return tx, wrt
