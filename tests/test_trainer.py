@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _fixtures_training import RULES, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
+from _fixtures_training import DIM, RULES, VOCAB, VOKEN_ROWS, ToyIterator, ToyModel, make_batch, voken_row_mask
 from _multiprocess import run_two_processes
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.training.checkpoint import Checkpointer, read_params, trained_params_dir
@@ -271,6 +271,23 @@ def test_a_truncated_array_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / '1'}: cannot restore training checkpoint (") +
                        r'.*; caused by .*Error reading "embed\.value/0".*not valid for value of size'):
         checkpointer.restore(params, params)
+
+
+def test_an_array_saved_with_another_shape_is_named(tmp_path, initial_state):
+    """A checkpoint whose optimizer kept full-size moments for the embedding (an elementwise mask), resumed
+    by a run whose row mask keeps its 4 voken rows only: the error names the array and both shapes."""
+    cfg = TrainerConfig(workdir=str(tmp_path), optimizer=OPT, mesh=MeshConfig(data=1), async_checkpointing=False)
+    elementwise = np.broadcast_to(voken_row_mask(), (VOCAB, DIM)).copy()
+    first = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1], update_masks={"embed": elementwise})
+    first.train_step(make_batch(0))
+    first.save()
+    first.close()
+    second = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1],
+                     update_masks={"embed": voken_row_mask()})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"opt_state.2.mu.embed.value was saved with shape ({VOCAB}, {DIM}), and this run's is (4, {DIM})")):
+        second.restore_latest()
+    second.close()
 
 
 def test_ctrl_c_saves_and_stops_and_a_changed_setting_is_named_on_resume(tmp_path, initial_state, caplog):

@@ -146,6 +146,9 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(),
         )
         try:
+            # checked first: orbax's own error gives both shapes but not the array
+            if mismatch := _shape_mismatch(path / "params", params) or _shape_mismatch(path / "opt_state", opt_state):
+                raise ValueError(mismatch)
             restored = self._manager.restore(step, args=args)
             meta, data_state = restored["meta"], restored["data_state"]
             if not isinstance(meta, dict) or meta.get("step") != step:
@@ -274,6 +277,34 @@ def read_params(params_dir: pathlib.Path) -> Any:
         raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({_reason(e)})") from e
     finally:
         absl_log.removeFilter(_no_item_metadata_warning)
+
+
+def _stored_shapes(item_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """`{array name: shape}` as an item of a checkpoint records them (`opt_state.2.mu.embed.value`)."""
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_no_item_metadata_warning)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(item_dir)
+    finally:
+        absl_log.removeFilter(_no_item_metadata_warning)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {m.name: tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "name") and hasattr(m, "shape")}
+
+
+def _shape_mismatch(item_dir: pathlib.Path, target: Any) -> str | None:
+    """The first array of `target` that the checkpoint item holds with another shape, in words; None when
+    there is none or the item's metadata is unreadable (the restore then says what is wrong)."""
+    try:
+        stored = _stored_shapes(item_dir)
+    except Exception:  # noqa: BLE001 - a missing or corrupt item: orbax's own error says it
+        return None
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+        if name in stored and stored[name] != tuple(leaf.shape):
+            return (f"{name} was saved with shape {stored[name]}, and this run's is {tuple(leaf.shape)}: the "
+                    "checkpoint comes from another model or another optimizer layout")
+    return None
 
 
 def _reason(e: BaseException) -> str:
