@@ -308,7 +308,9 @@ def build_optimizer(
     groups: dict[float, int] = {}
     for _, m in multipliers:
         groups[m] = groups.get(m, 0) + 1
-    log.info("optimizer: %d trainable / %d params; lr multiplier groups %s; %d multiplicative update masks; "
-             "state for selected rows only: %s", len(multipliers), len(labels), groups, len(masks),
-             {p: f"{shapes[p]} -> {_taken_shape(shapes[p], sel)}" for p, sel in selections.items()} or "none")
+    notes = [f"{len(masks)} elementwise update masks"] if masks else []
+    notes += [f"state for {p}'s selected rows only: {shapes[p]} -> {_taken_shape(shapes[p], sel)}"
+              for p, sel in selections.items()]
+    log.info("optimizer: %d trainable / %d params; lr multiplier groups %s%s", len(multipliers), len(labels), groups,
+             "".join(f"; {n}" for n in notes))
     return tx, wrt
