@@ -39,7 +39,7 @@ from mg5jax import parallel
 from mg5jax.build import (config_dtype, grad_accum_steps, llm_remat, minigpt5_config, quantize_for_inference,
                           voken_row_masks)
 from mg5jax.cli import parse_flags
-from mg5jax.convert.keymap import abstract_rngs
+from mg5jax.convert.keymap import abstract_rngs, keypath_str
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
 from mg5jax.generation import decode, interleaved
@@ -265,14 +265,7 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def _flat(tree) -> dict[str, jax.ShapeDtypeStruct]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key(k) for k in path): x for path, x in leaves}
-
-
-def _key(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    return {keypath_str(path): x for path, x in leaves}
 
 
 def part_of(path: str) -> str:

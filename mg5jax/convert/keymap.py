@@ -154,6 +154,11 @@ class KeyMap:
         return any(p.search(key) for p in self.ignore)
 
 
+def keypath_str(keypath) -> str:
+    """A pytree key path (`jax.tree_util.tree_flatten_with_path`) as our dotted parameter path."""
+    return ".".join(str(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), k)) for k in keypath)
+
+
 def flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
     """`{dotted path: variable}` for every variable in `state`."""
     return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}

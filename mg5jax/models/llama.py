@@ -472,18 +472,6 @@ def add_voken_rows(model: LlamaForCausalLM, num_new: int, *, vocab_size: int | N
 VOCAB_PARAMS = r"(^|\.)(embed_tokens|lm_head)\."
 
 
-def _keystr(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 def keep_new_rows(model: nnx.Module, num_new: int, *, params: str = VOCAB_PARAMS) -> optax.GradientTransformation:
     """A stateless transform zeroing everything outside the last `num_new` vocab rows of the
     parameters whose dotted path matches `params` (embed_tokens and lm_head); other leaves pass.
@@ -506,7 +494,7 @@ def keep_new_rows(model: nnx.Module, num_new: int, *, params: str = VOCAB_PARAMS
         matched = []
 
         def one(path, u):
-            axis = axes.get(_keystr(path))
+            axis = axes.get(km.keypath_str(path))
             if axis is None or u is None:
                 return u
             matched.append(path)

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mg5jax.convert.keymap import keypath_str
 from mg5jax.convert.sources import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -263,24 +264,17 @@ def _read_best_meta(directory: pathlib.Path, step: int | None = None) -> dict:
 def read_params(params_dir: pathlib.Path) -> Any:
     """The params saved under `params_dir` as a tree of host arrays, whatever mesh or device count
     wrote them (orbax, left to itself, rebuilds the saving topology and refuses another one)."""
-    checkpointer = ocp.StandardCheckpointer()
-    absl_log = logging.getLogger("absl")
-    absl_log.addFilter(_no_item_metadata_warning)
     try:
-        meta = checkpointer.metadata(params_dir)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
+        tree = _item_metadata(params_dir)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-        return jax.tree.map(np.asarray, checkpointer.restore(params_dir, target))
+        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(params_dir, target))
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a bad directory
         raise CheckpointError(f"{params_dir}: cannot read checkpoint params ({_reason(e)})") from e
-    finally:
-        absl_log.removeFilter(_no_item_metadata_warning)
 
 
-def _stored_shapes(item_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
-    """`{array name: shape}` as an item of a checkpoint records them (`opt_state.2.mu.embed.value`)."""
+def _item_metadata(item_dir: pathlib.Path) -> Any:
+    """The tree of array metadata (name, shape, dtype) that a checkpoint item records."""
     absl_log = logging.getLogger("absl")
     absl_log.addFilter(_no_item_metadata_warning)
     try:
@@ -288,19 +282,19 @@ def _stored_shapes(item_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
     finally:
         absl_log.removeFilter(_no_item_metadata_warning)
     tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    return {m.name: tuple(m.shape) for m in jax.tree.leaves(tree) if hasattr(m, "name") and hasattr(m, "shape")}
+    return getattr(tree, "tree", tree)
 
 
 def _shape_mismatch(item_dir: pathlib.Path, target: Any) -> str | None:
     """The first array of `target` that the checkpoint item holds with another shape, in words; None when
     there is none or the item's metadata is unreadable (the restore then says what is wrong)."""
     try:
-        stored = _stored_shapes(item_dir)
+        leaves = jax.tree_util.tree_flatten_with_path(_item_metadata(item_dir))[0]
+        stored = {keypath_str(path): tuple(m.shape) for path, m in leaves}
     except Exception:  # noqa: BLE001 - a missing or corrupt item: orbax's own error says it
         return None
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-        name = ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+        name = keypath_str(keypath)
         if name in stored and stored[name] != tuple(leaf.shape):
             return (f"{name} was saved with shape {stored[name]}, and this run's is {tuple(leaf.shape)}: the "
                     "checkpoint comes from another model or another optimizer layout")

@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mg5jax.convert.keymap import keypath_str
+
 log = logging.getLogger(__name__)
 
 TrainableRules = Sequence[tuple[str, float | None]]
@@ -90,18 +92,6 @@ class OptimizerConfig:
 
 def _dotted(path: Sequence) -> str:
     return ".".join(map(str, path))
-
-
-def _keypath_str(keypath) -> str:
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
 
 
 def resolve_trainable(model: nnx.Module | nnx.State, rules: TrainableRules, *,
@@ -177,7 +167,7 @@ def _scale_by_path(factors: Mapping[str, np.ndarray | float]) -> optax.GradientT
         del params
 
         def scale(keypath, u):
-            factor = factors.get(_keypath_str(keypath))
+            factor = factors.get(keypath_str(keypath))
             return u if factor is None else u * jnp.asarray(factor, u.dtype)
 
         return jax.tree_util.tree_map_with_path(scale, updates), state
@@ -232,20 +222,17 @@ def _on_rows(inner: optax.GradientTransformation, selections: Mapping[str, RowSe
     (their logical sharding name dropped on the row axis, the rows being few), and every other row's
     update is exactly zero."""
 
-    def index(axis: int, rows) -> tuple:
-        return (slice(None),) * axis + (rows,)
-
     def take(tree):
         def one(keypath, x):
-            selection = selections.get(_keypath_str(keypath))
+            selection = selections.get(keypath_str(keypath))
             if selection is None:
                 return x
             axis, rows = selection
             if isinstance(x, nnx.Variable):  # init sees Variables: keep their metadata, minus the row axis' name
                 names = x.get_metadata().get("out_sharding")
                 extra = {"out_sharding": tuple(None if i == axis else n for i, n in enumerate(names))} if names else {}
-                return x.replace(x.get_value()[index(axis, rows)], **extra)
-            return x[index(axis, rows)]
+                return x.replace(x.get_value()[_index(axis, rows)], **extra)
+            return x[_index(axis, rows)]
 
         return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -256,18 +243,17 @@ def _on_rows(inner: optax.GradientTransformation, selections: Mapping[str, RowSe
         small, state = inner.update(take(updates), state, None if params is None else take(params))
 
         def put(keypath, full, u):
-            selection = selections.get(_keypath_str(keypath))
-            return u if selection is None else jnp.zeros_like(full).at[index(*selection)].set(u)
+            selection = selections.get(keypath_str(keypath))
+            return u if selection is None else jnp.zeros_like(full).at[_index(*selection)].set(u)
 
         return jax.tree_util.tree_map_with_path(put, updates, small), state
 
     return optax.GradientTransformation(init, update)
 
 
-def _taken_shape(shape: tuple[int, ...], selection: RowSelection) -> tuple[int, ...]:
-    axis, rows = selection
-    n = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-    return shape[:axis] + (n,) + shape[axis + 1:]
+def _index(axis: int, rows) -> tuple:
+    """The index taking `rows` along `axis`."""
+    return (slice(None),) * axis + (rows,)
 
 
 def build_optimizer(
@@ -309,8 +295,8 @@ def build_optimizer(
     for _, m in multipliers:
         groups[m] = groups.get(m, 0) + 1
     notes = [f"{len(masks)} elementwise update masks"] if masks else []
-    notes += [f"state for {p}'s selected rows only: {shapes[p]} -> {_taken_shape(shapes[p], sel)}"
-              for p, sel in selections.items()]
+    notes += [f"state for {p}'s selected rows only: {shapes[p]} -> {np.broadcast_to(0, shapes[p])[_index(*s)].shape}"
+              for p, s in selections.items()]
     log.info("optimizer: %d trainable / %d params; lr multiplier groups %s%s", len(multipliers), len(labels), groups,
              "".join(f"; {n}" for n in notes))
     return tx, wrt
