@@ -27,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mg5jax.cli import flags_parser
+from mg5jax.cli import flags_parser, logs_above_progress_bars
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).", lock_config=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
@@ -275,6 +275,7 @@ def check_run_config(cfg, run_dir: str) -> None:
 
 def run(cfg) -> int:
     import jax
+    from tqdm import tqdm
 
     from mg5jax import aot, build
     from mg5jax.convert.minigpt5 import import_official
@@ -341,21 +342,22 @@ def run(cfg) -> int:
     # written batch by batch: a later failure loses nothing before it
     report = ReportWriter(_OUT.value, run=recipe, overwrite=_OVERWRITE.value)
     responses = []
-    for start in range(0, len(prompts), _BATCH.value):
-        batch = prompts[start : start + _BATCH.value]
-        if _STREAM.value:
-            done = []
+    batches = [prompts[start : start + _BATCH.value] for start in range(0, len(prompts), _BATCH.value)]
+    if _STREAM.value:
+        for start, batch in zip(range(0, len(prompts), _BATCH.value), batches):
             for item in generator.stream(batch):
                 if isinstance(item, list):
-                    done = item
-                else:
-                    row, text = item
-                    if shown := _for_display(text):
-                        print(f"[{start + row}] {shown}", flush=True)
-        else:
-            done = generator(batch)
-        report.add(done)
-        responses.extend(done)
+                    report.add(item)
+                    responses.extend(item)
+                elif shown := _for_display(item[1]):
+                    print(f"[{start + item[0]}] {shown}", flush=True)
+    else:
+        # the next batch is prepared and its text decoded while this one's images render and are written
+        with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True) as bar:
+            for done in generator.generate_batches(batches):
+                report.add(done)
+                responses.extend(done)
+                bar.update(len(done))
     for i, r in enumerate(responses):
         print(f"[{i}] {r.text}")
     print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {report.index}")
@@ -373,6 +375,7 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("mg5jax").setLevel(logging.INFO)
+    logs_above_progress_bars()
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("infer.py: --config is required, e.g. --config configs/stage2_vist.py")

@@ -19,7 +19,7 @@ from absl import app
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mg5jax.cli import flags_parser
+from mg5jax.cli import flags_parser, logs_above_progress_bars
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
                                           lock_config=True)
@@ -165,6 +165,7 @@ def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/jax chatter
     logging.getLogger("mg5jax").setLevel(logging.INFO)  # what was loaded, with shapes and shardings
+    logs_above_progress_bars()
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("train.py: --config is required, e.g. --config configs/stage2_vist.py")

@@ -13,11 +13,17 @@ are preloaded in the background while the model loads (`model_load_s`; `--no_pre
 when first called instead, inside the cold start) and, on an accelerator, run once on zeros there
 (`--no_first_run` skips that); `start_to_first_response_s` counts the load too. The LLM is prepared for decoding
 (`prepare_for_decoding`, reported as `llm_prepared`).
+
+`sequential` and `pipelined` are what infer.py gets from a prompts file: `--stream_prompts` prompts (the
+eight with other seeds) in batches of 1 and of 8, one `__call__` after another or through
+`InterleavedGenerator.generate_batches`, which prepares the next batch and starts its text while the
+device renders this one's images.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import pathlib
@@ -44,6 +50,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--max_new_tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--stream_prompts", type=int, default=32,
+                    help="prompts of the sequential and pipelined runs (in batches of 1 and of 8)")
     ap.add_argument("--no_preload", action="store_true", help="load each stored program when first called")
     ap.add_argument("--no_first_run", action="store_true",
                     help="on an accelerator, do not run preloaded programs once on zeros while the model loads")
@@ -113,6 +121,29 @@ def main() -> None:
     result["cold_vs_steady_response"] = round(cold_s / steady_s, 2)
     result["start_to_first_response_s"] = round(model_load_s + cold_s, 2)
     result["programs_stored_at_start"] = programs_at_start
+
+    # what infer.py gets from a prompts file: N prompts in batches of 1 and of 8, one call after another
+    # against `generate_batches` (the next batch prepared and its text started while this one renders)
+    many = [dataclasses.replace(prompts[i % len(prompts)], seed=i) for i in range(args.stream_prompts)]
+
+    def run_all(size: int, pipelined: bool) -> tuple[float, list]:
+        batches = [many[i : i + size] for i in range(0, len(many), size)]
+        start = time.perf_counter()
+        out = [r for b in (gen.generate_batches(batches) if pipelined else map(gen, batches)) for r in b]
+        return time.perf_counter() - start, out
+
+    for pipelined in (False, True):
+        name = "pipelined" if pipelined else "sequential"
+        result[name] = {"prompts": len(many)}
+        for size in (1, 8):
+            run_all(size, pipelined)  # the render call sizes these seeds need
+            seconds, out = min((run_all(size, pipelined) for _ in range(args.repeats)), key=lambda run: run[0])
+            tokens, images = sum(len(r.token_ids) for r in out), sum(len(r.images) for r in out)
+            result[name][f"batch{size}"] = {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                                            "images_per_s": round(images / seconds, 2), "images": images,
+                                            "tokens": tokens}
+        result[name]["throughput_ratio_b8_vs_b1"] = round(
+            result[name]["batch1"]["seconds"] / result[name]["batch8"]["seconds"], 2)
     print(json.dumps(result, indent=2))
 
 

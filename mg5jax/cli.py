@@ -1,13 +1,16 @@
-"""What train.py and infer.py share before any model loads: flag parsing whose errors are one line."""
+"""What train.py and infer.py share before any model loads: flag parsing whose errors are one line, and
+log lines that keep clear of the progress bars."""
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import pathlib
 import sys
 
 from absl import flags
+from tqdm import tqdm
 
 
 def parse_flags(program: str, argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
@@ -87,3 +90,30 @@ def _unknown_override(argv: list[str], config: tuple[str, str | None]) -> str | 
                 return f"{flag}: the config has no field {field!r}" + (f" (did you mean {guess[0]!r}?)" if guess else "")
             node = node[field]
     return None
+
+
+class _AboveProgressBars(logging.Handler):
+    """A handler that clears the console's progress bars, lets `inner` write the record, and redraws them."""
+
+    def __init__(self, inner: logging.Handler):
+        super().__init__()
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.inner.level:
+            with tqdm.external_write_mode(file=sys.stderr):
+                self.inner.handle(record)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def logs_above_progress_bars() -> None:
+    """Have the root logger's handlers (absl's, once `app.run` started) write each record on its own line
+    above the progress bars, not on the line a bar is drawing."""
+    root = logging.getLogger()
+    root.handlers = [h if isinstance(h, _AboveProgressBars) else _AboveProgressBars(h) for h in root.handlers]

@@ -182,6 +182,27 @@ def test_streamed_text_is_the_response_text(parts, story_model):
         assert r.token_ids == singles[row].token_ids  # streaming samples what generating does
 
 
+def test_batches_in_a_pipeline_give_the_responses_of_single_calls(story_model):
+    """`generate_batches` (the next batch prepared and its text started while this one renders) gives
+    what `__call__` gives for each batch; a batch that cannot be prepared fails after the ones before it."""
+    _, gen, singles, _ = story_model
+    prompts = [r.prompt for r in singles]
+    batches = [prompts[:2], prompts[2:], prompts[1:]]
+    for batch, responses in zip(batches, gen.generate_batches(batches), strict=True):
+        assert set(gen.timings) == {"prepare_s", "text_s", "images_s", "respond_s"}  # sampler calls not waited on
+        for alone, piped in zip(gen(batch), responses, strict=True):
+            assert piped.prompt == alone.prompt and piped.token_ids == alone.token_ids
+            assert len(piped.images) == len(alone.images)
+            for a, b in zip(piped.images, alone.images):
+                np.testing.assert_array_equal(a, b)
+    bad = Prompt("###Human: no slot here ###Assistant:", images=("missing.png",))
+    done = []
+    with pytest.raises(ValueError, match=r"prompt 2 of 2 .* 0 <ImageHere> slots but 1 images"):
+        for responses in gen.generate_batches([prompts[:1], [prompts[0], bad], prompts[1:]]):
+            done.append(responses)
+    assert [[r.token_ids for r in b] for b in done] == [[singles[0].token_ids]]
+
+
 def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model, tiny_sd_dir, tmp_path):  # noqa: F811
     """As the original's predict_step: SD's own image of the caption when the response has an image
     (none without a caption or an image); rendered from the noise of the response's first image."""
@@ -213,6 +234,9 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
                 guidance_scale=SETTINGS.guidance_scale)[0]
     assert np.abs(out[0].baseline.astype(int) - (want * 255).round().astype(int)).max() <= 1
     assert np.abs(out[0].baseline.astype(int) - out[0].images[0].astype(int)).max() > 10  # another conditioning
+    (piped,) = gen.generate_batches([prompts])  # the sampler calls dispatched, then waited on: the same images
+    np.testing.assert_array_equal(piped[0].baseline, out[0].baseline)
+    assert [r.baseline is not None for r in piped] == [True, False, False]
 
     index = write_outputs(out, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "000" / "record.json").read_text())

@@ -1,5 +1,7 @@
 """Import-time behaviour of the package: XLA:CPU defaults, and no torch in a JAX process."""
 
+import io
+import logging
 import os
 import pathlib
 import subprocess
@@ -66,3 +68,30 @@ def test_mesh_sizes_below_one_are_named(sizes):
 
     with pytest.raises(ValueError, match="mesh axis sizes must be >= 1, one of them may be -1"):
         parallel.make_mesh(**sizes)
+
+
+def test_log_lines_keep_clear_of_progress_bars(monkeypatch):
+    """A record logged while a bar is drawn gets its own line; the bar is drawn again below it."""
+    from tqdm import tqdm
+
+    from mg5jax import cli
+
+    console = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", console)
+    inner = logging.StreamHandler(console)
+    inner.setLevel(logging.INFO)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [inner])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    cli.logs_above_progress_bars()
+    cli.logs_above_progress_bars()  # a second call wraps nothing twice
+    assert len(root.handlers) == 1 and root.handlers[0].inner is inner
+    with tqdm(total=4, desc="generating", file=console, ascii=True, ncols=60) as bar:
+        bar.update(1)
+        logging.getLogger("mg5jax.test").info("rendered 2 images")
+        logging.getLogger("mg5jax.test").debug("not shown")
+        bar.update(1)
+    lines = console.getvalue().replace("\r", "\n").split("\n")
+    assert "rendered 2 images" in lines, lines  # alone on its line, not after the bar's text
+    assert "not shown" not in console.getvalue()
+    assert any(line.startswith("generating:  50%") for line in lines[lines.index("rendered 2 images"):])

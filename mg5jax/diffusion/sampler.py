@@ -94,10 +94,12 @@ class GuidedSampler:
         seeds: Sequence[int] | np.ndarray | None = None,
         key: jax.Array | None = None,
         latent_size: tuple[int, int] | None = None,
+        wait: bool = True,
     ) -> jax.Array:
         """Images `[B, H, W, 3]` in [0, 1] for conditioning `cond [B, L, D]` (and `uncond`, needed when
         some row's guidance is > 1). Initial noise: `latents [B, C, h, w]`, or drawn per row from
-        `seeds [B]` (default 0..B-1) under `key` (default key 0) at `latent_size (h, w)`."""
+        `seeds [B]` (default 0..B-1) under `key` (default key 0) at `latent_size (h, w)`. `wait=False`
+        returns once the program is dispatched (`timings` then hold its compile time only)."""
         b = cond.shape[0]
         guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (b,)).copy()
         use_cfg = bool((guidance > 1).any())
@@ -123,8 +125,10 @@ class GuidedSampler:
         start = time.perf_counter()
         compiled = _sampler_program.compile(self.unet_def, self.vae_def, scheduler, use_cfg, latent_shape, *args)
         compile_s = time.perf_counter() - start
+        if not wait:
+            self.timings = {"compile_s": compile_s}
+            return compiled(*args)
         start = time.perf_counter()
         images = jax.block_until_ready(compiled(*args))
-        run_s = time.perf_counter() - start
-        self.timings = {"compile_s": compile_s, "run_s": run_s}
+        self.timings = {"compile_s": compile_s, "run_s": time.perf_counter() - start}
         return images

@@ -20,7 +20,7 @@ import logging
 import os
 import pathlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -89,6 +89,13 @@ def _image_loader() -> concurrent.futures.ThreadPoolExecutor:
     without the GIL)."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                  thread_name_prefix="mg5jax-input-images")
+
+
+@functools.cache
+def _prompt_preparer() -> concurrent.futures.ThreadPoolExecutor:
+    """The thread that prepares the next batch of `generate_batches` while the current one runs (its
+    own: it waits on `_image_loader`)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mg5jax-prompts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +194,11 @@ def sampling_config(tokenizer: MiniGPT5Tokenizer, settings: GenerationSettings, 
                     "penalty; Vicuna v0's file has eos 1, bos 0", gen_file, eos[0])
     return settings.sampling(eos_ids=eos, seen_ids=seen, stop_sequences=stop_sequences(tokenizer),
                              pad_id=tokenizer.ids.pad_id)
+
+
+def _uint8_images(calls: Sequence[tuple[jax.Array, int]]) -> list[np.ndarray]:
+    """The images `[H, W, 3]` uint8 of `InterleavedGenerator._render`'s calls, padding dropped."""
+    return [image for pixels, n in calls for image in (np.asarray(pixels)[:n] * 255).round().astype(np.uint8)]
 
 
 def render_call_size(images: int, render_batch: int) -> int:
@@ -288,25 +300,69 @@ class InterleavedGenerator:
             batch["input_image_mask"][i, k] = True
         return batch
 
-    def _decode_args(self, prompts: Sequence[Prompt], key: jax.Array) -> tuple[dict, float]:
-        """The decode loop's arguments, and when the prompts were prepared (`timings` starts anew)."""
+    def _prepared(self, prompts: Sequence[Prompt]) -> tuple[dict, float]:
+        """`prepare(prompts)` and the seconds it took."""
         start = time.perf_counter()
         batch = self.prepare(prompts)
-        prepared = time.perf_counter()
-        self.timings = {"prepare_s": prepared - start}
+        return batch, time.perf_counter() - start
+
+    def _decode_args(self, prompts: Sequence[Prompt], batch: dict, key: jax.Array) -> dict:
+        """The decode loop's arguments for prepared prompts (the splice program is dispatched, not waited on)."""
         embeds, mask = _splice_program(*self._prompt_split, batch)
         # text under fold_in(key, 0), image noise under fold_in(key, 1): no decode step shares a key with an image
         return dict(inputs_embeds=embeds, prompt_mask=mask, config=self.sampling, insertion=self.insertion,
-                    key=jax.random.fold_in(key, 0),
-                    row_seeds=np.asarray([p.seed for p in prompts], np.int32)), prepared
+                    key=jax.random.fold_in(key, 0), row_seeds=np.asarray([p.seed for p in prompts], np.int32))
 
     # -------------------------------------------------------------------------------------- generation
 
     def __call__(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None) -> list[Response]:
         """Generate a response for every prompt (text, then all images of the batch at once)."""
         key = jax.random.key(0) if key is None else key
-        args, prepared = self._decode_args(prompts, key)
-        return self._finish(prompts, generate(self._llm_split, **args), key, prepared)
+        batch, prepare_s = self._prepared(prompts)
+        self.timings = {"prepare_s": prepare_s}
+        started = time.perf_counter()
+        out = generate(self._llm_split, **self._decode_args(prompts, batch, key))
+        return self._finish(prompts, out, key, started)
+
+    def generate_batches(self, batches: Iterable[Sequence[Prompt]], *,
+                         key: jax.Array | None = None) -> Iterator[list[Response]]:
+        """The responses of each batch in turn, the same as `__call__` gives, with the host's work kept
+        off the device's path: the next batch is prepared (tokens, input images) on a thread while this
+        one runs, and its text is started once this one's images are, so the device decodes it while the
+        host builds these responses and the caller writes them. `timings` are the last yielded batch's;
+        its text phase runs from when its text was started, so it overlaps the batch before. A batch that
+        cannot be prepared raises after the batches before it are yielded."""
+        key = jax.random.key(0) if key is None else key
+        batches = iter(batches)
+
+        def submit():
+            prompts = next(batches, None)
+            return None if prompts is None else (prompts, _prompt_preparer().submit(self._prepared, prompts))
+
+        def start(submitted):
+            """Dispatch the text of a submitted batch: (prompts, output, when, timings), or None."""
+            if submitted is None:
+                return None
+            prompts, future = submitted
+            batch, prepare_s = future.result()
+            out = generate(self._llm_split, **self._decode_args(prompts, batch, key))
+            return prompts, out, time.perf_counter(), {"prepare_s": prepare_s}
+
+        running = start(submit())
+        while running is not None:
+            submitted, following, failed = submit(), [None], []
+
+            def start_following():
+                try:
+                    following[0] = start(submitted)
+                except Exception as e:  # noqa: BLE001 - raised once this batch is handed out
+                    failed.append(e)
+
+            prompts, out, started, self.timings = running
+            yield self._finish(prompts, out, key, started, then=start_following)
+            if failed:
+                raise failed[0]
+            running = following[0]
 
     def stream(self, prompts: Sequence[Prompt], *, key: jax.Array | None = None,
                chunk_steps: int = 8) -> Iterator[tuple[int, str] | list[Response]]:
@@ -314,8 +370,11 @@ class InterleavedGenerator:
         key = jax.random.key(0) if key is None else key
         ids_so_far: list[list[int]] = [[] for _ in prompts]
         text_so_far = [""] * len(prompts)
-        args, prepared = self._decode_args(prompts, key)
-        for chunk in generate_stream(self._llm_split, **args, chunk_steps=chunk_steps):
+        batch, prepare_s = self._prepared(prompts)
+        self.timings = {"prepare_s": prepare_s}
+        started = time.perf_counter()
+        for chunk in generate_stream(self._llm_split, **self._decode_args(prompts, batch, key),
+                                     chunk_steps=chunk_steps):
             for row, ids in enumerate(chunk.new_ids):
                 if len(ids):
                     # the whole row decoded each time: a chunk decoded alone loses the space SentencePiece
@@ -328,7 +387,7 @@ class InterleavedGenerator:
                     if new:
                         yield row, new
             if chunk.output is not None:
-                yield self._finish(prompts, chunk.output, key, prepared)
+                yield self._finish(prompts, chunk.output, key, started)
 
     def finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array) -> list[Response]:
         """Map every voken window to conditioning, render the images, split the text around them."""
@@ -336,31 +395,36 @@ class InterleavedGenerator:
         return self._finish(prompts, out, key, None)
 
     def _finish(self, prompts: Sequence[Prompt], out: GenerationOutput, key: jax.Array,
-                prepared: float | None) -> list[Response]:
-        """`finish`, timing the text phase from `prepared` (when the prompts were prepared) if given."""
+                started: float | None, *, then: Callable[[], None] | None = None) -> list[Response]:
+        """`finish`, timing the text phase from `started` (when its splice was dispatched) if given. With
+        `then`, the sampler calls are not waited on one by one: `then()` runs once all are dispatched, and
+        the images are waited on after it (`timings` then have no "sampler_s")."""
         counts = np.asarray(out.insertion_counts)
         images_start = time.perf_counter()
-        if prepared is not None:
-            self.timings["text_s"] = images_start - prepared
+        if started is not None:
+            self.timings["text_s"] = images_start - started
         windows = out.insertion_hidden  # [B, K, W, D]
         b, k = counts.shape[0], windows.shape[1]
         rows = [(r, j) for r in range(b) for j in range(int(counts[r]))]
         flat = np.asarray(windows).reshape(b * k, *windows.shape[2:])
         key = jax.random.fold_in(key, 1)
+        wait = then is None
 
-        pixels = self._render(lambda x: _conditioning_program(*self._mapper_split, x),
-                              np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
-                              [image_seed(prompts[r].seed, j) for r, j in rows], key)
-        images = dict(zip(rows, pixels))
-        baselines = {}
+        calls = self._render(lambda x: _conditioning_program(*self._mapper_split, x),
+                             np.stack([flat[r * k + j] for r, j in rows]) if rows else None,
+                             [image_seed(prompts[r].seed, j) for r, j in rows], key, wait=wait)
+        with_caption, baseline_calls = [], []
         if self.settings.sd_baseline:  # as the original's predict_step: when an image was made and a caption exists
             with_caption = [r for r in range(b) if counts[r] and prompts[r].caption]
             if with_caption:  # the same initial noise as the row's first image
                 encode = self.sd_pipeline.encode_prompt
-                pixels = self._render(lambda texts: (encode(list(texts)), encode([""] * len(texts))),
-                                      np.asarray([prompts[r].caption for r in with_caption]),
-                                      [image_seed(prompts[r].seed, 0) for r in with_caption], key)
-                baselines = dict(zip(with_caption, pixels))
+                baseline_calls = self._render(lambda texts: (encode(list(texts)), encode([""] * len(texts))),
+                                              np.asarray([prompts[r].caption for r in with_caption]),
+                                              [image_seed(prompts[r].seed, 0) for r in with_caption], key, wait=wait)
+        if then is not None:
+            then()
+        images = dict(zip(rows, _uint8_images(calls)))
+        baselines = dict(zip(with_caption, _uint8_images(baseline_calls)))
         respond_start = time.perf_counter()
         self.timings["images_s"] = respond_start - images_start
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
@@ -371,10 +435,12 @@ class InterleavedGenerator:
         self.timings["respond_s"] = time.perf_counter() - respond_start
         return responses
 
-    def _render(self, conditioning, inputs: np.ndarray | None, seeds: list[int], key: jax.Array) -> list[np.ndarray]:
-        """Images `[H,W,3]` uint8 of `inputs` (`conditioning(x) -> (cond, uncond)`), at most
-        `render_batch` per sampler call, each call padded to a power of two (few compiled shapes)."""
-        images = []
+    def _render(self, conditioning, inputs: np.ndarray | None, seeds: list[int], key: jax.Array, *,
+                wait: bool = True) -> list[tuple[jax.Array, int]]:
+        """Sampler calls for `inputs` (`conditioning(x) -> (cond, uncond)`): at most `render_batch` images
+        each, padded to a power of two (few compiled shapes); per call, its images `[n, H, W, 3]` in
+        [0, 1] and how many of them are not padding. `wait`: each call is waited on (and timed)."""
+        calls = []
         per_call = self.settings.render_batch
         for i in range(0, len(seeds), per_call):
             chunk = inputs[i : i + per_call]
@@ -383,11 +449,12 @@ class InterleavedGenerator:
             pixels = self.sampler(self.scheduler, self.settings.num_inference_steps, cond, uncond,
                                   self.settings.guidance_scale,
                                   seeds=np.asarray(seeds[i : i + per_call] + [0] * (n - len(chunk)), np.uint32),
-                                  key=key, latent_size=self.latent_size)
-            images.extend((np.asarray(pixels)[: len(chunk)] * 255).round().astype(np.uint8))
-            self.timings["sampler_s"] = self.timings.get("sampler_s", 0.0) + self.sampler.timings["run_s"]
-            log.info("rendered %d images (%s)", len(chunk), self.sampler.timings)
-        return images
+                                  key=key, latent_size=self.latent_size, wait=wait)
+            calls.append((pixels, len(chunk)))
+            if wait:
+                self.timings["sampler_s"] = self.timings.get("sampler_s", 0.0) + self.sampler.timings["run_s"]
+            log.info("sampler call for %d images (%s)", len(chunk), self.sampler.timings)
+        return calls
 
     def _response(self, prompt: Prompt, ids: list[int], positions: list[int], images: list[np.ndarray],
                   baseline: np.ndarray | None) -> Response:
