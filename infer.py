@@ -94,12 +94,14 @@ def check_flags() -> None:
     for flag in (_BATCH, _MAX_NEW, _MAX_IMAGES, _STEPS, _LIMIT):
         if flag.value < 1:
             raise ValueError(f"--{flag.name}={flag.value}: expected at least 1")
+    if not 0 <= _SEED.value < 2**31:
+        raise ValueError(f"--seed={_SEED.value}: expected an integer in [0, 2**31)")
     if not math.isfinite(_GUIDANCE.value):
         raise ValueError(f"--guidance_scale={_GUIDANCE.value}: expected a finite number")
-    if pathlib.Path(_OUT.value).exists() and not pathlib.Path(_OUT.value).is_dir():
-        raise ValueError(f"--out {_OUT.value}: exists and is not a directory")
-    if (earlier := earlier_results(_OUT.value)) and not _OVERWRITE.value:
-        responses = sum(p.is_dir() for p in earlier)
+    out = pathlib.Path(_OUT.value)
+    if not (existing := next(p for p in (out, *out.parents) if p.exists())).is_dir():
+        raise ValueError(f"--out {_OUT.value}: {'it' if existing == out else existing} exists and is not a directory")
+    if (responses := sum(p.is_dir() for p in earlier_results(_OUT.value))) and not _OVERWRITE.value:
         raise ValueError(f"--out {_OUT.value}: holds the results of an earlier run ({responses} responses): "
                          "pass --overwrite to replace them, or choose another --out")
 
@@ -125,7 +127,7 @@ def _read_rows(path: pathlib.Path) -> list[tuple[str, object]]:
         text = path.read_text()
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts {path}: not text ({e})") from e
-    if path.suffix == ".json":
+    if path.suffix == ".json" or text.lstrip().startswith("["):  # a list, whatever the file's name
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -294,13 +296,14 @@ def run(cfg) -> int:
         guidance_scale=_GUIDANCE.value, num_inference_steps=_STEPS.value, scheduler=_SCHEDULER.value,
         image_size=cfg.data.output_image_size, sd_baseline=_SD_BASELINE.value)
     if _STAGE1.value:
-        weights = {"official_stage1": _STAGE1.value, "official_stage2": _STAGE2.value}
+        weights = {"official_stage1": os.path.abspath(_STAGE1.value),
+                   "official_stage2": _STAGE2.value and os.path.abspath(_STAGE2.value)}
     else:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         field = "--checkpoint" if _CHECKPOINT.value else "trainer.workdir"
         params_dir, chosen = trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
         check_run_config(cfg, run_dir)  # before the prompts: a wrong config names every difference at once
-        weights = {"checkpoint": str(run_dir), "params": str(params_dir), "chosen": chosen}
+        weights = {"checkpoint": os.path.abspath(run_dir), "params": os.path.abspath(params_dir), "chosen": chosen}
     if prompts is not None:
         check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
         _check_inputs_survive_overwrite(prompts, labels)
@@ -343,21 +346,27 @@ def run(cfg) -> int:
     report = ReportWriter(_OUT.value, run=recipe, overwrite=_OVERWRITE.value)
     responses = []
     batches = [prompts[start : start + _BATCH.value] for start in range(0, len(prompts), _BATCH.value)]
-    if _STREAM.value:
-        for start, batch in zip(range(0, len(prompts), _BATCH.value), batches):
-            for item in generator.stream(batch):
-                if isinstance(item, list):
-                    report.add(item)
-                    responses.extend(item)
-                elif shown := _for_display(item[1]):
-                    print(f"[{start + item[0]}] {shown}", flush=True)
-    else:
-        # the next batch is prepared and its text decoded while this one's images render and are written
-        with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True) as bar:
-            for done in generator.generate_batches(batches):
-                report.add(done)
-                responses.extend(done)
-                bar.update(len(done))
+    try:
+        if _STREAM.value:
+            for start, batch in zip(range(0, len(prompts), _BATCH.value), batches):
+                for item in generator.stream(batch):
+                    if isinstance(item, list):
+                        report.add(item)
+                        responses.extend(item)
+                    elif shown := _for_display(item[1]):
+                        print(f"[{start + item[0]}] {shown}", flush=True)
+        else:
+            # the next batch is prepared and its text decoded while this one's images render and are written
+            with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True) as bar:
+                for done in generator.generate_batches(batches):
+                    report.add(done)
+                    responses.extend(done)
+                    bar.update(len(done))
+    except Exception:
+        if responses:
+            print(f"stopped after {len(responses)} of {len(prompts)} responses, which are written: {report.index}",
+                  file=sys.stderr, flush=True)
+        raise
     for i, r in enumerate(responses):
         print(f"[{i}] {r.text}")
     print(f"wrote {len(responses)} responses with {sum(len(r.images) for r in responses)} images: {report.index}")

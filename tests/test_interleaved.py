@@ -153,6 +153,9 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "1000").mkdir()  # a crash left it before its record.json
     (tmp_path / "out" / "1000" / "image_1.png").write_bytes(b"")
+    (tmp_path / "out" / "2024").mkdir()  # the user's: a photo and a note, not a response folder
+    (tmp_path / "out" / "2024" / "holiday.png").write_bytes(b"png")
+    (tmp_path / "out" / "2024" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"holds an earlier report \(5 entries, e.g. index.html\)"):
         ReportWriter(tmp_path / "out")
     assert (tmp_path / "out" / "002" / "record.json").is_file()
@@ -163,8 +166,14 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     assert not list((tmp_path / "out" / "001").glob("image_*.png"))
     assert not (tmp_path / "out" / "002").exists() and not (tmp_path / "out" / "1000").exists()
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out" / "2024").iterdir()) == ["holiday.png", "notes.txt"]
     assert report.index.read_text().count("<article") == 2
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"command": "infer.py --seed 3"}
+    failed = tmp_path / "failed"  # a run that stopped before its first response: replaced without overwrite
+    failed.mkdir()
+    (failed / "run.json").write_text("{}")
+    ReportWriter(failed, run={"command": "again"})
+    assert json.loads((failed / "run.json").read_text()) == {"command": "again"}
 
 
 def test_streamed_text_is_the_response_text(parts, story_model):
@@ -245,6 +254,7 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
     assert (tmp_path / "out" / "000" / "reference.png").is_file()
     html = index.read_text()
     assert html.count('class="reference"') == 2 and "a red square on a white table" in html
+    assert "caption: a blue circle" in html  # a caption is shown without images to compare too
     _check_renders(index, 4)
 
 
@@ -328,6 +338,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
     cases = {
         "object.json": ('{"text": "a"}', "expected a list of prompts, got a dict"),
         "no_text.json": ('[{"text": "a"}, {"txt": "b"}]', ", entry 2: no 'text' string"),
+        "list.txt": ('\n [{"text": "a"},\n {"txt": "b"}]', ", entry 2: no 'text' string"),  # a list by its content
         "string_images.jsonl": ('{"text": "a", "images": "here.png"}', ", line 1: 'images' must be a list"),
         "missing_image.jsonl": (f'{{"text": "{slot}", "images": ["here.png"]}}\n\n{{"text": "b", "images": ["gone.png"]}}',
                                 ", line 3: image file not found"),
@@ -400,6 +411,10 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             f"data.output_image_size=36 for {tiny_sd_dir}: must be a multiple of 64 (the VAE's factor "
                             "8 × the U-Net's 8)"),
                            (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
+                           (["--prompt", "a", "--seed", "-1"], "--seed=-1: expected an integer in [0, 2**31)"),
+                           (["--prompt", "a", "--out", str(tmp_path / "here.png" / "stories")],
+                            f"--out {tmp_path / 'here.png' / 'stories'}: {tmp_path / 'here.png'} exists and is not a "
+                            "directory"),
                            (["--prompt", "a", "--image", str(tmp_path / "here.png"), "--checkpoint", str(plain_run)],
                             "--prompt: the text has 0 <ImageHere> slots but 1 images are given"),
                            (["--prompt", "a", "--checkpoint", str(tmp_path / "nowhere")],
@@ -490,5 +505,5 @@ def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
     assert isinstance(PromptEncoder(model).vision, VisionEncoder)
 
     missing = str(tmp_path / "gone.png")
-    with pytest.raises(ImageLoadError, match="gone.png"):
-        gen.prepare([Prompt(f"{slot}{slot}", (paths[0], missing))])
+    with pytest.raises(ImageLoadError, match=r"prompt 2 of 2 \(ending '<Img><ImageHere></Img>'\): .*gone.png"):
+        gen.prepare([prompts[1], Prompt(slot, (missing,))])

@@ -149,7 +149,7 @@ class Response:
     @property
     def text(self) -> str:
         """The response with `[image k]` markers (k from 1) where images appear."""
-        return "".join(s if isinstance(s, str) else f" [image {s + 1}] " for s in self.segments).strip()
+        return " ".join(s if isinstance(s, str) else f"[image {s + 1}]" for s in self.segments)
 
 
 def prompt_problem(prompt: Prompt, ids: Sequence[int], tokenizer: MiniGPT5Tokenizer, *, max_input_images: int,
@@ -295,9 +295,15 @@ class InterleavedGenerator:
 
         paths = [path for _, _, path in slots]
         loaded = _image_loader().map(load, paths) if len(paths) > 1 else map(load, paths)
-        for (i, k, _), pixels in zip(slots, loaded):
-            batch["input_images"][i, k] = pixels
-            batch["input_image_mask"][i, k] = True
+        done = 0
+        try:
+            for (i, k, _), pixels in zip(slots, loaded):
+                batch["input_images"][i, k] = pixels
+                batch["input_image_mask"][i, k] = True
+                done += 1
+        except image_ops.ImageLoadError as e:
+            i = slots[done][0]
+            raise image_ops.ImageLoadError(f"prompt {i + 1} of {b} (ending {prompts[i].text[-60:]!r}): {e}") from e
         return batch
 
     def _prepared(self, prompts: Sequence[Prompt]) -> tuple[dict, float]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -39,28 +40,41 @@ def _figure(src: str, caption: str, kind: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
+# the files `ReportWriter` writes in a response folder
+_RESPONSE_FILE = re.compile(r"record\.json|(input|image)_\d+\.png|reference\.png|sd_baseline\.png")
+
+
+def _is_response_folder(d: pathlib.Path) -> bool:
+    """`d` is a response folder a report wrote: named `NNN`, holding only files it writes (a crash may
+    have left it without its record), at least one."""
+    if not (d.is_dir() and len(d.name) >= 3 and d.name.isdigit()):
+        return False
+    entries = list(d.iterdir())
+    return bool(entries) and all(e.is_file() and _RESPONSE_FILE.fullmatch(e.name) for e in entries)
+
+
 def earlier_results(out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """What an earlier report left in `out_dir`: its `index.html`, `run.json` and response folders (`NNN/`
-    holding a record or images; a crash may leave one without its record)."""
+    """What an earlier report left in `out_dir`: its `index.html`, `run.json` and response folders. A
+    folder that holds anything else is not one of them (a user's `2024/` of photos stays)."""
     out = pathlib.Path(out_dir)
     if not out.is_dir():
         return []
     found = [out / name for name in ("index.html", "run.json") if (out / name).is_file()]
-    return found + sorted(d for d in out.iterdir() if d.is_dir() and len(d.name) >= 3 and d.name.isdigit()
-                          and ((d / "record.json").is_file() or any(d.glob("*.png"))))
+    return found + sorted(d for d in out.iterdir() if _is_response_folder(d))
 
 
 class ReportWriter:
     """Writes responses under `out_dir/NNN/` as they come (`add`), rewriting `index.html` after each
     addition: what is written survives an error in a later batch. `run` (flags, checkpoint: what the
     responses were made with) goes to `run.json`. A folder that holds an earlier report is refused,
-    or with `overwrite` emptied of it first (other files stay), so two runs never mix."""
+    or with `overwrite` emptied of it first (other files stay), so two runs never mix; a report without
+    responses (a run that failed before its first) is replaced."""
 
     def __init__(self, out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5", run: dict | None = None,
                  overwrite: bool = False):
         self.out = pathlib.Path(out_dir)
         if earlier := earlier_results(self.out):
-            if not overwrite:
+            if not overwrite and any(p.is_dir() for p in earlier):
                 raise FileExistsError(f"{self.out}: holds an earlier report ({len(earlier)} entries, e.g. "
                                       f"{earlier[0].name}); replace it or choose another folder")
             for path in earlier:
@@ -108,9 +122,11 @@ class ReportWriter:
         if r.baseline is not None:
             Image.fromarray(r.baseline).save(d / "sd_baseline.png")
             compare.append(("sd_baseline.png", "Stable Diffusion from the caption"))
-        record = {"prompt": r.prompt.text, "input_images": [str(p) for p in r.prompt.images], "seed": r.prompt.seed,
-                  "text": r.text, "raw_text": r.raw_text, "images": generated, "token_ids": r.token_ids,
-                  "caption": r.prompt.caption, "reference_image": r.prompt.reference_image,
+        # input files by absolute path: the record reproduces the response from any working directory
+        record = {"prompt": r.prompt.text, "input_images": [os.path.abspath(p) for p in r.prompt.images],
+                  "seed": r.prompt.seed, "text": r.text, "raw_text": r.raw_text, "images": generated,
+                  "token_ids": r.token_ids, "caption": r.prompt.caption,
+                  "reference_image": r.prompt.reference_image and os.path.abspath(r.prompt.reference_image),
                   "sd_baseline": "sd_baseline.png" if r.baseline is not None else None}
         (d / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
 
@@ -124,8 +140,8 @@ class ReportWriter:
                                                                "generated")
             for s in r.segments)
         compare_html = "".join(_figure(f"{d.name}/{name}", caption, "reference") for name, caption in compare)
-        if compare_html:
-            caption = f"<p>caption: {html.escape(r.prompt.caption)}</p>" if r.prompt.caption else ""
+        caption = f"<p>caption: {html.escape(r.prompt.caption)}</p>" if r.prompt.caption else ""
+        if compare_html or caption:
             compare_html = f'<div class="compare"><h2>for comparison</h2>{caption}{compare_html}</div>'
         return (f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
                 f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
