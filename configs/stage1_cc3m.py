@@ -12,7 +12,7 @@ def get_config():
     c.data.train_path = "datasets/CC3M/cc3m_train.tsv"
     c.data.val_path = "datasets/CC3M/cc3m_val.tsv"
     c.data.length_buckets = (64, 128)  # captions and the instruction template are short
-    c.data.max_input_images = 1  # CC3M has no input images; one (unused) slot keeps shapes static
+    c.data.max_input_images = 0  # CC3M has no input images: no image slots, no padding positions for them
     c.model.vision.kind = "none"  # no <ImageHere> in CC3M: the ViT is never needed
     c.loss.caption_weight = 0.1  # CC3M samples all have captions
     c.trainer.workdir = "runs/stage1_cc3m"

@@ -225,6 +225,31 @@ def test_objective_and_gradients_match_torch(setup):
         assert err <= 1e-3, (path, err)
 
 
+def test_samples_without_input_images_need_no_image_slots(setup):
+    """`max_input_images = 0` (CC3M: no <ImageHere>): the spliced sequence has no image positions, and the
+    loss is the one the same batch gives with an empty slot (whose Q - 1 extra positions are padding)."""
+    model, _ = setup
+    rng = np.random.default_rng(5)
+    batch = make_batch(rng)
+    batch["input_ids"] = np.where(batch["input_ids"] == PLACEHOLDER, 10, batch["input_ids"])
+    batch["input_image_mask"][:] = False
+    none = dict(batch, input_image_features=np.zeros((2, 0, Q, D), np.float32),
+                input_image_mask=np.zeros((2, 0), bool))
+    draws = dict(cfg_drop=jnp.asarray([False, True, False, False]),
+                 noise=jnp.asarray(rng.normal(size=(4, 4, 8, 8)), jnp.float32),
+                 timesteps=jnp.asarray([3, 30, 300, 900]),
+                 posterior_noise=jnp.asarray(rng.normal(size=(4, 4, 8, 8)), jnp.float32))
+    embeds, mask, _ = model.splice(jax.tree.map(jnp.asarray, none))
+    slotted, slotted_mask, _ = model.splice(jax.tree.map(jnp.asarray, batch))
+    assert embeds.shape[1] == 1 + 24 and slotted.shape[1] == 1 + 24 + Q - 1
+    np.testing.assert_array_equal(embeds, slotted[:, : 1 + 24])
+    np.testing.assert_array_equal(mask, slotted_mask[:, : 1 + 24])
+    assert not np.asarray(slotted_mask[:, 1 + 24 :]).any()
+    losses = [model.loss(jax.tree.map(jnp.asarray, b), jax.random.key(0), **draws) for b in (none, batch)]
+    for k in ("loss", "text_loss", "image_loss", "caption_loss"):
+        np.testing.assert_allclose(float(losses[0][k]), float(losses[1][k]), rtol=1e-5, err_msg=k)
+
+
 def test_loss_groups_are_the_original_per_device_means(setup):
     """With loss_group_rows=1 every term is the mean over rows of that row's own loss: what the
     original computes on 2 GPUs with one row each (DDP averages the per-GPU losses)."""

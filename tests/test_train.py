@@ -309,8 +309,8 @@ def test_stage1_samples_show_the_sd_baseline_of_the_caption(demo_root, tmp_path,
 
 
 def test_stage1_trains_on_captions_without_a_vision_encoder(demo_root, tmp_path):
-    """configs/stage1_cc3m.py's model has no vision encoder (CC3M has no input images): its batches
-    trace through the train step (they used to carry pixels the model could not encode)."""
+    """configs/stage1_cc3m.py's model has no vision encoder and its batches no image slots (CC3M has no
+    input images): they trace through the train step."""
     from configs import stage1_cc3m
 
     cfg = demo_config(demo_root, tmp_path / "run")
@@ -324,6 +324,7 @@ def test_stage1_trains_on_captions_without_a_vision_encoder(demo_root, tmp_path)
     builder = build.make_builder(cfg, built, 2, train=True)
     batch = next(iter(pipeline.make_dataset(samples, builder, seed=0)))
     assert "input_images" not in batch and builder.skipped == 0
+    assert batch["input_image_features"].shape[:2] == batch["input_image_mask"].shape == (2, 0)  # no image slots
     trainer = Trainer(built.model, TrainerConfig.from_dict(cfg.trainer.to_dict()), devices=jax.devices()[:1])
     placed = trainer._place_batch(batch)
     with jax.set_mesh(trainer.mesh):

@@ -288,7 +288,7 @@ def splice_inputs(batch: dict, config: MiniGPT5Config, embed: Callable[[jax.Arra
         return emb, att, lab
 
     embeds, att, lab = jax.vmap(row)(
-        bos, text_embeds, image_embeds.reshape(b, m * q, -1), text_pos, image_pos, mask, labels)
+        bos, text_embeds, image_embeds.reshape(b, m * q, image_embeds.shape[-1]), text_pos, image_pos, mask, labels)
     chex.assert_shape(embeds, (b, length, text_embeds.shape[-1]))
     return embeds, att, lab
 
