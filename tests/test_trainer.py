@@ -285,7 +285,21 @@ def test_an_array_saved_with_another_shape_is_named(tmp_path, initial_state):
     second = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1],
                      update_masks={"embed": voken_row_mask()})
     with pytest.raises(CheckpointError, match=re.escape(
-            f"opt_state.2.mu.embed.value was saved with shape ({VOCAB}, {DIM}), and this run's is (4, {DIM})")):
+            f"opt_state.2.mu.embed.value was saved with shape ({VOCAB}, {DIM}), and this run's is (4, {DIM})") + ".*"
+            + re.escape("; the older checkpoints have the same layout: use a new trainer.workdir")):
+        second.restore_latest()
+    second.close()
+    # with the settings that differ recorded, they are named (not an older checkpoint: it has the same layout)
+    cfg = dataclasses.replace(cfg, workdir=str(tmp_path / "recorded"))
+    first = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1], update_masks={"embed": elementwise},
+                    run_config={"mask": "elementwise"})
+    first.train_step(make_batch(0))
+    first.save()
+    first.close()
+    second = Trainer(toy_model(initial_state), cfg, devices=jax.devices()[:1],
+                     update_masks={"embed": voken_row_mask()}, run_config={"mask": "rows"})
+    with pytest.raises(CheckpointError, match=r"saved with shape .*; this run's settings differ from the "
+                                              r"checkpoint's \(mask: 'elementwise' -> 'rows'\)"):
         second.restore_latest()
     second.close()
 
@@ -353,6 +367,19 @@ def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_
     assert signal.getsignal(signal.SIGTERM) == handler_before
     with pytest.raises(ValueError, match=r"batch leaf \['\w+'\]: batch size 6 is not divisible by data × fsdp = 8"):
         trainer.train_step(make_batch(0, batch_size=6))
+    trainer.close()
+    # a step's validation and samples come before its checkpoint: a run killed between them redoes the step
+    trainer = make_trainer(initial_state, tmp_path / "order", save_every=2, eval_every=2, sample_every=2,
+                           async_checkpointing=False)
+    seen = []
+
+    def validation_data():
+        seen.append(("eval", trainer.step, trainer.checkpointer.latest_step()))
+        return [make_batch(100)]
+
+    trainer.fit(ToyIterator(), eval_data=validation_data, num_steps=4,
+                on_sample=lambda step: seen.append(("sample", step, trainer.checkpointer.latest_step())))
+    assert seen == [("eval", 2, None), ("sample", 2, None), ("eval", 4, 2), ("sample", 4, 2)]
     trainer.close()
 
 

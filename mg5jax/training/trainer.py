@@ -391,9 +391,11 @@ class Trainer:
         return step
 
     def _restore_hint(self, step: int, changed: list[str], error: str) -> str:
-        if changed and "structure" in error:  # e.g. another trainable set: every checkpoint has the other one
-            return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with the "
-                    "checkpoint's settings, or use a new trainer.workdir")
+        if "structure" in error or "saved with shape" in error:  # another layout: every checkpoint here has it
+            if changed:  # e.g. another trainable set
+                return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with "
+                        "the checkpoint's settings, or use a new trainer.workdir")
+            return "; the older checkpoints have the same layout: use a new trainer.workdir"
         older = [s for s in self.checkpointer.all_steps() if s < step]
         return (f"; to resume from the older checkpoint {older[-1]}, move {self.checkpointer.directory / str(step)} "
                 "away") if older else ""
@@ -461,12 +463,14 @@ class Trainer:
                     # a resumed window may hold terms this run no longer has: the ones every step has
                     metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **self._means(self._window)})
                     self._window = []
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save(train_iter)
+                # validation and samples before the checkpoint: a run killed between them resumes from the
+                # checkpoint before, and does this step's again (once saved, they would be lost)
                 if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                     eval_terms, evaluated_at = validate()
                 if on_sample is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
                     on_sample(self.step)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save(train_iter)
             if self._last_saved != self.step:
                 self.save(train_iter)
             # the final weights are a candidate for best/ too (the original validates at each epoch's end)
