@@ -27,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mg5jax.cli import flags_parser, logs_above_progress_bars
+from mg5jax.cli import check_config_fields, flags_parser, logs_above_progress_bars
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).", lock_config=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
@@ -388,6 +388,7 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("infer.py: --config is required, e.g. --config configs/stage2_vist.py")
+    check_config_fields("infer.py", cfg, flags.FLAGS["config"].config_filename)
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data.datasets import DataError
     from mg5jax.data.images import ImageLoadError

@@ -15,11 +15,11 @@ import pathlib
 import signal
 import sys
 
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mg5jax.cli import flags_parser, logs_above_progress_bars
+from mg5jax.cli import check_config_fields, flags_parser, logs_above_progress_bars
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (ml_collections).",
                                           lock_config=True)
@@ -169,6 +169,7 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("train.py: --config is required, e.g. --config configs/stage2_vist.py")
+    check_config_fields("train.py", cfg, flags.FLAGS["config"].config_filename)
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data.datasets import DataError
     from mg5jax.training.trainer import NonFiniteLossError

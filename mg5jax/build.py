@@ -433,21 +433,23 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: int) -> list[Prompt]:
     """The first `limit` generation tasks of the config's validation file (test mode, REFERENCE §6) as
-    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`. Without
-    a vision encoder (`model.vision.kind="none"`) only the tasks without input images are taken."""
+    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`. Tasks with
+    more input images than the model reads (none without a vision encoder, else `data.max_input_images`)
+    are left out."""
     d = cfg.data
     if not d.val_path:
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
     samples = read_samples(d.kind, d.val_path, test=True, seed=cfg.seed, strict=d.strict, tokenizer=tokenizer,
                            field="data.val_path")
     images = [tuple(p for p in s.input_images if p is not None) for s in samples]
-    if cfg.model.vision.kind == "none":
-        kept = [i for i, paths in enumerate(images) if not paths]
-        if len(kept) < len(samples):
-            log.warning("data.val_path: %d of %d generation tasks have input images, which a model without a "
-                        "vision encoder (model.vision.kind='none') cannot read: left out", len(samples) - len(kept),
-                        len(samples))
-        samples, images = [samples[i] for i in kept], [images[i] for i in kept]
+    # a model without a vision encoder reads no input image; otherwise at most data.max_input_images
+    most, why = (0, "model.vision.kind='none'") if cfg.model.vision.kind == "none" else \
+        (d.max_input_images, f"data.max_input_images={d.max_input_images}")
+    kept = [i for i, paths in enumerate(images) if len(paths) <= most]
+    if len(kept) < len(samples):
+        log.warning("data.val_path: %d of %d generation tasks have more input images than this model reads (%s): "
+                    "left out", len(samples) - len(kept), len(samples), why)
+    samples, images = [samples[i] for i in kept], [images[i] for i in kept]
     return [Prompt(s.source, paths, seed + i, s.caption, s.output_image)
             for i, (s, paths) in enumerate(zip(samples[:limit], images))]
 

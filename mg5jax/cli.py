@@ -92,6 +92,20 @@ def _unknown_override(argv: list[str], config: tuple[str, str | None]) -> str | 
     return None
 
 
+def check_config_fields(program: str, cfg, config_file: str) -> None:
+    """End the program with one line naming each field the config file sets that configs/base.py does
+    not have (a typo such as `c.data.trian_path` would otherwise be ignored), with the closest known one."""
+    from configs import base
+    from mg5jax.training.checkpoint import flat_config
+
+    known = list(flat_config(base.get_config().to_dict()))
+    unknown = [k for k in flat_config(cfg.to_dict()) if k not in known]
+    if unknown:
+        named = ", ".join(f"{k!r}" + (f" (did you mean {g[0]!r}?)" if (g := difflib.get_close_matches(k, known, n=1))
+                                      else "") for k in unknown)
+        sys.exit(f"{program}: {config_file}: sets fields configs/base.py does not have: {named}")
+
+
 class _AboveProgressBars(logging.Handler):
     """A handler that clears the console's progress bars, lets `inner` write the record, and redraws them."""
 

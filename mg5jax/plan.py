@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mg5jax import parallel
 from mg5jax.build import (config_dtype, grad_accum_steps, llm_remat, minigpt5_config, quantize_for_inference,
                           voken_row_masks)
-from mg5jax.cli import parse_flags
+from mg5jax.cli import check_config_fields, parse_flags
 from mg5jax.convert.keymap import abstract_rngs, keypath_str
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
@@ -645,6 +645,7 @@ def cli(argv: Sequence[str]) -> dict:
     parse_flags("mg5jax.plan", list(argv), fv)
     if fv.config is None:
         raise ValueError("--config is required, e.g. --config configs/stage2_vist.py")
+    check_config_fields("mg5jax.plan", fv.config, fv["config"].config_filename)
     report = plan(fv.config, fv.topology, generate=fv.generate, batch_per_device=fv.batch_per_device,
                   text_length=fv.text_length, prompts=fv.prompts, effort=fv.effort, config_path=fv["config"].config_filename)
     text = json.dumps(report, indent=2)

@@ -392,7 +392,12 @@ def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_
     assert build.make_builder(cfg, built, 2, train=True).spec.num_query_tokens == 3
     prompts = build.generation_prompts(cfg, built.tokenizer, limit=2, seed=10)
     assert [p.images for p in prompts] == [(), ()] and [p.seed for p in prompts] == [10, 11]
-    assert "generation tasks have input images, which a model without a vision encoder" in caplog.text
+    assert "have more input images than this model reads (model.vision.kind='none')" in caplog.text
+    # with a vision encoder, the tasks with more input images than data.max_input_images are left out
+    cfg.model.vision.kind, cfg.data.max_input_images = "blip2", 1
+    prompts = build.generation_prompts(cfg, built.tokenizer, limit=10, seed=0)
+    assert prompts and max(len(p.images) for p in prompts) == 1
+    assert "have more input images than this model reads (data.max_input_images=1)" in caplog.text
 
 
 def test_resume_on_the_real_pipeline_and_objective_is_bit_exact(demo_root, tmp_path):
@@ -476,6 +481,13 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     r = _train("--config", "configs/demo.py", "--config.data.length_buckets=(64,)", "--config.data.length_buckets=(96,)")
     assert r.stderr.strip().splitlines()[-1] == ("train.py: --config.data.length_buckets is given more than once: give "
                                                  "it once (a tuple would join the values, other fields keep the last)")
+    typo = tmp_path / "typo.py"  # a config file's own misspelt fields, not only the overrides'
+    typo.write_text("from configs import demo\n\n\ndef get_config():\n    c = demo.get_config()\n"
+                    "    c.data.trian_path = 'x'\n    c.loss.text_wieght = 5.0\n    return c\n")
+    r = _train("--config", str(typo))
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"train.py: {typo}: sets fields configs/base.py does not have: 'data.trian_path' (did you mean "
+        "'data.train_path'?), 'loss.text_wieght' (did you mean 'loss.text_weight'?)"), r.stderr[-300:]
     r = _train("--config", "configs/demo.py", "--config.model.llm_path=/nowhere/llm")
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == "train.py: model.llm_path: directory not found: /nowhere/llm"
