@@ -172,8 +172,8 @@ def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = pathlib.Path(out_dir)
+    images = list_images(image_dir)  # a wrong image folder is named before the output folder is made
     out.mkdir(parents=True, exist_ok=True)
-    images = list_images(image_dir)
     _check_encoding(out, encoding)
     _record_sources(out, images)
     todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
@@ -207,7 +207,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--minigpt4", help="input features: MiniGPT-4 checkpoint holding llama_proj (required with --lavis-*)")
     p.add_argument("--blip2-dir", help="input features: transformers BLIP-2 directory (instead of the LAVIS files)")
     p.add_argument("--vae", help="output moments: a Stable Diffusion directory (its vae/) or a diffusers vae/ directory")
-    p.add_argument("--size", type=int, default=512, help="output moments: target image size (data.output_image_size)")
+    p.add_argument("--size", type=int, help="output moments: target image size (data.output_image_size; default "
+                                            "512); input features take the encoder's")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="folder for the <stem>.npy files")
     p.add_argument("--batch-size", type=int, default=16)
@@ -229,8 +230,10 @@ def _encoding(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Enco
         if not (vae_dir / "config.json").is_file():
             raise FileNotFoundError(f"--vae {args.vae}: neither a diffusers vae/ directory nor an SD directory "
                                     "holding one (no config.json)")
-        return output_moments(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, param_dtype=dtype), args.size,
-                              source=f"{vae_dir.resolve()} ({args.dtype})")
+        return output_moments(AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, param_dtype=dtype),
+                              512 if args.size is None else args.size, source=f"{vae_dir.resolve()} ({args.dtype})")
+    if args.size is not None:
+        parser.error("--size is for output moments (--vae); input features take the vision encoder's image size")
     if args.blip2_dir is not None and any(lavis):
         parser.error("give either --blip2-dir or --lavis-vit/--lavis-qformer/--minigpt4, not both")
     if args.blip2_dir is None and not (all(lavis) and args.minigpt4):
@@ -258,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"encode_images: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"encode_images: interrupted; the files written to {args.out} are kept: run the same command again "
+              "to encode the rest", file=sys.stderr)
+        return 130
     finally:
         if was is None:
             os.environ.pop("TQDM_DISABLE", None)

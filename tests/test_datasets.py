@@ -163,6 +163,19 @@ def test_cc3m_malformed_rows_lenient(tmp_path, caplog):
     assert "bad.tsv, row 6: image file not found" in caplog.text
 
 
+def test_a_file_of_bad_records_logs_the_first_ones(tmp_path, caplog):
+    """Every bad record is counted; the first LOGGED_PROBLEMS are logged, then one line says the rest are not."""
+    from mg5jax.data.datasets import LOGGED_PROBLEMS
+
+    tsv = tmp_path / "wrong.tsv"
+    tsv.write_text("caption\timage_path\n" + "one column\n" * (LOGGED_PROBLEMS + 5))
+    with caplog.at_level(logging.WARNING):
+        _, report = read_cc3m(tsv)
+    assert report.skipped == LOGGED_PROBLEMS + 5
+    assert caplog.text.count("expected 2 tab-separated columns") == LOGGED_PROBLEMS
+    assert caplog.text.count(f"more than {LOGGED_PROBLEMS} bad records; the rest are counted") == 1
+
+
 def test_cc3m_strict_raises_with_file_and_row(tmp_path):
     tsv = _bad_cc3m(tmp_path)
     with pytest.raises(DataError, match=r"bad\.tsv, row 3: expected 2 tab-separated columns"):

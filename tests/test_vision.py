@@ -192,7 +192,7 @@ def test_configs():
     assert vision.VisionEncoderConfig.from_hf({"text_config": {"model_type": "t5", "d_model": 2048}}).proj_dim == 2048
 
 
-def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
+def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys, monkeypatch):
     t0 = time.perf_counter()
     images = tmp_path / "images"
     images.mkdir()
@@ -230,6 +230,20 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys):
     capsys.readouterr()
     assert encode_images.main(argv) == 1
     assert "d.png" in capsys.readouterr().err
+    # --size is the output moments' alone; a missing image folder makes no output folder
+    with pytest.raises(SystemExit):
+        encode_images.main([*argv, "--size", "64"])
+    assert "--size is for output moments (--vae)" in capsys.readouterr().err
+    assert encode_images.main([*argv[:2], "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new"),
+                               *argv[6:]]) == 1
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # Ctrl-C: one line that says the written files are kept and how to go on, no traceback
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encode_images, "encode_folder", interrupt)
+    assert encode_images.main(argv) == 130
+    assert f"interrupted; the files written to {out} are kept" in capsys.readouterr().err
 
 
 def test_uint8_input_images_are_normalized_on_the_device(hf_encoder):

@@ -97,6 +97,9 @@ class Problem:
     reason: str
 
 
+LOGGED_PROBLEMS = 20  # bad records of a file logged one by one (a wrong data.kind makes every record bad)
+
+
 @dataclasses.dataclass
 class ReadReport:
     """What a reader saw: records read, samples produced, records skipped, and rule-based stops."""
@@ -113,10 +116,15 @@ class ReadReport:
         return len(self.problems)
 
     def add_problem(self, row: int | str, reason: str, strict: bool) -> None:
-        """Record (and log) a bad record, or raise ``DataError`` when ``strict``."""
+        """Record a bad record (logging the first `LOGGED_PROBLEMS` of the file), or raise ``DataError``
+        when ``strict``."""
         if strict:
             raise DataError(f"{self.file}, row {row}: {reason}")
-        logger.warning("%s, row %s: %s (skipped)", self.file, row, reason)
+        if len(self.problems) < LOGGED_PROBLEMS:
+            logger.warning("%s, row %s: %s (skipped)", self.file, row, reason)
+        elif len(self.problems) == LOGGED_PROBLEMS:
+            logger.warning("%s: more than %d bad records; the rest are counted, not logged one by one", self.file,
+                           LOGGED_PROBLEMS)
         self.problems.append(Problem(self.file, row, reason))
 
 
