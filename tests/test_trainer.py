@@ -408,6 +408,15 @@ def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, in
     final.close()
     lines = [json.loads(line) for line in (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "eval"] == [3, 6, 8]  # the final weights are a candidate
+    # a fresh run in a workdir with an earlier run's records (its checkpoints gone) moves them aside
+    earlier = (tmp_path / "final" / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "final" / "checkpoints")
+    again = make_trainer(initial_state, tmp_path / "final", save_every=0)
+    again.fit(ToyIterator(), num_steps=2)
+    again.close()
+    assert (tmp_path / "final" / "metrics.earlier_1.jsonl").read_text() == earlier
+    assert any((tmp_path / "final" / "tensorboard.earlier_1").iterdir())  # its events too
+    assert [json.loads(line)["step"] for line in (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()] == [2]
     again = Trainer(toy_model(initial_state), cfg, update_masks={"embed": voken_row_mask()})
     assert again.best.val_loss == pytest.approx(val[best_step], rel=1e-6)  # a resumed run keeps the bar
     assert not again.best.offer(9, val[best_step], again.params)

@@ -154,14 +154,23 @@ class _MetricsLog:
     and with `tensorboard` each number as the scalar `<split>/<name>` of a TensorBoard event file in
     `tensorboard`. Records of steps after `step` (written before a crash, past the checkpoint resumed
     from) and half-written lines are dropped first, and TensorBoard hides its events after `step`, so a
-    resumed run shows each step once."""
+    resumed run shows each step once. A fresh run (`step` 0) moves an earlier run's records and events
+    aside to `<name>.earlier_<n>`, as it does an earlier best/."""
 
     def __init__(self, path: pathlib.Path, step: int, tensorboard: pathlib.Path | None = None):
         self._file = self._events = None
         if jax.process_index() != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
+        if step == 0:
+            for earlier in (path, tensorboard):
+                if earlier is not None and earlier.exists() and (earlier.is_file() or any(earlier.iterdir())):
+                    n = 1
+                    while (aside := earlier.with_name(f"{earlier.stem}.earlier_{n}{earlier.suffix}")).exists():
+                        n += 1
+                    earlier.rename(aside)
+                    log.warning("%s held an earlier run's records: moved to %s", earlier, aside)
+        elif path.is_file():
             lines = path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _logged_step(line) <= step]
             if len(kept) < len(lines):
