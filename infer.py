@@ -74,7 +74,7 @@ def _require_images(images, where: str) -> None:
 def check_flags() -> None:
     """Refuse flag combinations and values that would be ignored or fail late (before any model loads)."""
     from mg5jax.convert.sources import check_torch_file
-    from mg5jax.generation.report import earlier_results
+    from mg5jax.generation.report import earlier_results, replaceable
 
     if _PROMPT.value is not None and _PROMPTS.value is not None:
         raise ValueError("give --prompt or --prompts, not both")
@@ -94,16 +94,24 @@ def check_flags() -> None:
     for flag in (_BATCH, _MAX_NEW, _MAX_IMAGES, _STEPS, _LIMIT):
         if flag.value < 1:
             raise ValueError(f"--{flag.name}={flag.value}: expected at least 1")
-    if not 0 <= _SEED.value < 2**31:
-        raise ValueError(f"--seed={_SEED.value}: expected an integer in [0, 2**31)")
+    # prompt i takes seed + i: the config's --limit prompts must all stay in range (a file's rows: flag_prompts)
+    last = _SEED.value + (_LIMIT.value - 1 if _PROMPT.value is None and _PROMPTS.value is None else 0)
+    if _SEED.value < 0 or last >= 2**31:
+        raise ValueError(f"--seed={_SEED.value}: expected an integer in [0, 2**31)"
+                         + (f" that stays there for the {_LIMIT.value} prompts (seed + {_LIMIT.value - 1})"
+                            if last != _SEED.value else ""))
     if not math.isfinite(_GUIDANCE.value):
         raise ValueError(f"--guidance_scale={_GUIDANCE.value}: expected a finite number")
     out = pathlib.Path(_OUT.value)
     if not (existing := next(p for p in (out, *out.parents) if p.exists())).is_dir():
         raise ValueError(f"--out {_OUT.value}: {'it' if existing == out else existing} exists and is not a directory")
-    if (responses := sum(p.is_dir() for p in earlier_results(_OUT.value))) and not _OVERWRITE.value:
-        raise ValueError(f"--out {_OUT.value}: holds the results of an earlier run ({responses} responses): "
-                         "pass --overwrite to replace them, or choose another --out")
+    earlier = earlier_results(_OUT.value)
+    if earlier and not (_OVERWRITE.value or replaceable(earlier)):
+        responses = sum(p.is_dir() for p in earlier)
+        what = f"the results of an earlier run ({responses} responses)" if responses else \
+            " and ".join(p.name for p in earlier)
+        raise ValueError(f"--out {_OUT.value}: holds {what}: pass --overwrite to replace them, or choose another "
+                         "--out")
 
 
 def check_official_lora(cfg) -> None:
@@ -176,6 +184,9 @@ def flag_prompts():
             if isinstance(reference, str) and reference.strip():
                 reference = str(path.parent / reference)  # an absolute path stays itself
                 _require_images([reference], f"{where}: reference_image")
+            if "seed" not in row and seed + i >= 2**31:
+                raise ValueError(f"{where}: its seed is --seed + {i} = {seed + i}, past 2**31 - 1: give a smaller "
+                                 "--seed, or the row a seed")
             try:
                 prompts.append(Prompt(row["text"], images, row.get("seed", seed + i), row.get("caption"), reference))
             except ValueError as e:
@@ -356,7 +367,7 @@ def run(cfg) -> int:
                     elif shown := _for_display(item[1]):
                         print(f"[{start + item[0]}] {shown}", flush=True)
         else:
-            # the next batch is prepared and its text decoded while this one's images render and are written
+            # the next batch is prepared while this one runs, and decodes while this one's results are written
             with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True) as bar:
                 for done in generator.generate_batches(batches):
                     report.add(done)

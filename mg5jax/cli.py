@@ -94,8 +94,12 @@ def _unknown_override(argv: list[str], config: tuple[str, str | None]) -> str | 
 
 def check_config_fields(program: str, cfg, config_file: str) -> None:
     """End the program with one line naming each field the config file sets that configs/base.py does
-    not have (a typo such as `c.data.trian_path` would otherwise be ignored), with the closest known one."""
-    from configs import base
+    not have (a typo such as `c.data.trian_path` would otherwise be ignored), with the closest known one.
+    Without the repository's `configs` package on the path (a config file of its own), nothing is checked."""
+    try:
+        from configs import base
+    except ImportError:
+        return
     from mg5jax.training.checkpoint import flat_config
 
     known = list(flat_config(base.get_config().to_dict()))

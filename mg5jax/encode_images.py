@@ -262,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"encode_images: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"encode_images: interrupted; the files written to {args.out} are kept: run the same command again "
-              "to encode the rest", file=sys.stderr)
+        print(f"encode_images: interrupted: run the same command again to go on (files already written to "
+              f"{args.out} are kept)", file=sys.stderr)
         return 130
     finally:
         if was is None:

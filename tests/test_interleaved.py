@@ -171,9 +171,15 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"command": "infer.py --seed 3"}
     failed = tmp_path / "failed"  # a run that stopped before its first response: replaced without overwrite
     failed.mkdir()
-    (failed / "run.json").write_text("{}")
+    (failed / "run.json").write_text(json.dumps({"command": "infer.py --seed 1"}))
     ReportWriter(failed, run={"command": "again"})
     assert json.loads((failed / "run.json").read_text()) == {"command": "again"}
+    site = tmp_path / "site"  # but a page or a run.json of someone else's is refused
+    site.mkdir()
+    (site / "index.html").write_text("<html>mine</html>")
+    with pytest.raises(FileExistsError, match=r"holds an earlier report \(1 entries, e.g. index.html\)"):
+        ReportWriter(site, run={"command": "again"})
+    assert (site / "index.html").read_text() == "<html>mine</html>"
 
 
 def test_streamed_text_is_the_response_text(parts, story_model):
@@ -208,6 +214,16 @@ def test_batches_in_a_pipeline_give_the_responses_of_single_calls(story_model):
     done = []
     with pytest.raises(ValueError, match=r"prompt 2 of 2 .* 0 <ImageHere> slots but 1 images"):
         for responses in gen.generate_batches([prompts[:1], [prompts[0], bad], prompts[1:]]):
+            done.append(responses)
+    assert [[r.token_ids for r in b] for b in done] == [[singles[0].token_ids]]
+
+    def source():  # a lazy source of batches that fails after its first
+        yield prompts[:1]
+        raise RuntimeError("the prompt source failed")
+
+    done = []
+    with pytest.raises(RuntimeError, match="the prompt source failed"):
+        for responses in gen.generate_batches(source()):
             done.append(responses)
     assert [[r.token_ids for r in b] for b in done] == [[singles[0].token_ids]]
 
@@ -387,6 +403,7 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
     (tmp_path / "image.ckpt").write_bytes((tmp_path / "here.png").read_bytes())
     (tmp_path / "zipped.ckpt").write_bytes(b"PK\x03\x04")  # looks like a torch file: read only after the checks
     (earlier / "000" / "image_1.png").write_bytes((tmp_path / "here.png").read_bytes())
+    (tmp_path / "two.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     for flags, message in ((["--prompt", "a", "--prompts", str(path)], "give --prompt or --prompts, not both"),
                            (["--prompt", slot, "--image", str(earlier / "000" / "image_1.png"), "--out", str(earlier),
                              "--overwrite", "--checkpoint", str(plain_run)],
@@ -412,6 +429,12 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             "8 × the U-Net's 8)"),
                            (["--prompts", str(path), "--steps", "0"], "--steps=0: expected at least 1"),
                            (["--prompt", "a", "--seed", "-1"], "--seed=-1: expected an integer in [0, 2**31)"),
+                           (["--seed", str(2**31 - 1), "--limit", "2"],
+                            f"--seed={2**31 - 1}: expected an integer in [0, 2**31) that stays there for the 2 "
+                            "prompts (seed + 1)"),
+                           (["--prompts", str(tmp_path / "two.jsonl"), "--seed", str(2**31 - 1)],
+                            f"--prompts {tmp_path / 'two.jsonl'}, line 2: its seed is --seed + 1 = {2**31}, past "
+                            "2**31 - 1: give a smaller --seed, or the row a seed"),
                            (["--prompt", "a", "--out", str(tmp_path / "here.png" / "stories")],
                             f"--out {tmp_path / 'here.png' / 'stories'}: {tmp_path / 'here.png'} exists and is not a "
                             "directory"),

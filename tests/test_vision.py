@@ -243,7 +243,8 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(encode_images, "encode_folder", interrupt)
     assert encode_images.main(argv) == 130
-    assert f"interrupted; the files written to {out} are kept" in capsys.readouterr().err
+    assert f"interrupted: run the same command again to go on (files already written to {out} are kept)" \
+        in capsys.readouterr().err
 
 
 def test_uint8_input_images_are_normalized_on_the_device(hf_encoder):

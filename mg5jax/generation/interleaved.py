@@ -351,12 +351,18 @@ class InterleavedGenerator:
                 return None
             prompts, future = submitted
             batch, prepare_s = future.result()
-            out = generate(self._llm_split, **self._decode_args(prompts, batch, key))
-            return prompts, out, time.perf_counter(), {"prepare_s": prepare_s}
+            started = time.perf_counter()
+            return prompts, generate(self._llm_split, **self._decode_args(prompts, batch, key)), started, \
+                {"prepare_s": prepare_s}
 
         running = start(submit())
         while running is not None:
-            submitted, following, failed = submit(), [None], []
+            following, failed = [None], []
+            try:
+                submitted = submit()
+            except Exception as e:  # noqa: BLE001 - the caller's iterable: raised once this batch is handed out
+                submitted = None
+                failed.append(e)
 
             def start_following():
                 try:
@@ -404,7 +410,8 @@ class InterleavedGenerator:
                 started: float | None, *, then: Callable[[], None] | None = None) -> list[Response]:
         """`finish`, timing the text phase from `started` (when its splice was dispatched) if given. With
         `then`, the sampler calls are not waited on one by one: `then()` runs once all are dispatched, and
-        the images are waited on after it (`timings` then have no "sampler_s")."""
+        the images are waited on after it (`timings` then have no "sampler_s", and "images_s" leaves out
+        the time `then()` took)."""
         counts = np.asarray(out.insertion_counts)
         images_start = time.perf_counter()
         if started is not None:
@@ -427,12 +434,15 @@ class InterleavedGenerator:
                 baseline_calls = self._render(lambda texts: (encode(list(texts)), encode([""] * len(texts))),
                                               np.asarray([prompts[r].caption for r in with_caption]),
                                               [image_seed(prompts[r].seed, 0) for r in with_caption], key, wait=wait)
+        then_s = 0.0
         if then is not None:
+            then_start = time.perf_counter()
             then()
+            then_s = time.perf_counter() - then_start
         images = dict(zip(rows, _uint8_images(calls)))
         baselines = dict(zip(with_caption, _uint8_images(baseline_calls)))
         respond_start = time.perf_counter()
-        self.timings["images_s"] = respond_start - images_start
+        self.timings["images_s"] = respond_start - images_start - then_s
         ids, lengths = np.asarray(out.ids), np.asarray(out.lengths)
         positions = np.asarray(out.insertion_positions)
         responses = [self._response(prompts[r], ids[r, : lengths[r]].tolist(), positions[r, : counts[r]].tolist(),

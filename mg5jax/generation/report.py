@@ -63,18 +63,29 @@ def earlier_results(out_dir: str | pathlib.Path) -> list[pathlib.Path]:
     return found + sorted(d for d in out.iterdir() if _is_response_folder(d))
 
 
+def replaceable(earlier: Sequence[pathlib.Path]) -> bool:
+    """`earlier` (from `earlier_results`) is only the `run.json` of a run of ours that stopped before its
+    first response: the next run may write over it."""
+    if [p.name for p in earlier] != ["run.json"]:
+        return False
+    try:
+        return "command" in dict(json.loads(earlier[0].read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class ReportWriter:
     """Writes responses under `out_dir/NNN/` as they come (`add`), rewriting `index.html` after each
     addition: what is written survives an error in a later batch. `run` (flags, checkpoint: what the
     responses were made with) goes to `run.json`. A folder that holds an earlier report is refused,
-    or with `overwrite` emptied of it first (other files stay), so two runs never mix; a report without
-    responses (a run that failed before its first) is replaced."""
+    or with `overwrite` emptied of it first (other files stay), so two runs never mix; the `run.json` of
+    a run that stopped before its first response is replaced (`replaceable`)."""
 
     def __init__(self, out_dir: str | pathlib.Path, *, title: str = "MiniGPT-5", run: dict | None = None,
                  overwrite: bool = False):
         self.out = pathlib.Path(out_dir)
         if earlier := earlier_results(self.out):
-            if not overwrite and any(p.is_dir() for p in earlier):
+            if not (overwrite or replaceable(earlier)):
                 raise FileExistsError(f"{self.out}: holds an earlier report ({len(earlier)} entries, e.g. "
                                       f"{earlier[0].name}); replace it or choose another folder")
             for path in earlier:

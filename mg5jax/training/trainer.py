@@ -154,15 +154,16 @@ class _MetricsLog:
     and with `tensorboard` each number as the scalar `<split>/<name>` of a TensorBoard event file in
     `tensorboard`. Records of steps after `step` (written before a crash, past the checkpoint resumed
     from) and half-written lines are dropped first, and TensorBoard hides its events after `step`, so a
-    resumed run shows each step once. A fresh run (`step` 0) moves an earlier run's records and events
-    aside to `<name>.earlier_<n>`, as it does an earlier best/."""
+    resumed run shows each step once. A `fresh` run (no checkpoint to resume) moves an earlier run's
+    records and events aside to `<name>.earlier_<n>`, as it does an earlier best/."""
 
-    def __init__(self, path: pathlib.Path, step: int, tensorboard: pathlib.Path | None = None):
+    def __init__(self, path: pathlib.Path, step: int, tensorboard: pathlib.Path | None = None, *,
+                 fresh: bool = False):
         self._file = self._events = None
         if jax.process_index() != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if step == 0:
+        if fresh:
             for earlier in (path, tensorboard):
                 if earlier is not None and earlier.exists() and (earlier.is_file() or any(earlier.iterdir())):
                     n = 1
@@ -400,10 +401,10 @@ class Trainer:
         return step
 
     def _restore_hint(self, step: int, changed: list[str], error: str) -> str:
-        if "structure" in error or "saved with shape" in error:  # another layout: every checkpoint here has it
-            if changed:  # e.g. another trainable set
-                return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with "
-                        "the checkpoint's settings, or use a new trainer.workdir")
+        if changed and ("structure" in error or "saved with shape" in error):  # e.g. another trainable set
+            return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with "
+                    "the checkpoint's settings, or use a new trainer.workdir")
+        if "saved with shape" in error:  # another model's checkpoint: the older ones have the same layout
             return "; the older checkpoints have the same layout: use a new trainer.workdir"
         older = [s for s in self.checkpointer.all_steps() if s < step]
         return (f"; to resume from the older checkpoint {older[-1]}, move {self.checkpointer.directory / str(step)} "
@@ -427,14 +428,15 @@ class Trainer:
             if not callable(getattr(train_iter, method, None)):
                 raise TypeError(f"fit: the data iterator {type(train_iter).__name__} has no {method}() "
                                 "(needed to checkpoint its position)")
+        fresh = False
         if not self._started:
             self._started = True
-            self.restore_latest(train_iter)
+            fresh = self.restore_latest(train_iter) is None
         cfg = self.cfg
         self._stop_signal = None
         total = num_steps or cfg.num_steps or cfg.optimizer.total_steps * cfg.optimizer.grad_accum_steps
         metrics = _MetricsLog(self.workdir / "metrics.jsonl", self.step,
-                              self.workdir / "tensorboard" if cfg.tensorboard else None)
+                              self.workdir / "tensorboard" if cfg.tensorboard else None, fresh=fresh)
         previous_handlers = self._install_stop_handlers()
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         terms: dict[str, float] = {}
