@@ -359,7 +359,8 @@ def run(cfg) -> int:
     batches = [prompts[start : start + _BATCH.value] for start in range(0, len(prompts), _BATCH.value)]
     try:
         if _STREAM.value:
-            for start, batch in zip(range(0, len(prompts), _BATCH.value), batches):
+            for i, batch in enumerate(batches):
+                start = i * _BATCH.value
                 for item in generator.stream(batch):
                     if isinstance(item, list):
                         report.add(item)

@@ -16,8 +16,8 @@ when first called instead, inside the cold start) and, on an accelerator, run on
 
 `sequential` and `pipelined` are what infer.py gets from a prompts file: `--stream_prompts` prompts (the
 eight with other seeds) in batches of 1 and of 8, one `__call__` after another or through
-`InterleavedGenerator.generate_batches`, which prepares the next batch and starts its text while the
-device renders this one's images.
+`InterleavedGenerator.generate_batches`, which prepares the next batch while this one runs and starts
+its text as soon as this one's images are.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
     result["programs_stored_at_start"] = programs_at_start
 
     # what infer.py gets from a prompts file: N prompts in batches of 1 and of 8, one call after another
-    # against `generate_batches` (the next batch prepared and its text started while this one renders)
+    # against `generate_batches` (the next batch prepared while this one runs, its text queued behind its images)
     many = [dataclasses.replace(prompts[i % len(prompts)], seed=i) for i in range(args.stream_prompts)]
 
     def run_all(size: int, pipelined: bool) -> tuple[float, list]:

@@ -114,8 +114,9 @@ class ReportWriter:
         """Response `n`'s folder (images, record.json, no files of an earlier run); returns its article."""
         d = self.out / f"{n:03d}"
         d.mkdir(exist_ok=True)
-        for old in [*d.glob("input_*.png"), *d.glob("image_*.png"), d / "reference.png", d / "sd_baseline.png"]:
-            old.unlink(missing_ok=True)
+        for old in d.iterdir():
+            if old.is_file() and _RESPONSE_FILE.fullmatch(old.name):
+                old.unlink()
         inputs = []
         for k, path in enumerate(r.prompt.images):
             name = f"input_{k + 1}.png"

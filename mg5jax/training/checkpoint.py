@@ -146,10 +146,10 @@ class Checkpointer:
             data_state=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
+        # checked first: orbax's own error gives both shapes but not the array
+        if mismatch := _shape_mismatch(path / "params", params) or _shape_mismatch(path / "opt_state", opt_state):
+            raise CheckpointLayoutError(f"{path}: cannot restore training checkpoint ({mismatch})")
         try:
-            # checked first: orbax's own error gives both shapes but not the array
-            if mismatch := _shape_mismatch(path / "params", params) or _shape_mismatch(path / "opt_state", opt_state):
-                raise ValueError(mismatch)
             restored = self._manager.restore(step, args=args)
             meta, data_state = restored["meta"], restored["data_state"]
             if not isinstance(meta, dict) or meta.get("step") != step:
@@ -200,10 +200,7 @@ class BestCheckpoint:
         (kept, but neither a bar for this run nor what stage 2 or inference load from it, even when this
         run never validates); by process 0, on the shared workdir."""
         if _complete_steps(self.directory) and jax.process_index() == 0:
-            n = 1
-            while (aside := self.directory.with_name(f"{self.directory.name}.earlier_{n}")).exists():
-                n += 1
-            self.directory.rename(aside)
+            aside = set_aside(self.directory)
             log.warning("%s held an earlier run's best (val loss %s): moved to %s, this run keeps its own",
                         self.directory, "unknown" if self.val_loss is None else f"{self.val_loss:.6g}", aside)
         self.val_loss = None
@@ -259,6 +256,20 @@ def _read_best_meta(directory: pathlib.Path, step: int | None = None) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the best checkpoint's metadata ({e})") from e
+
+
+class CheckpointLayoutError(CheckpointError):
+    """A checkpoint whose arrays have other shapes than this run's: another model or optimizer layout,
+    which the run's older checkpoints share."""
+
+
+def set_aside(path: pathlib.Path) -> pathlib.Path:
+    """Rename an earlier run's `path` (a file or folder in a workdir) to the first free
+    `<stem>.earlier_<n><suffix>`, kept but out of this run's way; returns the new path."""
+    n = 1
+    while (aside := path.with_name(f"{path.stem}.earlier_{n}{path.suffix}")).exists():
+        n += 1
+    return path.rename(aside)
 
 
 def read_params(params_dir: pathlib.Path) -> Any:

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from mg5jax import parallel
 from mg5jax.convert.sources import CheckpointError
-from mg5jax.training.checkpoint import BestCheckpoint, Checkpointer, flat_config
+from mg5jax.training.checkpoint import (BestCheckpoint, Checkpointer, CheckpointLayoutError, flat_config,
+                                       set_aside)
 from mg5jax.training.optimizer import (OptimizerConfig, UpdateMasks, build_optimizer, linear_warmup_decay,
                                       masked_global_norm, resolve_masks)
 from mg5jax.training.tensorboard import EventWriter
@@ -166,11 +167,7 @@ class _MetricsLog:
         if fresh:
             for earlier in (path, tensorboard):
                 if earlier is not None and earlier.exists() and (earlier.is_file() or any(earlier.iterdir())):
-                    n = 1
-                    while (aside := earlier.with_name(f"{earlier.stem}.earlier_{n}{earlier.suffix}")).exists():
-                        n += 1
-                    earlier.rename(aside)
-                    log.warning("%s held an earlier run's records: moved to %s", earlier, aside)
+                    log.warning("%s held an earlier run's records: moved to %s", earlier, set_aside(earlier))
         elif path.is_file():
             lines = path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _logged_step(line) <= step]
@@ -380,17 +377,17 @@ class Trainer:
             changed = _changed_settings(saved, now) if saved is not None else []
             restored = self.checkpointer.restore(self._params, self._opt_state, step)
         except CheckpointError as e:
-            raise CheckpointError(f"{e}{self._restore_hint(step, changed, str(e))}") from e
+            raise type(e)(f"{e}{self._restore_hint(step, changed, e)}") from e
         if data_iter is not None:
             if restored.data_state is None:  # saved without an iterator
                 raise CheckpointError(f"{self.checkpointer.directory / str(step)}: has no data-iterator state"
-                                      f"{self._restore_hint(step, changed, '')}")
+                                      f"{self._restore_hint(step, changed, None)}")
             try:
                 data_iter.set_state(restored.data_state)
             except Exception as e:  # noqa: BLE001 - the iterator's own error for a state it cannot take
                 where = self.checkpointer.directory / str(step) / "data_state"
                 raise CheckpointError(f"{where}: the data iterator refuses the saved position ({type(e).__name__}: "
-                                      f"{e}){self._restore_hint(step, changed, str(e))}") from e
+                                      f"{e}){self._restore_hint(step, changed, e)}") from e
         self._params, self._opt_state = restored.params, restored.opt_state
         self._window = list(restored.metrics_window)  # a resumed run's metrics lines average what a straight one's do
         if changed:
@@ -400,11 +397,12 @@ class Trainer:
         log.info("resumed from step %d", step)
         return step
 
-    def _restore_hint(self, step: int, changed: list[str], error: str) -> str:
-        if changed and ("structure" in error or "saved with shape" in error):  # e.g. another trainable set
+    def _restore_hint(self, step: int, changed: list[str], error: Exception | None) -> str:
+        layout = isinstance(error, CheckpointLayoutError)
+        if changed and (layout or "structure" in str(error)):  # e.g. another trainable set: all checkpoints have it
             return (f"; this run's settings differ from the checkpoint's ({'; '.join(changed)}): resume with "
                     "the checkpoint's settings, or use a new trainer.workdir")
-        if "saved with shape" in error:  # another model's checkpoint: the older ones have the same layout
+        if layout:
             return "; the older checkpoints have the same layout: use a new trainer.workdir"
         older = [s for s in self.checkpointer.all_steps() if s < step]
         return (f"; to resume from the older checkpoint {older[-1]}, move {self.checkpointer.directory / str(step)} "
