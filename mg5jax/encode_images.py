@@ -17,7 +17,9 @@ Input images get the test-time input transform (resize, centre crop, CLIP normal
 the output transform at `--size` (white square padding, resize, centre crop, scaled to [-1, 1], as the
 online path feeds the VAE; the original's preprocessing script stored moments of [0, 1] images, a bug).
 Neither is flipped, so training on stored moments has no flip augmentation of the target (as the
-original's). Files already written are skipped, so an interrupted run resumes. `<out>/sources.json`
+original's). Files already written are skipped, so an interrupted run resumes. An image that cannot be
+read (CC3M downloads hold truncated files and saved error pages) is logged, skipped and listed in
+`<out>/unreadable.json`; training then skips the samples that need it (`--strict` stops instead). `<out>/sources.json`
 records the image each `<stem>.npy` came from: a second folder whose stems collide with the first is
 refused, and training checks that a sample's image is the one its file was computed from;
 `<out>/encoding.json` records what the files hold (kind, size, shape, encoder weights and dtype), and
@@ -43,8 +45,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from mg5jax.convert.sources import CheckpointError, write_atomically
+from mg5jax.data.datasets import DataError, load_json
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
-from mg5jax.data.pipeline import FEATURE_SOURCES, read_feature_sources
+from mg5jax.data.pipeline import FEATURE_SOURCES, UNREADABLE_IMAGES, read_feature_sources
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
 
@@ -161,10 +164,40 @@ def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.P
         write_atomically(out_dir / f"{path.stem}.npy", buffer.getvalue())
 
 
+LOGGED_UNREADABLE_IMAGES = 20  # unreadable images logged one by one; the rest are counted
+
+
+@dataclasses.dataclass
+class FolderResult:
+    """What `encode_folder` did: the images it encoded and those it skipped as unreadable (with why)."""
+
+    encoded: list[pathlib.Path]
+    unreadable: dict[pathlib.Path, str]
+
+
+def _record_unreadable(out: pathlib.Path, images: Sequence[pathlib.Path],
+                       unreadable: dict[pathlib.Path, str]) -> None:
+    """Update `out/unreadable.json` ({image path: why}) for the images this run tried: the unreadable ones
+    in, the rest out (and those no longer there)."""
+    path = out / UNREADABLE_IMAGES
+    try:
+        held = load_json(path) if path.is_file() else {}
+    except DataError:  # a damaged record of an earlier run: this run's replaces it
+        held = {}
+    tried = {str(p.resolve()) for p in images}
+    held = {k: v for k, v in held.items() if k not in tried and os.path.exists(k)} if isinstance(held, dict) else {}
+    held.update({str(p.resolve()): why for p, why in unreadable.items()})
+    if held:
+        write_atomically(path, json.dumps(held, indent=0, sort_keys=True))
+    elif path.is_file():
+        path.unlink()
+
+
 def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  batch_size: int = 16, *, progress: bool = True) -> list[pathlib.Path]:
+                  batch_size: int = 16, *, progress: bool = True, strict: bool = False) -> FolderResult:
     """Encode every image in `image_dir` not yet in `out_dir` (`input_features(...)` or
-    `output_moments(...)`); returns the images encoded.
+    `output_moments(...)`). An image that cannot be read is logged and skipped (training then skips the
+    samples that need it) and listed in `out_dir/unreadable.json`; with `strict`, it stops the run.
 
     Batches have the static size `batch_size` (the last one is zero-padded), so one compile serves the
     whole folder; decoding the next batch overlaps with the device computing the current one.
@@ -179,24 +212,51 @@ def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str
     todo = [p for p in images if not (out / f"{p.stem}.npy").is_file()]
     log.info("%d images in %s, %d already encoded", len(images), image_dir, len(images) - len(todo))
     size = encoding.size
+    result = FolderResult([], {})
+
+    def batches():
+        """Readable images in `[batch_size, 3, size, size]` blocks (zero-padded), with their paths."""
+        paths, pixels = [], np.zeros((batch_size, 3, size, size), np.float32)
+        for path in todo:
+            try:
+                pixels[len(paths)] = encoding.pixels(path)
+            except ImageLoadError as e:
+                if strict:
+                    raise
+                result.unreadable[path] = str(e)
+                if len(result.unreadable) <= LOGGED_UNREADABLE_IMAGES:
+                    log.warning("skipping %s", e)
+                elif len(result.unreadable) == LOGGED_UNREADABLE_IMAGES + 1:
+                    log.warning("more than %d unreadable images: the rest are counted (all are listed in %s)",
+                                LOGGED_UNREADABLE_IMAGES, out / UNREADABLE_IMAGES)
+                bar.update(1)
+                bar.set_postfix(unreadable=len(result.unreadable))
+                continue
+            paths.append(path)
+            if len(paths) == batch_size:
+                yield paths, pixels
+                paths, pixels = [], np.zeros((batch_size, 3, size, size), np.float32)
+        if paths:
+            yield paths, pixels
+
+    def save(paths: list[pathlib.Path], features: jax.Array) -> None:
+        _save(paths, features, out)
+        result.encoded.extend(paths)
+        bar.update(len(paths))
+
     pending: tuple[list[pathlib.Path], jax.Array] | None = None
     with tqdm(total=len(todo), desc=f"encoding {encoding.what}", unit="img", disable=not progress) as bar:
         try:
-            for start in range(0, len(todo), batch_size):
-                paths = todo[start:start + batch_size]
-                pixels = np.zeros((batch_size, 3, size, size), np.float32)
-                for i, path in enumerate(paths):
-                    pixels[i] = encoding.pixels(path)
+            for paths, pixels in batches():
                 features = encoding.encode(pixels)
                 if pending is not None:
-                    _save(*pending, out)
-                    bar.update(len(pending[0]))
+                    save(*pending)
                 pending = (paths, features)
         finally:  # keep the finished batch even when a later image fails
             if pending is not None:
-                _save(*pending, out)
-                bar.update(len(pending[0]))
-    return todo
+                save(*pending)
+            _record_unreadable(out, [*result.encoded, *result.unreadable], result.unreadable)
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                    help="storage and compute dtype of the encoder (the original runs both in bf16)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that cannot be read (default: log it, skip it and go on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -257,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # the weight loaders' bars too
     try:
         encoding = _encoding(parser, args)
-        done = encode_folder(encoding, args.images, args.out, args.batch_size, progress=not args.no_progress)
+        done = encode_folder(encoding, args.images, args.out, args.batch_size, progress=not args.no_progress,
+                             strict=args.strict)
     except (CheckpointError, ImageLoadError, FileNotFoundError, ValueError) as e:
         print(f"encode_images: error: {e}", file=sys.stderr)
         return 1
@@ -270,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = was
-    print(f"encoded {len(done)} images ({encoding.what}) into {args.out}")
+    print(f"encoded {len(done.encoded)} images ({encoding.what}) into {args.out}")
+    if done.unreadable:
+        print(f"skipped {len(done.unreadable)} images that could not be read (listed in "
+              f"{pathlib.Path(args.out) / UNREADABLE_IMAGES}; training skips the samples that need them)")
     return 0
 
 

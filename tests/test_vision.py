@@ -1,6 +1,7 @@
 """Image encoder: EVA ViT + ln_vision, Q-Former and the whole encoder against transformers BLIP-2 (fp32,
 tiny random weights), LAVIS / MiniGPT-4 pickle import, and the encode_images CLI."""
 
+import json
 import shutil
 import time
 
@@ -19,6 +20,7 @@ from mg5jax.convert import keymap as km
 from mg5jax.convert import vision as convert
 from mg5jax.convert.sources import CheckpointError, DictSource
 from mg5jax.data.images import ImageLoadError, input_image_pixels, input_image_transform, load_image
+from mg5jax.data import pipeline
 from mg5jax.data.pipeline import read_feature_sources
 from mg5jax.models import vision
 from mg5jax.models.minigpt5 import embed_images
@@ -218,18 +220,35 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys, monkeypatch):
     print(f"encode_images CLI: 3 images ({time.perf_counter() - t0:.1f}s)")
 
     (out / "b.npy").unlink()  # only the missing file is redone
-    assert [p.name for p in encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)] == ["b.png"]
+    done = encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)
+    assert [p.name for p in done.encoded] == ["b.png"] and not done.unreadable
     other = tmp_path / "other_split"  # a.png again, from another folder: same stem, other features
     other.mkdir()
     shutil.copy(images / "b.png", other / "a.png")
     with pytest.raises(ValueError, match=r"a\.npy holds the features of .*images/a\.png, not of .*other_split/a\.png"):
         encode_images.encode_folder(encode_images.input_features(hf_encoder), other, out, 2, progress=False)
+    # an unreadable image is skipped and listed (training skips its samples), or stops a --strict run
     (images / "d.png").write_bytes(b"not a png")
-    with pytest.raises(ImageLoadError, match=r"d\.png"):
-        encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)
+    (images / "e.png").write_bytes(b"")
+    shutil.copy(images / "a.png", images / "f.png")
+    done = encode_images.encode_folder(encode_images.input_features(hf_encoder), images, out, 2, progress=False)
+    assert [p.name for p in done.encoded] == ["f.png"] and sorted(p.name for p in done.unreadable) == ["d.png", "e.png"]
+    np.testing.assert_array_equal(np.load(out / "f.npy"), np.load(out / "a.npy"))
+    listed = json.loads((out / "unreadable.json").read_text())
+    assert list(listed) == [str((images / n).resolve()) for n in ("d.png", "e.png")]
+    assert "d.png" in listed[str((images / "d.png").resolve())]
+    with pytest.raises(ValueError, match=r"d\.npy \(encode_images lists the images it could not read in .*unreadable"):
+        pipeline._load_array(out / "d.npy", (8, 16))
     capsys.readouterr()
-    assert encode_images.main(argv) == 1
+    assert encode_images.main([*argv, "--strict"]) == 1
     assert "d.png" in capsys.readouterr().err
+    assert encode_images.main(argv) == 0
+    assert "skipped 2 images that could not be read" in capsys.readouterr().out
+    shutil.copy(images / "b.png", images / "d.png")  # mended: encoded by the next run, and no longer listed
+    assert encode_images.main(argv) == 0
+    assert list(json.loads((out / "unreadable.json").read_text())) == [str((images / "e.png").resolve())]
+    (images / "e.png").unlink()
+    assert encode_images.main(argv) == 0 and not (out / "unreadable.json").exists()
     # --size is the output moments' alone; a missing image folder makes no output folder
     with pytest.raises(SystemExit):
         encode_images.main([*argv, "--size", "64"])

@@ -206,6 +206,7 @@ def _feature_file(directory: pathlib.Path, sources: dict[str, str], image: str, 
 
 
 FEATURE_SOURCES = "sources.json"  # in a features folder: {stem: the image its <stem>.npy was computed from}
+UNREADABLE_IMAGES = "unreadable.json"  # in a features folder: {image: why} of those encode_images could not read
 
 
 def read_feature_sources(features_dir: str | os.PathLike) -> dict[str, str]:
@@ -243,7 +244,9 @@ def check_precomputed(directory: pathlib.Path, shape: tuple[int, ...], what: str
 
 def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
     if not path.is_file():
-        raise ValueError(f"precomputed feature file not found: {path}")
+        listed = path.parent / UNREADABLE_IMAGES
+        hint = f" (encode_images lists the images it could not read in {listed})" if listed.is_file() else ""
+        raise ValueError(f"precomputed feature file not found: {path}{hint}")
     try:
         arr = np.load(path)
     except (ValueError, EOFError, OSError) as e:  # empty, truncated or not an .npy file
