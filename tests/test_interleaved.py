@@ -530,3 +530,15 @@ def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
     missing = str(tmp_path / "gone.png")
     with pytest.raises(ImageLoadError, match=r"prompt 2 of 2 \(ending '<Img><ImageHere></Img>'\): .*gone.png"):
         gen.prepare([prompts[1], Prompt(slot, (missing,))])
+
+    # a batch without input images has no image slots (no vision pass, a shorter prompt); its prompts get
+    # the responses they get beside a prompt with images
+    text_only = [Prompt("###Human: a day at the beach ###Assistant:", seed=s) for s in range(3)]
+    batch = gen.prepare(text_only)
+    assert "input_images" not in batch and batch["input_image_features"].shape == (3, 0, 4, D)
+    embeds, mask = _splice(*gen._prompt_split, batch)
+    assert embeds.shape[1] == 1 + batch["input_ids"].shape[1]
+    alone = gen(text_only)
+    beside = gen([prompts[1], *text_only])[1:]
+    assert [r.token_ids for r in alone] == [r.token_ids for r in beside]
+    assert len({tuple(r.token_ids) for r in alone}) == 3

@@ -263,7 +263,9 @@ class InterleavedGenerator:
 
     def prepare(self, prompts: Sequence[Prompt]) -> dict:
         """Token ids (padded to a bucket) and input images of a batch of prompts (no labels). Images are
-        uint8 pixels `[B, M, 3, S, S]`, normalized in the splice program; files are read in parallel."""
+        uint8 pixels `[B, M, 3, S, S]`, normalized in the splice program; files are read in parallel. A
+        batch without input images has no image slots (M = 0): no vision encoder pass, and (Q - 1)·M
+        fewer positions to prefill and attend to."""
         ids = [self.tokenizer.encode(p.text) for p in prompts]
         for i, (p, row) in enumerate(zip(prompts, ids)):
             if problem := prompt_problem(p, row, self.tokenizer, max_input_images=self.max_input_images,
@@ -273,7 +275,8 @@ class InterleavedGenerator:
                 raise ValueError(f"prompt {i + 1} of {len(prompts)} (ending {p.text[-60:]!r}): {problem}")
         longest = max(len(r) for r in ids)
         t = min(b for b in self.settings.length_buckets if b >= longest)
-        b, s, m = len(prompts), self.input_image_size, self.max_input_images
+        b, s = len(prompts), self.input_image_size
+        m = self.max_input_images if any(p.images for p in prompts) else 0
         batch = {
             "input_ids": np.full((b, t), self.tokenizer.ids.pad_id, np.int32),
             "attention_mask": np.zeros((b, t), np.int32),
@@ -283,7 +286,7 @@ class InterleavedGenerator:
         for i, (p, row) in enumerate(zip(prompts, ids)):
             batch["input_ids"][i, : len(row)] = row
             batch["attention_mask"][i, : len(row)] = 1
-        if self.model.vision is None:
+        if self.model.vision is None or m == 0:
             batch["input_image_features"] = np.zeros(
                 (b, m, self.model.config.num_query_tokens, self.model.llm.config.hidden_size), np.float32)
             return batch
