@@ -8,6 +8,7 @@ import sentencepiece as spm
 from fixtures_tokenizer import VOCAB_SIZE, tiny_tokenizer_dir  # noqa: F401  (session fixture)
 from transformers import AutoTokenizer
 
+from mg5jax.convert.sources import CheckpointError
 from mg5jax.data.tokenization import (
     ALL_VOKENS_STR,
     IGNORE_INDEX,
@@ -104,6 +105,10 @@ def test_hf_fallback_without_spm_model(tiny_tokenizer_dir, tok, tmp_path, caplog
     assert "has no tokenizer.model: encoding with tokenizer.json" in caplog.text
     for text in (f"caption  {ALL_VOKENS_STR} ###", S1 + "###Human:x.<Img><ImageHere></Img>\n Tell me ###Assistant:"):
         assert fallback.encode(text) == tok.encode(text)
+    # without either file transformers would make a dozen-token tokenizer (and the LLM's vocabulary with it)
+    (no_spm / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no_spm: no tokenizer.model or tokenizer.json"):
+        MiniGPT5Tokenizer.from_pretrained(no_spm)
 
 
 def test_decode(tok):

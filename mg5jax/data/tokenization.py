@@ -187,6 +187,10 @@ class MiniGPT5Tokenizer:
     def from_pretrained(cls, llm_dir: str | pathlib.Path, num_vokens: int = NUM_VOKENS) -> MiniGPT5Tokenizer:
         """Load the LLaMA tokenizer of ``llm_dir`` and add the vokens and ``<ImageHere>``."""
         llm_dir = pathlib.Path(llm_dir)
+        if llm_dir.is_dir() and not any((llm_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            # transformers would build an all-defaults tokenizer of a dozen tokens, and the vocabulary with it
+            raise CheckpointError(f"{llm_dir}: no tokenizer.model or tokenizer.json: put the LLM's tokenizer files "
+                                  "beside its weights (model.llm_path)")
         hf_tokenizer = load_hf_tokenizer(LlamaTokenizer, llm_dir, "LLaMA")
         ids = add_voken_tokens(hf_tokenizer, num_vokens)
         spm_file = llm_dir / "tokenizer.model"
