@@ -15,7 +15,7 @@ from mg5jax.convert.minigpt5 import export_official, import_official, load_offic
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.diffusion import schedulers
 from mg5jax.models import lora
-from mg5jax.models.llama import LlamaForCausalLM
+from mg5jax.models.llama import LlamaForCausalLM, prepare_for_decoding
 from mg5jax.models.mapper import MapperConfig, VokenMapper
 from mg5jax.models.minigpt5 import MiniGPT5, MiniGPT5Config
 
@@ -100,7 +100,7 @@ def test_import_matches_the_pytorch_composition(official):
     print(f"official import: logits max-abs {err_logits:.2e}, conditioning max-abs {err_cond:.2e}")
 
 
-def test_export_import_round_trip(official, tmp_path):
+def test_export_import_round_trip(official, tmp_path, monkeypatch):
     d, _, _ = official
     model = build_ours(d / "llm", with_lora=True)
     import_official(model, d / "stage1_cc3m.ckpt", d / "stage2_vist.ckpt")
@@ -114,6 +114,29 @@ def test_export_import_round_trip(official, tmp_path):
     a, b = km.flat_params(nnx.state(model, nnx.Param)), km.flat_params(nnx.state(again, nnx.Param))
     for path in a:
         np.testing.assert_array_equal(np.asarray(a[path].get_value()), np.asarray(b[path].get_value()), path)
+
+    # a run that trained what the file cannot hold, or an LLM re-laid for inference, is refused; a failed
+    # export leaves the file it would have replaced as it was
+    body = "llm.model.layers.0.mlp.down_proj.kernel"
+    with pytest.raises(CheckpointError, match=rf"stage-1 file has no place for 5 of .* e.g. {body}"):
+        export_official(model, tmp_path / "s1.ckpt", stage=1, trained=[body, *[p for p in a if "lora" in p][:4]])
+    stage1 = [p for p in a if p.startswith(("llm.model.embed_tokens.", "llm.lm_head.", "mapper."))]
+    assert export_official(model, tmp_path / "s1.ckpt", stage=1, trained=stage1) == keys1
+    before = (tmp_path / "s2.ckpt").read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        export_official(model, tmp_path / "s2.ckpt", stage=2)
+    monkeypatch.undo()
+    assert (tmp_path / "s2.ckpt").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "s1.ckpt", "s2.ckpt"]
+    prepare_for_decoding(model.llm)
+    with pytest.raises(CheckpointError, match=r"re-laid for inference .* export before preparing it"):
+        export_official(model, tmp_path / "s2.ckpt", stage=2)
 
 
 def test_errors_name_the_culprit(official, tmp_path):

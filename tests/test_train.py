@@ -214,7 +214,7 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
 
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     """Stage 2 from the released stage1_cc3m.ckpt: its fc, queries, voken rows and mapper seed the model."""
-    from mg5jax.convert.minigpt5 import export_official
+    from mg5jax.convert.minigpt5 import export_official, import_official
 
     cfg = demo_config(demo_root, tmp_path / "stage2")
     stage1 = build.build_model(cfg).model
@@ -247,6 +247,48 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     for p in [p for p in want if p.startswith("mapper.")]:
         offset = 0.0 if "fc_in" in p or "decoder_queries" in p else -2.0  # stage 1's (already +0.5), or the run's
         np.testing.assert_array_equal(np.asarray(chained[p].get_value()), np.asarray(want[p].get_value()) + offset,
+                                      err_msg=p)
+    # python -m mg5jax.export_official writes a run back as the original's files: stage 2 with what it trained,
+    # stage 1 with what it froze from its chain, the LLM's own rows in their file's precision; what the file
+    # has no place for is refused (that run trained fc_out, which the original's stage 2 freezes)
+    import torch
+
+    from mg5jax import export_official as export_cli
+    from mg5jax.convert.sources import CheckpointError
+
+    transformer = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("encoder"), nnx.PathContains("decoder")),
+                          nnx.PathContains("mapper"), nnx.Not(frozen))
+    _, trained, _ = nnx.split(stage1, transformer, ...)
+    best = BestCheckpoint(tmp_path / "stage2_vist" / "best", async_save=False)
+    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 3.0, trained))
+    best.close()
+    meta = tmp_path / "stage2_vist" / "checkpoints" / "4" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(ckpt)}}}))
+    config_file = tmp_path / "exported_run.py"
+    config_file.write_text(
+        "from configs import demo\n\n\ndef get_config():\n    c = demo.get_config()\n"
+        f"    c.model.llm_path = {cfg.model.llm_path!r}\n    c.model.sd_path = {cfg.model.sd_path!r}\n"
+        f"    c.model.vision.blip2_dir = {cfg.model.vision.blip2_dir!r}\n    c.model.lora.enabled = True\n"
+        f"    c.model.init_from = {str(ckpt)!r}\n    c.model.frozen_dtype = 'bfloat16'\n    return c\n")
+    argv = ["export_official", f"--config={config_file}"]
+    with pytest.raises(CheckpointError, match=r"stage-2 file has no place for 2 of .* e.g. mapper\.fc_out\.bias"):
+        export_cli.cli([*argv, f"--checkpoint={tmp_path / 'stage2_run'}", "--stage=2", f"--out={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+    for stage in (1, 2):
+        out = tmp_path / f"exported_stage{stage}.ckpt"
+        run = f"--checkpoint={tmp_path / 'stage2_vist'}"
+        keys = export_cli.cli([*argv, run, f"--stage={stage}", f"--out={out}"])
+        assert keys == sorted(torch.load(out)["state_dict"])
+        with pytest.raises(ValueError, match=r"exists: give --overwrite"):
+            export_cli.cli([*argv, run, f"--stage={stage}", f"--out={out}"])
+    official = build.build_model(cfg).model
+    import_official(official, tmp_path / "exported_stage1.ckpt", tmp_path / "exported_stage2.ckpt")
+    got = km.flat_params(nnx.state(official, nnx.Param))
+    moved = km.flat_params(trained)
+    for p in [p for p in want if p.startswith("mapper.") or "embed_tokens" in p or "lm_head" in p]:
+        offset = -3.0 if p in moved else 0.0
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(want[p].get_value()) + offset,
                                       err_msg=p)
 
 

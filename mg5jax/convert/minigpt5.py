@@ -9,17 +9,25 @@ and the mapper transformer (no fc, no prompt: stage-2 inference also needs the s
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
+from collections.abc import Iterable
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mg5jax.convert import keymap as km
 from mg5jax.convert.llama import peft_keymap
 from mg5jax.convert.mapper import mapper_keymap
-from mg5jax.convert.sources import CheckpointError, TorchSource
+from mg5jax.convert.sources import CheckpointError, TorchSource, write_atomically
+from mg5jax.models.llama import prepared_for_decoding
 from mg5jax.models.lora import LoraLinear
+from mg5jax.models.quantize import Int8Linear
+
+log = logging.getLogger(__name__)
 
 LLM_PREFIX = "model.llama_model."
 LIGHTNING_VERSION = "2.0.2"  # the original's pinned lightning>=2.0.2, written into exported files
@@ -29,6 +37,8 @@ _STAGE1_LLM = km.KeyMap([
 ])
 _STAGE1_PARAMS = r"^(llm\.model\.embed_tokens\.|llm\.lm_head\.|mapper\.)"
 _STAGE2_PARAMS = r"^(llm\.model\.embed_tokens\.|llm\.lm_head\.|llm\..*\.lora_[ab]$|mapper\.(encoder|decoder)\.)"
+_STAGE_HOLDS = {1: "embed_tokens, lm_head and the whole mapper", 2: "embed_tokens, lm_head, the LoRA adapters "
+                "and the mapper's encoder and decoder"}
 
 
 OFFICIAL_LORA_SCALING = 16 / 8  # the original's peft LoraConfig(r=8, lora_alpha=16)
@@ -85,12 +95,30 @@ def import_official(model, stage1_path: str | os.PathLike, stage2_path: str | os
         load_official(model, stage2_path, stage=2)
 
 
-def export_official(model, path: str | os.PathLike, stage: int) -> list[str]:
-    """Write `model`'s trainable set as an official stage-`stage` checkpoint; returns its keys."""
+def export_official(model, path: str | os.PathLike, stage: int, *, trained: Iterable[str] | None = None) -> list[str]:
+    """Write `model`'s trainable set as an official stage-`stage` checkpoint (a reader sees the old file
+    or the new one); returns its keys. `trained`: the param paths a run trained (`build.load_trainable`
+    returns them); one the file has no place for (the LLM's layers, LoRA in a stage-1 file) is an error,
+    as the file would quietly lose it. Params held narrower than fp32 are written as they are held (a
+    warning names them): build with `model.frozen_dtype="float32"` for the exact values
+    (`python -m mg5jax.export_official` does)."""
     import torch
 
-    arrays = dict(km.export_params(_stage_state(model, stage), stage_keymap(model, stage), dtype=np.float32))
+    if prepared_for_decoding(model.llm) or any(isinstance(m, Int8Linear) for _, m in nnx.iter_modules(model.llm)):
+        raise CheckpointError("export_official: this model's LLM was re-laid for inference (prepare_for_decoding or "
+                              "int8 weights), not the layout the official files hold: export before preparing it")
+    state = _stage_state(model, stage)
+    held = km.flat_params(state)
+    if trained is not None and (lost := sorted(set(trained) - set(held))):
+        raise CheckpointError(f"an official stage-{stage} file has no place for {len(lost)} of the params this run "
+                              f"trained, e.g. {', '.join(lost[:3])}: it holds {_STAGE_HOLDS[stage]}")
+    if narrow := sorted(p for p, v in held.items() if jnp.finfo(v.get_value().dtype).bits < 32):
+        log.warning("export_official: %d params are held below fp32 (e.g. %s): the file gets their rounded values",
+                    len(narrow), narrow[0])
+    arrays = dict(km.export_params(state, stage_keymap(model, stage), dtype=np.float32))
     # the version key lets Lightning's own `load_from_checkpoint` (the original's loading) read the file
+    buffer = io.BytesIO()
     torch.save({"state_dict": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in arrays.items()},
-                "pytorch-lightning_version": LIGHTNING_VERSION, "epoch": 0, "global_step": 0}, path)
+                "pytorch-lightning_version": LIGHTNING_VERSION, "epoch": 0, "global_step": 0}, buffer)
+    write_atomically(path, buffer.getbuffer())
     return sorted(arrays)

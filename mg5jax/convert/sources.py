@@ -396,8 +396,12 @@ class _FileWriter:
         return name
 
     def discard(self) -> None:
-        self._data.close()
-        self.data_path.unlink(missing_ok=True)
+        try:
+            self._data.close()  # after a failed write (a full disk) the flush fails too: the error is raised already
+        except OSError:
+            pass
+        finally:
+            self.data_path.unlink(missing_ok=True)
 
 
 def _items(tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]):

@@ -1,0 +1,86 @@
+"""Write a run of ours as the original's Lightning checkpoint, for the original's code (REFERENCE §8):
+
+    python -m mg5jax.export_official --config configs/stage1_cc3m.py --checkpoint runs/stage1_cc3m \\
+        --stage 1 --out stage1_cc3m.ckpt
+    python -m mg5jax.export_official --config configs/stage2_vist.py --checkpoint runs/stage2_vist \\
+        --stage 2 --out stage2_vist.ckpt
+
+The run's config (and its `--config.…` overrides) builds the model; the run's trained params are loaded
+(its best validation step, as infer.py does). Every weight is held in float32 here, frozen ones included:
+a stage-1 file holds the whole embed_tokens / lm_head matrices, whose old rows must be the LLM's own values,
+not bf16-rounded ones. So the whole model sits in host memory in fp32 (about 35 GB at full size;
+`JAX_PLATFORMS=cpu` keeps it off the accelerator). A run that trained params the stage's file has no
+place for (the LLM's layers, LoRA in a stage-1 file) is refused; an existing `--out` needs `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from mg5jax.cli import check_config_fields, parse_flags
+
+
+def _flags(argv: Sequence[str]):
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    # `--config.a.b=value` overrides are defined from the config file named in `argv`
+    config_flags.DEFINE_config_file("config", None, "the run's Python config file (ml_collections)", flag_values=fv,
+                                    sys_argv=list(argv))
+    flags.DEFINE_string("checkpoint", None, "the run's trainer.workdir (its best/ or newest checkpoint)",
+                        flag_values=fv)
+    flags.DEFINE_enum("stage", None, ["1", "2"], "the official layout: 1 (stage1_cc3m.ckpt) or 2 (stage2_*.ckpt)",
+                      flag_values=fv)
+    flags.DEFINE_string("out", None, "the .ckpt file to write", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing --out file", flag_values=fv)
+    return fv
+
+
+def cli(argv: Sequence[str]) -> list[str]:
+    """`python -m mg5jax.export_official` with `argv` (program name first): returns the keys written."""
+    from mg5jax import build
+    from mg5jax.convert.minigpt5 import export_official
+
+    fv = _flags(argv)
+    parse_flags("mg5jax.export_official", list(argv), fv)
+    for name in ("config", "checkpoint", "stage", "out"):
+        if fv[name].value is None:
+            raise ValueError(f"--{name} is required (python -m mg5jax.export_official --help)")
+    check_config_fields("mg5jax.export_official", fv.config, fv["config"].config_filename)
+    out = pathlib.Path(fv.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the .ckpt file to write")
+    if out.exists() and not fv.overwrite:
+        raise ValueError(f"--out {out} exists: give --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: no folder {out.parent}")
+    build.trained_params_dir(fv.checkpoint, "--checkpoint")  # a wrong run is named before any model loads
+    cfg = fv.config
+    cfg.model.frozen_dtype = "float32"  # exact values, the old vocab rows included (see the docstring)
+    built = build.build_model(cfg, train=False)
+    trained = build.load_trainable(built.model, fv.checkpoint, "--checkpoint", strict=True)
+    keys = export_official(built.model, out, int(fv.stage), trained=trained)
+    print(f"wrote {len(keys)} tensors of an official stage-{fv.stage} checkpoint to {out}")
+    return keys
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from mg5jax.convert.sources import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+        print(f"usage: python -m mg5jax.export_official --config CONFIG [--config.a.b=value …] --checkpoint RUN "
+              f"--stage 1|2 --out FILE [--overwrite]\n\n{__doc__}\n{_flags(sys.argv).get_help()}")
+        sys.exit(0)
+    try:
+        cli(sys.argv)
+    except (ValueError, FileNotFoundError, CheckpointError, flags.Error) as e:
+        sys.exit(f"mg5jax.export_official: {e}")
+    except KeyboardInterrupt:
+        sys.exit("mg5jax.export_official: interrupted (--out is written whole or not at all: nothing was replaced)")
