@@ -19,7 +19,7 @@ from mg5jax import encode_images, parallel
 from mg5jax.convert import keymap as km
 from mg5jax.convert import vision as convert
 from mg5jax.convert.sources import CheckpointError, DictSource
-from mg5jax.data.images import ImageLoadError, input_image_pixels, input_image_transform, load_image
+from mg5jax.data.images import input_image_pixels, input_image_transform, load_image
 from mg5jax.data import pipeline
 from mg5jax.data.pipeline import read_feature_sources
 from mg5jax.models import vision
