@@ -152,6 +152,12 @@ def test_errors_name_the_culprit(official, tmp_path):
     lora.apply_lora(other_scale.llm, rank=8, alpha=32, dropout=0.0, rngs=nnx.Rngs(0))
     with pytest.raises(CheckpointError, match=r"alpha / r = 2\.0; this model's LoRA scales by \[4\.0\]"):
         load_official(other_scale, d / "stage2_vist.ckpt", stage=2)
+    with pytest.raises(CheckpointError, match=r"stage2_vist.ckpt: a stage-2 file \(it holds LoRA adapters\), "
+                                              r"given as the stage-1 one"):
+        load_official(build_ours(d / "llm", with_lora=True), d / "stage2_vist.ckpt", stage=1)
+    with pytest.raises(CheckpointError, match=r"stage1_cc3m.ckpt: a stage-1 file \(fc, no LoRA\), given as the "
+                                              r"stage-2"):
+        load_official(build_ours(d / "llm", with_lora=True), d / "stage1_cc3m.ckpt", stage=2)
     torch.save({"model": sd}, tmp_path / "nested.ckpt")
     with pytest.raises(CheckpointError, match="state_dict"):
         load_official(build_ours(d / "llm", with_lora=False), tmp_path / "nested.ckpt", stage=1)

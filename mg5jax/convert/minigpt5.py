@@ -83,6 +83,13 @@ def _stage_state(model, stage: int) -> nnx.State:
 def load_official(model, path: str | os.PathLike, stage: int) -> None:
     """Load an official Lightning checkpoint of `stage` into `model` in place (strict key match)."""
     source = TorchSource([path], subkey="state_dict")
+    other = 2 if stage == 1 and any(".lora_" in k for k in source) else \
+        1 if stage == 2 and not any(".lora_" in k for k in source) and "fc.0.weight" in source else None
+    if other is not None:
+        holds = "it holds LoRA adapters" if other == 2 else "fc, no LoRA"
+        raise CheckpointError(f"{path}: a stage-{other} file ({holds}), given as the stage-{stage} one (stage-2 "
+                              "inference takes the released "
+                              "stage1_cc3m.ckpt as stage 1 and stage2_vist.ckpt or stage2_mmdialog.ckpt as stage 2)")
     state = km.load_params(_stage_state(model, stage), source, stage_keymap(model, stage),
                            what=f"MiniGPT-5 stage-{stage} checkpoint")
     nnx.update(model, state)
