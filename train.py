@@ -26,6 +26,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (m
 log = logging.getLogger("mg5jax.train")
 
 
+def check_step_counts(cfg, num_steps: int | None, opt: dict) -> None:
+    """Refuse step counts that would train for nothing: micro-steps that never make a whole update, steps
+    past the learning-rate schedule's end (its rate is 0 there), a validation of no batches."""
+    accum, total = opt["grad_accum_steps"], opt["total_steps"]
+    if num_steps and num_steps % accum:
+        raise ValueError(f"trainer.num_steps={num_steps} is not a whole number of updates of {accum} micro-batches: "
+                         f"the last {num_steps % accum} would be computed and never applied "
+                         f"(use {num_steps - num_steps % accum} or {num_steps + accum - num_steps % accum})")
+    if num_steps and total is not None and num_steps > total * accum:
+        raise ValueError(f"trainer.num_steps={num_steps} runs past the learning-rate schedule, which ends after "
+                         f"trainer.optimizer.total_steps={total} updates of {accum} micro-batches ({total * accum} "
+                         "micro-steps): the learning rate is 0 after it, so those steps would not move the weights. "
+                         "Raise total_steps with it in a new trainer.workdir, or train on from this run's weights "
+                         "with model.init_from")
+    if cfg.val_batches is not None and cfg.val_batches < 1:
+        raise ValueError(f"val_batches={cfg.val_batches}: expected at least 1 (or None for the whole validation "
+                         "set); trainer.eval_every=0 turns validation off")
+
+
 def run(cfg) -> int:
     import itertools
 
@@ -88,8 +107,8 @@ def run(cfg) -> int:
     if d.val_path:
         val_samples = build.read_samples(d.kind, d.val_path, test=False, seed=cfg.seed, strict=d.strict,
                                          tokenizer=tokenizer, field="data.val_path")
-    built = build.build_model(cfg, train=True, mesh=mesh, tokenizer=tokenizer)  # straight into their shardings
     t["eval_every"] = build.eval_every(cfg, len(train_samples), global_batch)
+    check_step_counts(cfg, t["num_steps"], opt)
     if opt["total_steps"] is None and t["num_steps"]:  # the schedule ends where the run does
         opt["total_steps"] = max(1, t["num_steps"] // opt["grad_accum_steps"])
     elif opt["total_steps"] is None:
@@ -98,7 +117,8 @@ def run(cfg) -> int:
     if opt["warmup_steps"] >= opt["total_steps"]:
         log.warning("trainer.optimizer.warmup_steps=%d ≥ its %d updates: the learning rate never reaches its peak",
                     opt["warmup_steps"], opt["total_steps"])
-    trainer_cfg = TrainerConfig.from_dict(t)
+    trainer_cfg = TrainerConfig.from_dict(t)  # its own fields checked before the weights load
+    built = build.build_model(cfg, train=True, mesh=mesh, tokenizer=tokenizer)  # straight into their shardings
     log.info("batch: %d per device × %d devices × %d accumulation = %d per update; %d updates",
              d.per_device_batch_size, jax.device_count(), opt["grad_accum_steps"],
              global_batch * opt["grad_accum_steps"], opt["total_steps"])

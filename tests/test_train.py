@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -559,6 +560,25 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     assert r.returncode == 1 and last.startswith(f"train.py: {run} (its newest checkpoint) was trained with another "
                                                  "schedule (global_batch 96 → "), last
     assert "Keep the global batch at 96" in last and "loading" not in r.stderr
+    # step counts that would train for nothing are refused before the weights load
+    r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
+               f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
+               f"--config.data.train_path={demo_root}/data/VIST/train_cleaned.json", "--config.data.val_path=",
+               f"--config.trainer.workdir={tmp_path / 'long'}", "--config.trainer.num_steps=600")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("train.py: trainer.num_steps=600 runs past the learning-rate "
+                                                 "schedule, which ends after trainer.optimizer.total_steps=300"), last
+    assert "loading" not in r.stderr
+    import train
+
+    cfg = ml_collections.ConfigDict({"val_batches": 2})
+    with pytest.raises(ValueError, match=r"num_steps=5 is not a whole number of updates of 3 micro-batches: the last "
+                                         r"2 would be computed and never applied \(use 3 or 6\)"):
+        train.check_step_counts(cfg, 5, {"grad_accum_steps": 3, "total_steps": None})
+    train.check_step_counts(cfg, 6, {"grad_accum_steps": 3, "total_steps": 2})
+    cfg.val_batches = 0
+    with pytest.raises(ValueError, match=r"val_batches=0: expected at least 1 .*trainer.eval_every=0 turns"):
+        train.check_step_counts(cfg, None, {"grad_accum_steps": 1, "total_steps": None})
     (tmp_path / "a_file").write_text("")
     r = _train("--config", "configs/demo.py", f"--config.trainer.workdir={tmp_path / 'a_file'}")
     assert r.returncode == 1

@@ -217,10 +217,11 @@ def test_resume_with_another_batch_schedule_is_refused(tmp_path, initial_state):
                                          r"grad_accum_steps 1 → 2\): its steps would mean other batches"):
         second.fit(ToyIterator(), num_steps=4)
     second.close()
-    # a finished run asked to go on: the hint keeps its schedule (train.py derives total_steps from num_steps)
+    # another num_steps (train.py derives total_steps from it): the hint keeps the schedule, or says how to go on
     third = trainer({"global_batch": 8, "grad_accum_steps": 1, "total_steps": 6})
     with pytest.raises(ValueError, match=r"another schedule \(total_steps 4 → 6\): .* add "
-                                         r"--config.trainer.optimizer.total_steps=4 "):
+                                         r"--config.trainer.optimizer.total_steps=4; to train longer, start a new "
+                                         r"trainer.workdir \(with model.init_from"):
         third.fit(ToyIterator(), num_steps=6)
     third.close()
 
@@ -381,6 +382,46 @@ def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_
                 on_sample=lambda step: seen.append(("sample", step, trainer.checkpointer.latest_step())))
     assert seen == [("eval", 2, None), ("sample", 2, None), ("eval", 4, 2), ("sample", 4, 2)]
     trainer.close()
+    # so are the final weights', a stop signal in the last step included (a resume at the end does nothing)
+    trainer = make_trainer(initial_state, tmp_path / "last", save_every=0, eval_every=2, sample_every=1,
+                           async_checkpointing=False)
+    seen = []
+
+    def stop_in_the_last_step(step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = trainer.fit(ToyIterator(), eval_data=validation_data, num_steps=5, on_sample=stop_in_the_last_step)
+    assert result.preempted and seen == [("eval", 2, None), ("eval", 4, None), ("eval", 5, None)]
+    assert trainer.checkpointer.latest_step() == 5
+    trainer.close()
+    for field, value, expected in (("log_every", 0, "at least 1"), ("keep_checkpoints", 0, "at least 1"),
+                                   ("eval_every", -1, "0 \\(off\\) or more")):
+        with pytest.raises(ValueError, match=rf"trainer.{field}={value}: expected {expected}"):
+            TrainerConfig(workdir=str(tmp_path), **{field: value})
+
+
+def test_a_stop_signal_on_one_host_stops_every_host_after_the_same_step(tmp_path):
+    """SIGTERM reaching process 0 alone: both processes stop after the same step and save it together
+    (each stopping on its own, one waited in the checkpoint for the other, which waited in the next step)."""
+    script = (
+        "import os, signal\n"
+        "from flax import nnx\n"
+        "from _fixtures_training import RULES, ToyIterator, ToyModel, voken_row_mask\n"
+        "from mg5jax.training.optimizer import OptimizerConfig\n"
+        "from mg5jax.training.trainer import MeshConfig, Trainer, TrainerConfig\n"
+        "opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=RULES)\n"
+        f"cfg = TrainerConfig(workdir={str(tmp_path)!r}, optimizer=opt, mesh=MeshConfig(data=2), save_every=0, "
+        "sample_every=1, async_checkpointing=False)\n"
+        "t = Trainer(ToyModel(rngs=nnx.Rngs(0)), cfg, update_masks={'embed': voken_row_mask()})\n"
+        "def hook(step):\n"
+        "    if step == 3 and jax.process_index() == 0:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "r = t.fit(ToyIterator(batch_size=4), num_steps=8, on_sample=hook)\n"
+        "t.close()\n"
+        "print('stopped', r.step, r.preempted, t.checkpointer.latest_step())\n")
+    outs = run_two_processes("import sys; sys.path.insert(0, 'tests')\n" + script, timeout=240)
+    assert [out.strip().splitlines()[-1] for out in outs] == ["stopped 3 True 3"] * 2
 
 
 def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, initial_state):

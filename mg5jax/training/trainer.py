@@ -79,6 +79,14 @@ class TrainerConfig:
     # CPU and TPU; train.py asks XLA for it before JAX starts
     deterministic: bool = True
 
+    def __post_init__(self):
+        for name in ("log_every", "keep_checkpoints"):  # 0 has no "off" meaning here (orbax keeps 0 checkpoints)
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)}: expected at least 1")
+        for name in ("save_every", "eval_every", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)}: expected 0 (off) or more")
+
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainerConfig:
         """Build from a nested mapping (e.g. `ConfigDict.to_dict()`); unknown keys are errors naming them."""
@@ -450,7 +458,7 @@ class Trainer:
             return terms, self.step
 
         try:
-            while self.step < total and self._stop_signal is None:
+            while self.step < total and self._agreed_stop() is None:
                 try:
                     batch = next(train_iter)
                 except StopIteration:
@@ -473,19 +481,20 @@ class Trainer:
                     metrics.write({"step": self.step, "split": "train", "lr": self.lr(), **self._means(self._window)})
                     self._window = []
                 # validation and samples before the checkpoint: a run killed between them resumes from the
-                # checkpoint before, and does this step's again (once saved, they would be lost)
-                if eval_data is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                # checkpoint before, and does this step's again (once saved, they would be lost). The final
+                # weights are a candidate for best/ too (the original validates at each epoch's end)
+                if eval_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == total):
                     eval_terms, evaluated_at = validate()
                 if on_sample is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
                     on_sample(self.step)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(train_iter)
+            # the data ran out before `total`: those weights are the final ones
+            if eval_data is not None and cfg.eval_every and self.step > first_step and evaluated_at != self.step \
+                    and self._agreed_stop() is None:
+                eval_terms, evaluated_at = validate()
             if self._last_saved != self.step:
                 self.save(train_iter)
-            # the final weights are a candidate for best/ too (the original validates at each epoch's end)
-            if eval_data is not None and cfg.eval_every and self._stop_signal is None \
-                    and self.step > first_step and evaluated_at != self.step:
-                eval_terms, evaluated_at = validate()
             if self._stop_signal is not None:
                 log.warning("%s: saved step %d, stopping", signal.Signals(self._stop_signal).name, self.step)
         finally:
@@ -496,6 +505,16 @@ class Trainer:
             self.best.wait()
         return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal,
                          skipped_before - skipped_at_start)
+
+    def _agreed_stop(self) -> int | None:
+        """The stop signal any process has received (None if none): every process of a multi-host run stops
+        after the same step, so they save it together (a checkpoint needs all of them)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            signals = multihost_utils.process_allgather(np.int32(self._stop_signal or 0))
+            self._stop_signal = int(np.max(signals)) or None
+        return self._stop_signal
 
     def _install_stop_handlers(self) -> dict:
         """SIGTERM (a preemption) and a first Ctrl-C stop the loop after the current step, which is saved;
@@ -532,10 +551,12 @@ def check_schedule(checkpoint: str, saved: dict | None, now: dict | None) -> Non
     diff = {k: (saved[k], now[k]) for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]}
     if not diff:
         return
-    if set(diff) == {"total_steps"}:  # a finished run asked to go on
-        hint = (f"its learning rate would follow another schedule. To go on with this run's, add "
-                f"--config.trainer.optimizer.total_steps={diff['total_steps'][0]} (train.py derives it from "
-                "trainer.num_steps when unset); for a new schedule use a new trainer.workdir")
+    if set(diff) == {"total_steps"}:  # another trainer.num_steps, from which train.py derives total_steps
+        ends = diff["total_steps"][0]
+        hint = (f"its learning rate would follow another schedule. To go on with this run's (it ends after {ends} "
+                f"updates), add --config.trainer.optimizer.total_steps={ends}; "
+                "to train longer, start a new trainer.workdir (with model.init_from set to this one to go on from "
+                "its weights)")
     else:
         hint = (f"its steps would mean other batches and learning rates. Keep the global batch at "
                 f"{saved.get('global_batch')} (data.per_device_batch_size × devices) with "
