@@ -1,5 +1,5 @@
-"""What train.py and infer.py share before any model loads: flag parsing whose errors are one line, and
-log lines that keep clear of the progress bars."""
+"""What the programs (train.py, infer.py, `python -m mg5jax.…`) share before any model loads: flag parsing
+whose errors are one line, and log lines that keep clear of the progress bars."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import importlib.util
 import logging
 import pathlib
 import sys
+
+from collections.abc import Callable, Sequence
 
 from absl import flags
 from tqdm import tqdm
@@ -135,3 +137,16 @@ def logs_above_progress_bars() -> None:
     above the progress bars, not on the line a bar is drawing."""
     root = logging.getLogger()
     root.handlers = [h if isinstance(h, _AboveProgressBars) else _AboveProgressBars(h) for h in root.handlers]
+
+
+def run_module(program: str, usage: str, make_flags: Callable[[Sequence[str]], flags.FlagValues],
+               main: Callable[[Sequence[str]], object], errors: tuple[type[Exception], ...] = ()) -> None:
+    """`python -m <program>`: `--help` prints `usage` and the flags of `make_flags(sys.argv)`; otherwise
+    `main(sys.argv)` runs, and a flag error or one of `errors` ends it with one line."""
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+        print(f"{usage}\n\n{make_flags(sys.argv).get_help()}")
+        sys.exit(0)
+    try:
+        main(sys.argv)
+    except (ValueError, FileNotFoundError, flags.Error, *errors) as e:
+        sys.exit(f"{program}: {e}")

@@ -20,7 +20,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from mg5jax.cli import check_config_fields, parse_flags
+from mg5jax.cli import check_config_fields, parse_flags, run_module
 
 
 def _flags(argv: Sequence[str]):
@@ -69,18 +69,12 @@ def cli(argv: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
     from mg5jax.convert.sources import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
-        print(f"usage: python -m mg5jax.export_official --config CONFIG [--config.a.b=value …] --checkpoint RUN "
-              f"--stage 1|2 --out FILE [--overwrite]\n\n{__doc__}\n{_flags(sys.argv).get_help()}")
-        sys.exit(0)
     try:
-        cli(sys.argv)
-    except (ValueError, FileNotFoundError, CheckpointError, flags.Error) as e:
-        sys.exit(f"mg5jax.export_official: {e}")
+        run_module("mg5jax.export_official", f"usage: python -m mg5jax.export_official --config CONFIG "
+                   f"[--config.a.b=value …] --checkpoint RUN --stage 1|2 --out FILE [--overwrite]\n\n{__doc__}",
+                   _flags, cli, (CheckpointError,))
     except KeyboardInterrupt:
         sys.exit("mg5jax.export_official: interrupted (--out is written whole or not at all: nothing was replaced)")

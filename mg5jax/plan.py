@@ -25,7 +25,6 @@ import json
 import logging
 import pathlib
 import re
-import sys
 import time
 from collections.abc import Sequence
 
@@ -38,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mg5jax import parallel
 from mg5jax.build import (config_dtype, grad_accum_steps, llm_remat, minigpt5_config, quantize_for_inference,
                           voken_row_masks)
-from mg5jax.cli import check_config_fields, parse_flags
+from mg5jax.cli import check_config_fields, parse_flags, run_module
 from mg5jax.convert.keymap import abstract_rngs, keypath_str
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion import sampler as sampler_lib
@@ -657,14 +656,5 @@ def cli(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
     logging.basicConfig(level=logging.WARNING)
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
-        print(f"usage: python -m mg5jax.plan --config CONFIG [--config.a.b=value …] [flags]\n\n"
-              f"{_flags(sys.argv).get_help()}")
-        sys.exit(0)
-    try:
-        cli(sys.argv)
-    except (ValueError, FileNotFoundError, flags.Error) as e:
-        sys.exit(f"mg5jax.plan: {e}")
+    run_module("mg5jax.plan", "usage: python -m mg5jax.plan --config CONFIG [--config.a.b=value …] [flags]", _flags, cli)

@@ -157,6 +157,18 @@ def _train(*args, cwd=REPO):
     return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def stage2_run(workdir: pathlib.Path, params, init_from: pathlib.Path) -> pathlib.Path:
+    """A stage-2 run's records as a model needs them: `params` as its best step 4, started from `init_from`.
+    Returns its checkpoint's meta folder."""
+    best = BestCheckpoint(workdir / "best", async_save=False)
+    assert best.offer(4, 1.0, params)
+    best.close()
+    meta = workdir / "checkpoints" / "4" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(init_from)}}}))
+    return meta
+
+
 def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
     cfg = demo_config(demo_root, tmp_path / "stage1")
     stage1 = build.build_model(cfg).model
@@ -194,12 +206,7 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
     # it started from (its recorded model.init_from), and are an error where that chain ends without them
     frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_in"), nnx.PathContains("decoder_queries")))
     _, kept, _ = nnx.split(stage1, nnx.All(mapper, nnx.Not(frozen)), ...)
-    best = BestCheckpoint(tmp_path / "stage2_run" / "best", async_save=False)
-    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 2.0, kept))
-    best.close()
-    meta = tmp_path / "stage2_run" / "checkpoints" / "4" / "meta"
-    meta.mkdir(parents=True)
-    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(tmp_path / "stage1")}}}))
+    meta = stage2_run(tmp_path / "stage2_run", jax.tree.map(lambda x: x - 2.0, kept), tmp_path / "stage1")
     cfg.model.init_from = str(tmp_path / "stage2_run")
     chained = km.flat_params(nnx.state(build.build_model(cfg).model, nnx.Param))
     assert any("fc_in" in p for p in want) and any("decoder_queries" in p for p in want)
@@ -237,12 +244,7 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     # stays as it trained it
     frozen = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_in"), nnx.PathContains("decoder_queries")))
     _, kept, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.PathContains("mapper"), nnx.Not(frozen)), ...)
-    best = BestCheckpoint(tmp_path / "stage2_run" / "best", async_save=False)
-    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 2.0, kept))
-    best.close()
-    meta = tmp_path / "stage2_run" / "checkpoints" / "4" / "meta"
-    meta.mkdir(parents=True)
-    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(ckpt)}}}))
+    stage2_run(tmp_path / "stage2_run", jax.tree.map(lambda x: x - 2.0, kept), ckpt)
     cfg.model.init_from = str(tmp_path / "stage2_run")
     chained = km.flat_params(nnx.state(build.build_model(cfg).model, nnx.Param))
     for p in [p for p in want if p.startswith("mapper.")]:
@@ -260,12 +262,7 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     transformer = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("encoder"), nnx.PathContains("decoder")),
                           nnx.PathContains("mapper"), nnx.Not(frozen))
     _, trained, _ = nnx.split(stage1, transformer, ...)
-    best = BestCheckpoint(tmp_path / "stage2_vist" / "best", async_save=False)
-    assert best.offer(4, 1.0, jax.tree.map(lambda x: x - 3.0, trained))
-    best.close()
-    meta = tmp_path / "stage2_vist" / "checkpoints" / "4" / "meta"
-    meta.mkdir(parents=True)
-    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(ckpt)}}}))
+    stage2_run(tmp_path / "stage2_vist", jax.tree.map(lambda x: x - 3.0, trained), ckpt)
     config_file = tmp_path / "exported_run.py"
     config_file.write_text(
         "from configs import demo\n\n\ndef get_config():\n    c = demo.get_config()\n"
