@@ -395,6 +395,32 @@ def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_
     assert result.preempted and seen == [("eval", 2, None), ("eval", 4, None), ("eval", 5, None)]
     assert trainer.checkpointer.latest_step() == 5
     trainer.close()
+    # a stop signal during a validation cuts it short (a whole-set one may outlast a preemption's grace
+    # period); the checkpoint says it is still to do, and the resumed run does it before training on
+    def interrupted_validation():
+        seen.append(("eval", trainer.step))
+        yield make_batch(100)
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield from (make_batch(101), make_batch(102))
+
+    seen = []
+    trainer = make_trainer(initial_state, tmp_path / "cut", save_every=0, eval_every=2, async_checkpointing=False)
+    result = trainer.fit(ToyIterator(), eval_data=interrupted_validation, num_steps=8)
+    assert result.preempted and result.step == 4 and seen == [("eval", 2), ("eval", 4)]
+    loss_at_4 = trainer.evaluate([make_batch(100)])["loss"]
+    trainer.close()
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "eval"] == [2]
+    seen = []
+    trainer = make_trainer(initial_state, tmp_path / "cut", save_every=0, eval_every=2, async_checkpointing=False)
+    trainer.fit(ToyIterator(), eval_data=lambda: seen.append(("eval", trainer.step)) or [make_batch(100)],
+                num_steps=6)
+    assert seen == [("eval", 4), ("eval", 6)]
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    step4 = [r for r in lines if r["split"] == "eval" and r["step"] == 4]
+    assert len(step4) == 1 and step4[0]["loss"] == loss_at_4  # the step-4 weights, as restored
+    trainer.close()
     for field, value, expected in (("log_every", 0, "at least 1"), ("keep_checkpoints", 0, "at least 1"),
                                    ("eval_every", -1, "0 \\(off\\) or more")):
         with pytest.raises(ValueError, match=rf"trainer.{field}={value}: expected {expected}"):

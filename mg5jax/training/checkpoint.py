@@ -42,6 +42,7 @@ class Restored:
     data_state: Any
     config: dict | None
     metrics_window: list  # the steps since the last metrics line (their loss terms and timings)
+    validation_pending: bool = False  # a stop signal cut this step's validation short: a resume does it first
 
 
 def abstract_like(state: nnx.State) -> nnx.State:
@@ -108,15 +109,17 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, *, params: nnx.State, opt_state: nnx.State, data_state: Any = None,
-             config: dict | None = None, metrics_window: list | None = None) -> None:
-        """Start saving checkpoint `step` (JSON-serialisable `data_state`, `config` and `metrics_window`)."""
+             config: dict | None = None, metrics_window: list | None = None, validation_pending: bool = False) -> None:
+        """Start saving checkpoint `step` (JSON-serialisable `data_state`, `config` and `metrics_window`;
+        `validation_pending`: the step's validation is still to do)."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data_state=ocp.args.JsonSave({"per_process": _every_process(data_state)}),
             # copies: orbax serialises the JSON items later, in the background, while training goes on
             meta=ocp.args.JsonSave({"step": int(step), "config": config,
-                                    "metrics_window": [dict(w) for w in metrics_window or []]}),
+                                    "metrics_window": [dict(w) for w in metrics_window or []],
+                                    "validation_pending": bool(validation_pending)}),
         )
         self._manager.save(int(step), args=args, force=True)
         log.info("checkpoint: saving step %d to %s", step, self.directory)
@@ -163,7 +166,7 @@ class Checkpointer:
             log.warning("%s: ignoring its malformed metrics window (the next metrics line averages fewer steps)", path)
             window = []
         return Restored(step, restored["params"], restored["opt_state"], _this_process(data_state, path),
-                        meta.get("config"), window)
+                        meta.get("config"), window, meta.get("validation_pending") is True)
 
     def recorded_config(self, step: int) -> dict | None:
         """The config recorded with checkpoint `step` (None if it recorded none)."""

@@ -241,6 +241,7 @@ class Trainer:
         self._window: list[dict[str, float]] = []  # the steps since the last metrics line
         self._started = False
         self._last_saved = None
+        self._validation_pending = False  # a stop signal cut the current step's validation short
         self._stop_signal: int | None = None
         train_key, eval_key = jax.random.split(jax.random.key(cfg.seed))
         self._train_step = make_train_step(self._model_def, self._opt_def, self.trainable, train_key,
@@ -331,12 +332,14 @@ class Trainer:
                    if last is not None else f"There is no checkpoint in {self.checkpointer.directory}."))
         return terms
 
-    def evaluate(self, batches: Iterable) -> dict[str, float]:
+    def evaluate(self, batches: Iterable, *, stop: Callable[[], object] | None = None) -> dict[str, float] | None:
         """Mean loss terms over `batches` (no gradients, deterministic per-batch rng; the model's
-        `weighted_terms` weighted by their counts)."""
+        `weighted_terms` weighted by their counts); None when `stop()`, asked before each batch, says so."""
         steps = []
         with jax.set_mesh(self.mesh):
             for index, batch in enumerate(batches):
+                if stop is not None and stop():
+                    return None
                 steps.append(self._eval_step(self._params, self._frozen, self._place_batch(batch), np.int32(index)))
         if not steps:
             raise ValueError("evaluate: the validation data yielded no batches")
@@ -366,7 +369,8 @@ class Trainer:
         """Checkpoint the current step (asynchronously), with `data_iter.get_state()` if given."""
         data_state = data_iter.get_state() if data_iter is not None else None
         self.checkpointer.save(self.step, params=self._params, opt_state=self._opt_state,
-                               data_state=data_state, config=self._run_config, metrics_window=self._window)
+                               data_state=data_state, config=self._run_config, metrics_window=self._window,
+                               validation_pending=self._validation_pending)
         self._last_saved = self.step
 
     def restore_latest(self, data_iter: Any = None) -> int | None:
@@ -402,6 +406,7 @@ class Trainer:
             log.warning("resuming step %d with settings that differ from the checkpoint's: %s", step,
                         "; ".join(changed))
         self.step = self._last_saved = step
+        self._validation_pending = restored.validation_pending
         log.info("resumed from step %d", step)
         return step
 
@@ -450,7 +455,13 @@ class Trainer:
         skipped_at_start = skipped_before = skipped_samples() if skipped_samples is not None else 0
 
         def validate():
-            terms = self.evaluate(eval_data())
+            """Validate this step (a stop signal cuts it short: the checkpoint then says it is still to do)."""
+            terms = self.evaluate(eval_data(), stop=self._agreed_stop)
+            self._validation_pending = terms is None
+            if terms is None:
+                bar.write(f"step {self.step}: validation stopped by {signal.Signals(self._stop_signal).name}; "
+                          "the resumed run does it first")
+                return eval_terms, evaluated_at
             metrics.write({"step": self.step, "split": "eval", **terms})
             best = self.best.offer(self.step, terms["loss"], self._params)
             bar.write(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
@@ -458,6 +469,10 @@ class Trainer:
             return terms, self.step
 
         try:
+            if self._validation_pending:  # the validation a stop signal cut short: done before training on
+                self._validation_pending = False
+                if eval_data is not None and cfg.eval_every:
+                    eval_terms, evaluated_at = validate()
             while self.step < total and self._agreed_stop() is None:
                 try:
                     batch = next(train_iter)
