@@ -235,57 +235,6 @@ def config_prompts(cfg, tokenizer):
     return build.generation_prompts(cfg, tokenizer, limit=_LIMIT.value, seed=_SEED.value)
 
 
-def _same_path(a: str, b: str) -> bool:
-    """Two settings name the same file or directory ("" only equals "")."""
-    if not a or not b:
-        return a == b
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (here)
-        return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
-
-
-def run_settings(recorded: dict) -> list[str]:
-    """The settings a run's weights depend on, given its recorded config: a config that differs in one
-    would load the run into another model (LoRA, mapper, voken count), mix in other frozen or stage-1
-    weights, or feed the ViT images of another size."""
-    model, names = recorded.get("model", {}), ["llm_path", "sd_path", "init_from", "num_vokens", "lora.enabled",
-                                               *(f"mapper.{k}" for k in ("enc_layers", "dec_layers", "heads", "ff"))]
-    if model.get("lora", {}).get("enabled"):
-        names += ["lora.targets", "lora.rank", "lora.alpha"]
-    # a run on precomputed features (kind "none") may take any encoder at inference: the one that made them
-    kind = model.get("vision", {}).get("kind")
-    names += {"lavis": ["vision.kind", "vision.vit_path", "vision.qformer_path", "vision.proj_path"],
-              "blip2": ["vision.kind", "vision.blip2_dir", "vision.proj_path"]}.get(kind, [])
-    return [f"model.{n}" for n in names] + (["data.input_image_size"] if kind in ("lavis", "blip2") else [])
-
-
-def check_run_config(cfg, run_dir: str) -> None:
-    """Refuse a config that differs from the one a run of ours recorded in a setting its weights depend
-    on (`run_settings`; a stage-2 run also needs the stage-1 weights it started from), naming each
-    difference and the overrides that restore them."""
-    from mg5jax.training.checkpoint import flat_config, recorded_config
-
-    recorded = recorded_config(run_dir)
-    if recorded is None:
-        log.warning("%s records no config (no complete checkpoint in checkpoints/, or one saved without it): "
-                    "the config's model settings cannot be checked against the ones it was trained with", run_dir)
-        return
-    saved, current = flat_config(recorded), flat_config(cfg.to_dict())
-    changed = []
-    for key in run_settings(recorded):
-        if key not in saved or key not in current:
-            continue  # a run recorded before the setting existed
-        theirs, ours = saved[key], current[key]
-        path = key.endswith(("_path", "_dir", "init_from")) and isinstance(theirs, str) and isinstance(ours, str)
-        if not (_same_path(theirs, ours) if path else theirs == ours):
-            changed.append((key, theirs, ours))
-    if changed:
-        diffs = ", ".join(f"{k}={v!r} (this config: {n!r})" for k, v, n in changed)
-        fix = " ".join(shlex.quote(f"--config.{k}={v}") for k, v, _ in changed)
-        raise ValueError(f"{run_dir} was trained with {diffs}: add {fix}")
-
-
 def run(cfg) -> int:
     import jax
     from tqdm import tqdm
@@ -313,7 +262,7 @@ def run(cfg) -> int:
         run_dir = _CHECKPOINT.value or cfg.trainer.workdir
         field = "--checkpoint" if _CHECKPOINT.value else "trainer.workdir"
         params_dir, chosen = trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
-        check_run_config(cfg, run_dir)  # before the prompts: a wrong config names every difference at once
+        build.check_run_config(cfg, run_dir)  # before the prompts: a wrong config names every difference at once
         weights = {"checkpoint": os.path.abspath(run_dir), "params": os.path.abspath(params_dir), "chosen": chosen}
     if prompts is not None:
         check_prompts(prompts, labels, cfg, settings.length_buckets[-1])

@@ -5,12 +5,14 @@
     python -m mg5jax.export_official --config configs/stage2_vist.py --checkpoint runs/stage2_vist \\
         --stage 2 --out stage2_vist.ckpt
 
-The run's config (and its `--config.…` overrides) builds the model; the run's trained params are loaded
-(its best validation step, as infer.py does). Every weight is held in float32 here, frozen ones included:
-a stage-1 file holds the whole embed_tokens / lm_head matrices, whose old rows must be the LLM's own values,
-not bf16-rounded ones. So the whole model sits in host memory in fp32 (about 35 GB at full size;
-`JAX_PLATFORMS=cpu` keeps it off the accelerator). A run that trained params the stage's file has no
-place for (the LLM's layers, LoRA in a stage-1 file) is refused; an existing `--out` needs `--overwrite`.
+The run's config (and its `--config.…` overrides; checked against the one the run recorded, as infer.py
+does) builds the model; the run's trained params are loaded (its best validation step, as infer.py does).
+Every weight is held in float32 here, frozen ones included: a stage-1 file holds the whole embed_tokens /
+lm_head matrices, whose old rows must be the LLM's own values, not bf16-rounded ones (with
+`model.train_new_rows_only`, the run moved only the new rows, and the old ones come from the LLM file).
+So the whole model sits in host memory in fp32 (about 35 GB at full size; `JAX_PLATFORMS=cpu` keeps it
+off the accelerator). A run that trained params the stage's file has no place for (the LLM's layers, LoRA
+in a stage-1 file) is refused; an existing `--out` needs `--overwrite`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def _flags(argv: Sequence[str]):
 
 def cli(argv: Sequence[str]) -> list[str]:
     """`python -m mg5jax.export_official` with `argv` (program name first): returns the keys written."""
+    import jax.numpy as jnp
+    from flax import nnx
+
     from mg5jax import build
+    from mg5jax.convert import keymap as km
     from mg5jax.convert.minigpt5 import export_official
+    from mg5jax.training.checkpoint import recorded_config
 
     fv = _flags(argv)
     parse_flags("mg5jax.export_official", list(argv), fv)
@@ -60,10 +67,21 @@ def cli(argv: Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"--out {out}: no folder {out.parent}")
     build.trained_params_dir(fv.checkpoint, "--checkpoint")  # a wrong run is named before any model loads
     cfg = fv.config
+    build.check_run_config(cfg, fv.checkpoint)  # the run's LLM, LoRA, mapper and stage-1 weights, as infer.py
     cfg.model.frozen_dtype = "float32"  # exact values, the old vocab rows included (see the docstring)
     built = build.build_model(cfg, train=False)
-    trained = build.load_trainable(built.model, fv.checkpoint, "--checkpoint", strict=True)
-    keys = export_official(built.model, out, int(fv.stage), trained=trained)
+    model = built.model
+    # a run that moved only the new vocab rows stored its whole matrices with the old rows as it held them
+    # (bf16 by default): those come from the LLM file here
+    recorded = (recorded_config(fv.checkpoint) or {}).get("model", {})
+    new_rows_only = recorded.get("train_new_rows_only", cfg.model.train_new_rows_only)
+    masks = build.voken_row_masks(model, built.num_new_rows) if new_rows_only else {}
+    params = km.flat_params(nnx.state(model, nnx.Param))
+    from_file = {path: params[path].get_value() for path in masks}
+    trained = build.load_trainable(model, fv.checkpoint, "--checkpoint", strict=True)
+    for path, mask in masks.items():
+        params[path].set_value(jnp.where(mask > 0, params[path].get_value(), from_file[path]))
+    keys = export_official(model, out, int(fv.stage), trained=trained)
     print(f"wrote {len(keys)} tensors of an official stage-{fv.stage} checkpoint to {out}")
     return keys
 

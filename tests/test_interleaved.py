@@ -473,14 +473,13 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
 def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():
     """infer.py compares a run's recorded vision settings only when it trained with an encoder: one
     trained on precomputed features (kind 'none') may read images with the encoder that made them."""
-    sys.path.insert(0, str(REPO))
-    import infer
+    from mg5jax import build
 
     recorded = {"model": {"vision": {"kind": "none"}, "lora": {"enabled": False}}}
-    assert not [k for k in infer.run_settings(recorded) if k.startswith("model.vision") or k.startswith("data.")]
+    assert not [k for k in build.run_settings(recorded) if k.startswith("model.vision") or k.startswith("data.")]
     recorded["model"]["vision"]["kind"] = "blip2"
     assert {"model.vision.kind", "model.vision.blip2_dir", "model.vision.proj_path",
-            "data.input_image_size"} <= set(infer.run_settings(recorded))
+            "data.input_image_size"} <= set(build.run_settings(recorded))
 
 
 def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -280,6 +281,30 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
         assert keys == sorted(torch.load(out)["state_dict"])
         with pytest.raises(ValueError, match=r"exists: give --overwrite"):
             export_cli.cli([*argv, run, f"--stage={stage}", f"--out={out}"])
+    # a stage-1 run that moved only the new vocab rows stored the whole matrices, the old rows as it held them
+    # (here bf16-rounded): the file's old rows are the LLM's own
+    vocab = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("embed_tokens"), nnx.PathContains("lm_head")))
+    _, held, _ = nnx.split(stage1, vocab, ...)
+    held = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), held)
+    masks = build.voken_row_masks(stage1, 9)
+    for path, var in km.flat_params(held).items():
+        var.set_value(var.get_value() + masks[path])
+    meta = stage2_run(tmp_path / "stage1_run", held, "")
+    (meta / "metadata").write_text(json.dumps(
+        {"step": 4, "config": {"model": {"init_from": "", "train_new_rows_only": True}}}))
+    out = tmp_path / "from_stage1_run.ckpt"
+    export_cli.cli([*argv, f"--checkpoint={tmp_path / 'stage1_run'}", "--stage=1", f"--out={out}",
+                    "--config.model.init_from="])
+    exported = torch.load(out)["state_dict"]
+    for key, path, rows in (("model.llama_model.model.embed_tokens.weight", "llm.model.embed_tokens.embedding",
+                             lambda a: a), ("model.llama_model.lm_head.weight", "llm.lm_head.kernel", lambda a: a.T)):
+        file, llm = exported[key].numpy(), rows(np.asarray(want[path].get_value()))
+        np.testing.assert_array_equal(file[:-9], llm[:-9])
+        np.testing.assert_array_equal(file[-9:], rows(np.asarray(km.flat_params(held)[path].get_value()))[-9:])
+        assert np.abs(llm[:-9] - rows(np.asarray(km.flat_params(held)[path].get_value()))[:-9]).max() > 0
+    # the config must be the run's in what its weights depend on (here the stage-1 weights it started from)
+    with pytest.raises(ValueError, match=r"stage1_run was trained with model.init_from='' \(this config: '.*"):
+        export_cli.cli([*argv, f"--checkpoint={tmp_path / 'stage1_run'}", "--stage=1", f"--out={out}.2"])
     official = build.build_model(cfg).model
     import_official(official, tmp_path / "exported_stage1.ckpt", tmp_path / "exported_stage2.ckpt")
     got = km.flat_params(nnx.state(official, nnx.Param))

@@ -441,13 +441,15 @@ def test_a_stop_signal_on_one_host_stops_every_host_after_the_same_step(tmp_path
         "sample_every=1, async_checkpointing=False)\n"
         "t = Trainer(ToyModel(rngs=nnx.Rngs(0)), cfg, update_masks={'embed': voken_row_mask()})\n"
         "def hook(step):\n"
-        "    if step == 3 and jax.process_index() == 0:\n"
+        "    if step in (3, 5) and jax.process_index() == 0:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "r = t.fit(ToyIterator(batch_size=4), num_steps=8, on_sample=hook)\n"
+        "print('stopped', r.step, r.preempted, t.checkpointer.latest_step())\n"
+        "r = t.fit(ToyIterator(batch_size=4), num_steps=5, on_sample=hook)\n"  # a signal in the last step
         "t.close()\n"
         "print('stopped', r.step, r.preempted, t.checkpointer.latest_step())\n")
     outs = run_two_processes("import sys; sys.path.insert(0, 'tests')\n" + script, timeout=240)
-    assert [out.strip().splitlines()[-1] for out in outs] == ["stopped 3 True 3"] * 2
+    assert [out.strip().splitlines()[-2:] for out in outs] == [["stopped 3 True 3", "stopped 5 True 5"]] * 2
 
 
 def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, initial_state):

@@ -504,9 +504,10 @@ class Trainer:
                     on_sample(self.step)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(train_iter)
+            stopped = self._agreed_stop()  # once more: a signal that came during the last step reaches every host
             # the data ran out before `total`: those weights are the final ones
             if eval_data is not None and cfg.eval_every and self.step > first_step and evaluated_at != self.step \
-                    and self._agreed_stop() is None:
+                    and stopped is None:
                 eval_terms, evaluated_at = validate()
             if self._last_saved != self.step:
                 self.save(train_iter)
