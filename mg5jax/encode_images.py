@@ -175,17 +175,18 @@ class FolderResult:
     unreadable: dict[pathlib.Path, str]
 
 
-def _record_unreadable(out: pathlib.Path, images: Sequence[pathlib.Path],
+def _record_unreadable(out: pathlib.Path, folder: pathlib.Path, images: Sequence[pathlib.Path],
                        unreadable: dict[pathlib.Path, str]) -> None:
-    """Update `out/unreadable.json` ({image path: why}) for the images this run tried: the unreadable ones
-    in, the rest out (and those no longer there)."""
+    """Update `out/unreadable.json` ({image path: why}) for the images this run tried in `folder`: the
+    unreadable ones in, the rest out (and those of `folder` no longer there; another folder's stay)."""
     path = out / UNREADABLE_IMAGES
     try:
         held = load_json(path) if path.is_file() else {}
     except DataError:  # a damaged record of an earlier run: this run's replaces it
         held = {}
-    tried = {str(p.resolve()) for p in images}
-    held = {k: v for k, v in held.items() if k not in tried and os.path.exists(k)} if isinstance(held, dict) else {}
+    tried, here = {str(p.resolve()) for p in images}, folder.resolve()
+    held = {k: v for k, v in held.items() if k not in tried and (pathlib.Path(k).parent != here or os.path.exists(k))} \
+        if isinstance(held, dict) else {}
     held.update({str(p.resolve()): why for p, why in unreadable.items()})
     if held:
         write_atomically(path, json.dumps(held, indent=0, sort_keys=True))
@@ -255,7 +256,7 @@ def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str
         finally:  # keep the finished batch even when a later image fails
             if pending is not None:
                 save(*pending)
-            _record_unreadable(out, [*result.encoded, *result.unreadable], result.unreadable)
+            _record_unreadable(out, pathlib.Path(image_dir), [*result.encoded, *result.unreadable], result.unreadable)
     return result
 
 

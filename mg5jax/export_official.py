@@ -95,4 +95,4 @@ if __name__ == "__main__":
                    f"[--config.a.b=value …] --checkpoint RUN --stage 1|2 --out FILE [--overwrite]\n\n{__doc__}",
                    _flags, cli, (CheckpointError,))
     except KeyboardInterrupt:
-        sys.exit("mg5jax.export_official: interrupted (--out is written whole or not at all: nothing was replaced)")
+        sys.exit("mg5jax.export_official: interrupted (--out is written whole or not at all)")

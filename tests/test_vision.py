@@ -247,8 +247,12 @@ def test_encode_images_cli(blip2, hf_encoder, tmp_path, capsys, monkeypatch):
     shutil.copy(images / "b.png", images / "d.png")  # mended: encoded by the next run, and no longer listed
     assert encode_images.main(argv) == 0
     assert list(json.loads((out / "unreadable.json").read_text())) == [str((images / "e.png").resolve())]
-    (images / "e.png").unlink()
-    assert encode_images.main(argv) == 0 and not (out / "unreadable.json").exists()
+    (images / "e.png").unlink()  # gone from this folder: off the list; another folder's entry (unmounted) stays
+    elsewhere = str(tmp_path / "unmounted" / "g.png")
+    (out / "unreadable.json").write_text(json.dumps({**json.loads((out / "unreadable.json").read_text()),
+                                                     elsewhere: "cannot read image"}))
+    assert encode_images.main(argv) == 0
+    assert list(json.loads((out / "unreadable.json").read_text())) == [elsewhere]
     # --size is the output moments' alone; a missing image folder makes no output folder
     with pytest.raises(SystemExit):
         encode_images.main([*argv, "--size", "64"])
