@@ -324,8 +324,8 @@ def run(cfg) -> int:
                     responses.extend(done)
                     bar.update(len(done))
     except Exception:
-        if responses:
-            print(f"stopped after {len(responses)} of {len(prompts)} responses, which are written: {report.index}",
+        if report.written:  # a failing batch may have written some of its responses
+            print(f"stopped after {report.written} of {len(prompts)} responses, which are written: {report.index}",
                   file=sys.stderr, flush=True)
         raise
     for i, r in enumerate(responses):

@@ -140,8 +140,17 @@ def run(cfg) -> int:
     if val_samples:  # whole batches only: a short one would not split over the devices
         val_ds = pipeline.make_dataset(val_samples, build.make_builder(cfg, built, per_process, train=False),
                                        seed=cfg.seed, shuffle=False, num_epochs=1)
-        eval_data = lambda: itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)  # noqa: E731
-        if t["eval_every"] and next(iter(eval_data()), None) is None:  # found now, not at the first validation
+
+        def eval_data():
+            """The validation batches; a sample that stops a strict run is named with its file."""
+            try:
+                yield from itertools.islice(pipeline.host_batches(val_ds, pad_id), cfg.val_batches)
+            except DataError as e:
+                raise DataError(f"data.val_path {d.val_path}: {e}") from e
+
+        # found now, not at the first validation: no batch at all, or (strict, a bounded validation) a bad sample
+        checked = cfg.val_batches if d.strict and cfg.val_batches is not None else 1
+        if t["eval_every"] and sum(1 for _ in itertools.islice(eval_data(), checked)) == 0:
             buckets = tuple(d.length_buckets)
             precomputed = (", or images missing from the precomputed folders validation reads: "
                            "data.val_input_features_dir / data.val_output_moments_dir"

@@ -22,6 +22,7 @@ from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the clas
 from mg5jax.convert import keymap as km
 from mg5jax.convert.sources import CheckpointError
 from mg5jax.data import datasets, pipeline
+from mg5jax.data import images as image_ops
 from mg5jax.data.tokenization import MiniGPT5Tokenizer, load_hf_tokenizer
 from mg5jax.diffusion import schedulers
 from mg5jax.diffusion.pipeline import StableDiffusionPipeline
@@ -485,8 +486,8 @@ def check_run_config(cfg, run_dir: str) -> None:
 def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: int) -> list[Prompt]:
     """The first `limit` generation tasks of the config's validation file (test mode, REFERENCE §6) as
     prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`. Tasks with
-    more input images than the model reads (none without a vision encoder, else `data.max_input_images`)
-    are left out."""
+    more input images than the model reads (none without a vision encoder, else `data.max_input_images`),
+    or with an image that cannot be read, are left out (with a warning)."""
     d = cfg.data
     if not d.val_path:
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
@@ -500,9 +501,23 @@ def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: i
     if len(kept) < len(samples):
         log.warning("data.val_path: %d of %d generation tasks have more input images than this model reads (%s): "
                     "left out", len(samples) - len(kept), len(samples), why)
-    samples, images = [samples[i] for i in kept], [images[i] for i in kept]
-    return [Prompt(s.source, paths, seed + i, s.caption, s.output_image)
-            for i, (s, paths) in enumerate(zip(samples[:limit], images))]
+    prompts, unreadable = [], 0
+    for i in kept:  # the first `limit` whose images all decode (a dataset's may not: training skips those too)
+        if len(prompts) == limit:
+            break
+        s = samples[i]
+        try:
+            for path in (*images[i], *([s.output_image] if s.output_image else [])):
+                image_ops.load_image(path)
+        except image_ops.ImageLoadError as e:
+            unreadable += 1
+            if unreadable <= pipeline.LOGGED_SKIPS:
+                log.warning("data.val_path: generation task %s left out: %s", s.task_name, e)
+            continue
+        prompts.append(Prompt(s.source, images[i], seed + len(prompts), s.caption, s.output_image))
+    if unreadable > pipeline.LOGGED_SKIPS:
+        log.warning("data.val_path: %d generation tasks left out for unreadable images", unreadable)
+    return prompts
 
 
 def sample_hook(cfg, built: Built, trainer) -> Callable[[int], None] | None:

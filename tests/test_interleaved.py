@@ -169,6 +169,15 @@ def test_batch_of_three_gets_zero_one_two_images(parts, story_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "2024").iterdir()) == ["holiday.png", "notes.txt"]
     assert report.index.read_text().count("<article") == 2
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == {"command": "infer.py --seed 3"}
+    # a response that fails to write raises once the index shows those written before it
+    from mg5jax.data.images import ImageLoadError
+
+    broken = ReportWriter(tmp_path / "broken")
+    gone = dataclasses.replace(batch[1], prompt=dataclasses.replace(batch[1].prompt,
+                                                                    reference_image=str(tmp_path / "gone.png")))
+    with pytest.raises(ImageLoadError, match="gone.png"):
+        broken.add([batch[0], gone])
+    assert broken.written == 1 and broken.index.read_text().count("<article") == 1
     failed = tmp_path / "failed"  # a run that stopped before its first response: replaced without overwrite
     failed.mkdir()
     (failed / "run.json").write_text(json.dumps({"command": "infer.py --seed 1"}))

@@ -5,6 +5,7 @@ and train.py's one-line errors for bad overrides, missing weights and missing im
 import json
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -463,6 +464,17 @@ def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_
     prompts = build.generation_prompts(cfg, built.tokenizer, limit=10, seed=0)
     assert prompts and max(len(p.images) for p in prompts) == 1
     assert "have more input images than this model reads (data.max_input_images=1)" in caplog.text
+    # and so are the tasks with an image that cannot be read (a dataset's may not): the next ones take their place
+    shutil.copytree(demo_root / "data" / "VIST", tmp_path / "VIST")
+    cfg.data.val_path = str(tmp_path / "VIST" / "val_cleaned.json")
+    first = build.generation_prompts(cfg, built.tokenizer, limit=3, seed=0)
+    pathlib.Path(first[0].reference_image).write_bytes(b"<html>not found</html>")
+    prompts = build.generation_prompts(cfg, built.tokenizer, limit=2, seed=0)
+    bad = first[0].reference_image
+    assert len(prompts) == 2 and [p.seed for p in prompts] == [0, 1] and prompts[0].text != first[0].text
+    assert not [p for p in prompts if bad in (*p.images, p.reference_image)]
+    assert "generation task " in caplog.text
+    assert "left out: cannot read image " + first[0].reference_image in caplog.text
 
 
 def test_resume_on_the_real_pipeline_and_objective_is_bit_exact(demo_root, tmp_path):
@@ -582,6 +594,19 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     assert r.returncode == 1 and last.startswith(f"train.py: {run} (its newest checkpoint) was trained with another "
                                                  "schedule (global_batch 96 → "), last
     assert "Keep the global batch at 96" in last and "loading" not in r.stderr
+    # under data.strict, a bad validation sample stops the run before it trains (and names the file)
+    shutil.copytree(demo_root / "data" / "VIST", tmp_path / "bad_val")
+    for image in (tmp_path / "bad_val" / "val_images").iterdir():
+        image.write_bytes(b"")
+    r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
+               f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
+               f"--config.data.train_path={demo_root}/data/VIST/train_cleaned.json", "--config.data.strict=True",
+               f"--config.data.val_path={tmp_path}/bad_val/val_cleaned.json",
+               f"--config.trainer.workdir={tmp_path / 'sv'}", "--config.data.per_device_batch_size=1", "--config.trainer.num_steps=2",  # a batch of 8 on 8 devices
+               "--config.trainer.optimizer.total_steps=2")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith(f"train.py: data.val_path {tmp_path}/bad_val/val_cleaned.json: "), last
+    assert "cannot read image" in last and not (tmp_path / "sv" / "metrics.jsonl").exists()
     # step counts that would train for nothing are refused before the weights load
     r = _train("--config", "configs/demo.py", f"--config.model.llm_path={demo_root}/weights/llm",
                f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",

@@ -100,15 +100,26 @@ class ReportWriter:
     def index(self) -> pathlib.Path:
         return self.out / "index.html"
 
+    @property
+    def written(self) -> int:
+        """Responses written so far (each one's folder whole, and in the index)."""
+        return len(self.articles)
+
     def add(self, responses: Sequence[Response]) -> pathlib.Path:
-        """Write these responses after the ones added before; returns the index path."""
-        for r in responses:
-            self.articles.append(self._write(r, len(self.articles)))
+        """Write these responses after the ones added before; returns the index path. One that fails to
+        write raises after the index shows those written before it."""
+        try:
+            for r in responses:
+                self.articles.append(self._write(r, len(self.articles)))
+        finally:
+            self._write_index()
+        return self.index
+
+    def _write_index(self) -> None:
         self.index.write_text(
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{''.join(self.articles)}"
             "</body></html>", encoding="utf-8")
-        return self.index
 
     def _write(self, r: Response, n: int) -> str:
         """Response `n`'s folder (images, record.json, no files of an earlier run); returns its article."""
