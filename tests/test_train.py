@@ -602,8 +602,8 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
                f"--config.model.sd_path={demo_root}/weights/sd", f"--config.model.vision.blip2_dir={demo_root}/weights/blip2",
                f"--config.data.train_path={demo_root}/data/VIST/train_cleaned.json", "--config.data.strict=True",
                f"--config.data.val_path={tmp_path}/bad_val/val_cleaned.json",
-               f"--config.trainer.workdir={tmp_path / 'sv'}", "--config.data.per_device_batch_size=1", "--config.trainer.num_steps=2",  # a batch of 8 on 8 devices
-               "--config.trainer.optimizer.total_steps=2")
+               f"--config.trainer.workdir={tmp_path / 'sv'}", "--config.data.per_device_batch_size=1",  # 8 on 8 devices
+               "--config.trainer.num_steps=2", "--config.trainer.optimizer.total_steps=2")
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith(f"train.py: data.val_path {tmp_path}/bad_val/val_cleaned.json: "), last
     assert "cannot read image" in last and not (tmp_path / "sv" / "metrics.jsonl").exists()
