@@ -387,7 +387,8 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     step, or its newest checkpoint when it ran no validation (`checkpoint.trained_params_dir`).
 
     Params present in both are loaded (a stage-2 model takes the stage-1 voken rows, fc, mapper and
-    queries; its fresh LoRA stays), or of those only the paths in `only`; with `strict` (inference
+    queries; its fresh LoRA stays; of a run with `model.train_new_rows_only`, only the new vocab rows),
+    or of those only the paths in `only`; with `strict` (inference
     from the run itself), a stored param the model lacks is an error. Returns the loaded paths; a
     shape mismatch is an error. `field` names the setting that gave `run_dir` in errors.
     """
@@ -397,6 +398,10 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     flat_stored = _flatten(read_params(params_dir))
     state = nnx.state(model, nnx.Param)
     flat = km.flat_params(state)
+    # a run that moved only the new vocab rows stored its whole matrices, the old rows as it held them (bf16
+    # by default): of those, the new rows are taken and the old ones stay the model's (its LLM file's)
+    new_rows_only = ((recorded_config(run_dir) or {}).get("model") or {}).get("train_new_rows_only") is True
+    new_rows = voken_row_masks(model, len(model.config.voken_ids) + 1) if new_rows_only else {}
     extra = sorted(p for p in flat_stored if p not in flat)
     if strict and extra:
         raise CheckpointError(f"{params_dir}: {len(extra)} trained params have no place in this model, e.g. "
@@ -409,7 +414,10 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(flat[path].shape)}")
         now = flat[path].get_value()  # stays where the model's param is (sharded over a mesh, say)
-        flat[path].set_value(jax.device_put(np.asarray(value).astype(now.dtype), now.sharding))
+        value = jax.device_put(np.asarray(value).astype(now.dtype), now.sharding)
+        if path in new_rows:
+            value = jax.device_put(jnp.where(new_rows[path] > 0, value, now), now.sharding)
+        flat[path].set_value(value)
         loaded.append(path)
     if not loaded and only is None:
         raise CheckpointError(f"{params_dir}: none of its params belong to this model")

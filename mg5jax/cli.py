@@ -8,7 +8,6 @@ import importlib.util
 import logging
 import pathlib
 import sys
-
 from collections.abc import Callable, Sequence
 
 from absl import flags

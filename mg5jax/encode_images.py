@@ -47,7 +47,7 @@ from tqdm import tqdm
 from mg5jax.convert.sources import CheckpointError, write_atomically
 from mg5jax.data.datasets import DataError, load_json
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
-from mg5jax.data.pipeline import FEATURE_SOURCES, UNREADABLE_IMAGES, read_feature_sources
+from mg5jax.data.pipeline import FEATURE_SOURCES, LOGGED_SKIPS, UNREADABLE_IMAGES, read_feature_sources
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
 
@@ -164,9 +164,6 @@ def _save(paths: Sequence[pathlib.Path], features: jax.Array, out_dir: pathlib.P
         write_atomically(out_dir / f"{path.stem}.npy", buffer.getvalue())
 
 
-LOGGED_UNREADABLE_IMAGES = 20  # unreadable images logged one by one; the rest are counted
-
-
 @dataclasses.dataclass
 class FolderResult:
     """What `encode_folder` did: the images it encoded and those it skipped as unreadable (with why)."""
@@ -225,11 +222,11 @@ def encode_folder(encoding: Encoding, image_dir: str | os.PathLike, out_dir: str
                 if strict:
                     raise
                 result.unreadable[path] = str(e)
-                if len(result.unreadable) <= LOGGED_UNREADABLE_IMAGES:
+                if len(result.unreadable) <= LOGGED_SKIPS:
                     log.warning("skipping %s", e)
-                elif len(result.unreadable) == LOGGED_UNREADABLE_IMAGES + 1:
+                elif len(result.unreadable) == LOGGED_SKIPS + 1:
                     log.warning("more than %d unreadable images: the rest are counted (all are listed in %s)",
-                                LOGGED_UNREADABLE_IMAGES, out / UNREADABLE_IMAGES)
+                                LOGGED_SKIPS, out / UNREADABLE_IMAGES)
                 bar.update(1)
                 bar.set_postfix(unreadable=len(result.unreadable))
                 continue

@@ -44,13 +44,8 @@ def _flags(argv: Sequence[str]):
 
 def cli(argv: Sequence[str]) -> list[str]:
     """`python -m mg5jax.export_official` with `argv` (program name first): returns the keys written."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     from mg5jax import build
-    from mg5jax.convert import keymap as km
     from mg5jax.convert.minigpt5 import export_official
-    from mg5jax.training.checkpoint import recorded_config
 
     fv = _flags(argv)
     parse_flags("mg5jax.export_official", list(argv), fv)
@@ -69,18 +64,9 @@ def cli(argv: Sequence[str]) -> list[str]:
     cfg = fv.config
     build.check_run_config(cfg, fv.checkpoint)  # the run's LLM, LoRA, mapper and stage-1 weights, as infer.py
     cfg.model.frozen_dtype = "float32"  # exact values, the old vocab rows included (see the docstring)
-    built = build.build_model(cfg, train=False)
-    model = built.model
-    # a run that moved only the new vocab rows stored its whole matrices with the old rows as it held them
-    # (bf16 by default): those come from the LLM file here
-    recorded = (recorded_config(fv.checkpoint) or {}).get("model", {})
-    new_rows_only = recorded.get("train_new_rows_only", cfg.model.train_new_rows_only)
-    masks = build.voken_row_masks(model, built.num_new_rows) if new_rows_only else {}
-    params = km.flat_params(nnx.state(model, nnx.Param))
-    from_file = {path: params[path].get_value() for path in masks}
+    model = build.build_model(cfg, train=False).model
+    # (a run with model.train_new_rows_only gives its new vocab rows only: the old ones are the LLM file's)
     trained = build.load_trainable(model, fv.checkpoint, "--checkpoint", strict=True)
-    for path, mask in masks.items():
-        params[path].set_value(jnp.where(mask > 0, params[path].get_value(), from_file[path]))
     keys = export_official(model, out, int(fv.stage), trained=trained)
     print(f"wrote {len(keys)} tensors of an official stage-{fv.stage} checkpoint to {out}")
     return keys
