@@ -4,8 +4,9 @@ Prompts come from `--prompt` (+ `--image`, repeatable), a JSON / JSONL file of
 `{"text": ..., "images": [...], "seed": ...}` (`--prompts`), or — by default — the generation
 tasks of the config's validation file (VIST / MMDialog / CC3M test samples, REFERENCE §6). Weights:
 the best validation step of `--checkpoint` (default: the config's `trainer.workdir`; its newest
-checkpoint if it ran no validation), or the official
-Lightning files (`--official_stage1`, `--official_stage2`). Writes PNGs, one JSON record per prompt
+checkpoint if it ran no validation), or the official Lightning files (`--official_stage1`,
+`--official_stage2`). Without `--config`, the config the `--checkpoint` run recorded is used
+(`python infer.py --checkpoint runs/stage2_vist`). Writes PNGs, one JSON record per prompt
 and an `index.html` under `--out`; prompts from the validation file show the dataset's image beside the
 response, and with `--sd_baseline` CC3M prompts also get Stable Diffusion's image of their caption.
 """
@@ -35,7 +36,8 @@ _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) for --promp
 _PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts "
                                "(optional: caption, reference_image); relative image paths are relative to the file.")
 _LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's validation file.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir); without "
+                                  "--config, the config it recorded is used.")
 _STAGE1 = flags.DEFINE_string("official_stage1", None, "Official stage1_cc3m.ckpt (fc, queries, voken rows).")
 _STAGE2 = flags.DEFINE_string("official_stage2", None, "Official stage2_*.ckpt on top of --official_stage1.")
 _OUT = flags.DEFINE_string("out", "outputs/stories", "Output directory (index.html, run.json, NNN/ per prompt).")
@@ -240,12 +242,10 @@ def run(cfg) -> int:
     from tqdm import tqdm
 
     from mg5jax import aot, build
-    from mg5jax.convert.minigpt5 import import_official
     from mg5jax.diffusion.schedulers import make_scheduler
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator
     from mg5jax.generation.report import ReportWriter
     from mg5jax.models import cpu_decode
-    from mg5jax.models.llama import prepare_for_decoding
     from mg5jax.training.checkpoint import trained_params_dir
 
     check_flags()
@@ -273,18 +273,10 @@ def run(cfg) -> int:
     if jax.default_backend() == "cpu":
         cpu_decode.available()  # registered before stored programs that call the kernels load
     aot.preload("infer")  # the programs the last run used load while the weights do
-    # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
-    built = build.build_model(cfg, train=False, init_from=not _STAGE1.value)
     if _STAGE1.value:
-        import_official(built.model, _STAGE1.value, _STAGE2.value)
+        built, _ = build.inference_model(cfg, official=(_STAGE1.value, _STAGE2.value))
     else:
-        build.load_trainable(built.model, run_dir, field, strict=True)
-    if cfg.model.int8_weights:
-        print(f"int8 weights for {len(build.quantize_for_inference(built.model))} projections", flush=True)
-    prepared = prepare_for_decoding(built.model.llm)
-    print(f"LLM prepared for decoding: {prepared['fused_layers']} layers fused, {prepared['packed_layers']} "
-          f"projections packed" + (f" (not packed: {prepared['not_packed']})" if prepared["not_packed"] else ""),
-          flush=True)
+        built, _ = build.inference_model(cfg, run_dir=run_dir, field=field)
     if prompts is None:
         prompts = config_prompts(cfg, built.tokenizer)
     if not prompts:
@@ -347,14 +339,21 @@ def main(argv) -> None:
     logging.getLogger("mg5jax").setLevel(logging.INFO)
     logs_above_progress_bars()
     cfg = _CONFIG.value
-    if cfg is None:
-        sys.exit("infer.py: --config is required, e.g. --config configs/stage2_vist.py")
-    check_config_fields("infer.py", cfg, flags.FLAGS["config"].config_filename)
+    if cfg is None and not _CHECKPOINT.value:
+        sys.exit("infer.py: --config is required (e.g. --config configs/stage2_vist.py), or --checkpoint with a run "
+                 "of ours, whose recorded config is used")
+    if cfg is not None:
+        check_config_fields("infer.py", cfg, flags.FLAGS["config"].config_filename)
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data.datasets import DataError
     from mg5jax.data.images import ImageLoadError
 
     try:
+        if cfg is None:
+            from mg5jax import build
+
+            cfg = build.run_config(_CHECKPOINT.value)
+            log.info("config: the one %s recorded", _CHECKPOINT.value)
         sys.exit(run(cfg))
     except (FileNotFoundError, CheckpointError, DataError, ImageLoadError, ValueError) as e:
         sys.exit(f"infer.py: {e}")

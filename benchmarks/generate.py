@@ -44,7 +44,6 @@ def main() -> None:
     from mg5jax.demo import ROOT, write_prompts
     from mg5jax.generation.interleaved import GenerationSettings, InterleavedGenerator, Prompt
     from mg5jax.models import cpu_decode
-    from mg5jax.models.llama import prepare_for_decoding
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=25)
@@ -68,9 +67,7 @@ def main() -> None:
     if not args.no_preload:
         aot.preload("benchmark-generate")
     cfg = demo.get_config()
-    built = build.build_model(cfg, train=False)
-    build.load_trainable(built.model, cfg.trainer.workdir)
-    prepared = prepare_for_decoding(built.model.llm)
+    built, prepared = build.inference_model(cfg, run_dir=cfg.trainer.workdir, field="trainer.workdir")
     model_load_s = time.perf_counter() - start
     rows = [json.loads(line) for line in write_prompts(ROOT / "prompts.jsonl", limit=8).read_text().splitlines()]
     prompts = [Prompt(r["text"], tuple(r["images"]), seed=i) for i, r in enumerate(rows)]

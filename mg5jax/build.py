@@ -425,6 +425,71 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     return loaded
 
 
+def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoint",
+                    official: tuple[str, str | None] | None = None) -> tuple[Built, dict]:
+    """The model for generation: built from `cfg` with the trained params of a run of ours (`run_dir`, its
+    best validation step; check `cfg` first with `check_run_config`) or of the official Lightning files
+    (`official`: stage 1, and stage 2 or None), int8 where `model.int8_weights` says, and the LLM re-laid
+    for decoding. Returns it with `prepare_for_decoding`'s report. `field` names `run_dir` in errors."""
+    from mg5jax.convert.minigpt5 import import_official
+    from mg5jax.models.llama import prepare_for_decoding
+
+    if (run_dir is None) == (official is None):
+        raise ValueError("inference_model takes a run of ours (run_dir) or the official files (official)")
+    if run_dir is not None:
+        trained_params_dir(run_dir, field)  # a wrong run is named before any model loads
+    # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
+    built = build_model(cfg, train=False, init_from=official is None)
+    if official is not None:
+        import_official(built.model, *official)
+    else:
+        load_trainable(built.model, run_dir, field, strict=True)
+    if cfg.model.int8_weights:
+        quantize_for_inference(built.model)
+    prepared = prepare_for_decoding(built.model.llm)
+    log.info("LLM prepared for decoding: %d layers fused, %d projections packed%s", prepared["fused_layers"],
+             prepared["packed_layers"], f" (not packed: {prepared['not_packed']})" if prepared["not_packed"] else "")
+    return built, prepared
+
+
+def run_config(run_dir: str, field: str = "--checkpoint"):
+    """The config a run of ours was trained with, as `train.py` recorded it with its newest checkpoint (a
+    locked ConfigDict; sequences as tuples, as config files write them), so the run loads without its
+    config file. Its paths are as that config gave them: a relative one is relative to where `train.py`
+    ran, and one not found from here is an error that says so."""
+    import ml_collections
+
+    trained_params_dir(run_dir, field)  # a wrong run is named first
+    recorded = recorded_config(run_dir)
+    if not recorded:
+        raise CheckpointError(f"{field} {run_dir}: records no config (no complete checkpoint in checkpoints/, or "
+                              "one saved without it): give the config it was trained with (--config)")
+
+    def tuples(value):
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    recorded = {k: v for k, v in recorded.items() if k != "schedule"}
+    try:
+        from configs import base  # the repository's: every field
+    except ImportError:
+        base = None
+    missing = sorted(set(flat_config(base.get_config().to_dict())) - set(flat_config(recorded))) if base else []
+    if missing:
+        raise CheckpointError(f"{field} {run_dir}: its recorded config lacks {len(missing)} fields of configs/base.py, "
+                              f"e.g. {missing[0]} (recorded by an older mg5jax?): give the config it was trained with "
+                              "(--config)")
+    cfg = ml_collections.ConfigDict(tuples(recorded))
+    cfg.lock()
+    try:
+        check_model_paths(cfg)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (as {run_dir} recorded it: a relative path is relative to where its "
+                                "train.py ran; run from there, or give the config with paths from here)") from e
+    return cfg
+
+
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     out = {}
     for k, v in tree.items():

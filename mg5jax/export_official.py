@@ -6,7 +6,8 @@
         --stage 2 --out stage2_vist.ckpt
 
 The run's config (and its `--config.…` overrides; checked against the one the run recorded, as infer.py
-does) builds the model; the run's trained params are loaded (its best validation step, as infer.py does).
+does), or without `--config` the one the run recorded, builds the model; the run's trained params are
+loaded (its best validation step, as infer.py does).
 Every weight is held in float32 here, frozen ones included: a stage-1 file holds the whole embed_tokens /
 lm_head matrices, whose old rows must be the LLM's own values, not bf16-rounded ones (with
 `model.train_new_rows_only`, the run moved only the new rows, and the old ones come from the LLM file).
@@ -31,7 +32,8 @@ def _flags(argv: Sequence[str]):
 
     fv = flags.FlagValues()
     # `--config.a.b=value` overrides are defined from the config file named in `argv`
-    config_flags.DEFINE_config_file("config", None, "the run's Python config file (ml_collections)", flag_values=fv,
+    config_flags.DEFINE_config_file("config", None, "the run's Python config file (ml_collections; default: the "
+                                    "one the run recorded)", flag_values=fv,
                                     sys_argv=list(argv))
     flags.DEFINE_string("checkpoint", None, "the run's trainer.workdir (its best/ or newest checkpoint)",
                         flag_values=fv)
@@ -49,10 +51,11 @@ def cli(argv: Sequence[str]) -> list[str]:
 
     fv = _flags(argv)
     parse_flags("mg5jax.export_official", list(argv), fv)
-    for name in ("config", "checkpoint", "stage", "out"):
+    for name in ("checkpoint", "stage", "out"):
         if fv[name].value is None:
             raise ValueError(f"--{name} is required (python -m mg5jax.export_official --help)")
-    check_config_fields("mg5jax.export_official", fv.config, fv["config"].config_filename)
+    if fv.config is not None:
+        check_config_fields("mg5jax.export_official", fv.config, fv["config"].config_filename)
     out = pathlib.Path(fv.out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder: give the .ckpt file to write")
@@ -61,8 +64,11 @@ def cli(argv: Sequence[str]) -> list[str]:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: no folder {out.parent}")
     build.trained_params_dir(fv.checkpoint, "--checkpoint")  # a wrong run is named before any model loads
-    cfg = fv.config
-    build.check_run_config(cfg, fv.checkpoint)  # the run's LLM, LoRA, mapper and stage-1 weights, as infer.py
+    if fv.config is None:
+        cfg = build.run_config(fv.checkpoint)
+    else:
+        cfg = fv.config
+        build.check_run_config(cfg, fv.checkpoint)  # the run's LLM, LoRA, mapper and stage-1 weights, as infer.py
     cfg.model.frozen_dtype = "float32"  # exact values, the old vocab rows included (see the docstring)
     model = build.build_model(cfg, train=False).model
     # (a run with model.train_new_rows_only gives its new vocab rows only: the old ones are the LLM file's)
@@ -77,8 +83,8 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        run_module("mg5jax.export_official", f"usage: python -m mg5jax.export_official --config CONFIG "
-                   f"[--config.a.b=value …] --checkpoint RUN --stage 1|2 --out FILE [--overwrite]\n\n{__doc__}",
+        run_module("mg5jax.export_official", f"usage: python -m mg5jax.export_official [--config CONFIG "
+                   f"[--config.a.b=value …]] --checkpoint RUN --stage 1|2 --out FILE [--overwrite]\n\n{__doc__}",
                    _flags, cli, (CheckpointError,))
     except KeyboardInterrupt:
         sys.exit("mg5jax.export_official: interrupted (--out is written whole or not at all)")

@@ -475,6 +475,16 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode == 1 and last.startswith(f"infer.py: {message}"), r.stderr[-500:]
         assert "loading" not in r.stderr  # failed before any weights were read
+    # without --config, a run's recorded config is used: it must be a whole one
+    for flags, message in ((["--prompt", "a"], "--config is required (e.g. --config configs/stage2_vist.py), or "
+                                               "--checkpoint with a run of ours, whose recorded config is used"),
+                           (["--prompt", "a", "--checkpoint", str(plain_run)], f"--checkpoint {plain_run}: records "
+                                                                               "no config"),
+                           (["--prompt", "a", "--checkpoint", str(run)], f"--checkpoint {run}: its recorded config "
+                                                                         "lacks ")):
+        r = subprocess.run([sys.executable, "infer.py", *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and last.startswith(f"infer.py: {message}"), r.stderr[-500:]
     assert (earlier / "000" / "record.json").read_text() == "{}"  # nothing already written is lost
     assert (earlier / "000" / "image_1.png").is_file()
 

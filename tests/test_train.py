@@ -316,6 +316,49 @@ def test_init_from_the_official_stage1_file(demo_root, tmp_path):
                                       err_msg=p)
 
 
+def test_a_run_loads_with_the_config_it_recorded(demo_root, tmp_path, monkeypatch):
+    """`InterleavedGenerator.from_pretrained(run)` (and infer.py / export_official without --config) builds the
+    model the run's recorded config describes, with its best step's params, and generates; a given config is
+    checked against that one, and a record that cannot describe the model is refused, saying why."""
+    from mg5jax.generation import GenerationSettings, InterleavedGenerator, Prompt
+
+    cfg = demo_config(demo_root, tmp_path / "run")
+    model = build.build_model(cfg).model
+    _, mapper, _ = nnx.split(model, nnx.All(nnx.Param, nnx.PathContains("mapper")), ...)
+    meta = stage2_run(tmp_path / "run", jax.tree.map(lambda x: x + 0.25, mapper), "")
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {**cfg.to_dict(), "schedule": {}}}))
+    assert build.run_config(str(tmp_path / "run")).to_dict() == cfg.to_dict()  # sequences as tuples again
+    settings = GenerationSettings(max_new_tokens=4, num_inference_steps=2, max_images=1, length_buckets=(64,))
+    gen = InterleavedGenerator.from_pretrained(tmp_path / "run", settings=settings)
+    assert (gen.settings.image_size, gen.input_image_size) == (cfg.data.output_image_size, cfg.data.input_image_size)
+    got = km.flat_params(nnx.state(gen.model, nnx.Param))
+    for p, v in km.flat_params(mapper).items():
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(v.get_value()) + 0.25, err_msg=p)
+    # re-laid for decoding, LoRA folded in
+    assert any(".qkv_proj." in p for p in got) and not any("lora" in p for p in got)
+    (r,) = gen([Prompt("###Human: a red square ###Assistant:", seed=1)])
+    assert r.token_ids and all(image.shape == (64, 64, 3) for image in r.images)
+    other = demo_config(demo_root, tmp_path / "run")
+    other.model.lora.enabled = False
+    with pytest.raises(ValueError, match=r"run was trained with model.lora.enabled=True \(this config: False\)"):
+        InterleavedGenerator.from_pretrained(tmp_path / "run", config=other)
+    # a relative path is relative to where train.py ran
+    relative = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "llm_path": "weights/llm"}}
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": relative}))
+    with pytest.raises(FileNotFoundError, match=r"model.llm_path: directory not found: weights/llm \(as .*run recorded "
+                                                r"it: a relative path is relative to where its train.py ran"):
+        build.run_config(str(tmp_path / "run"))
+    monkeypatch.chdir(demo_root)
+    assert build.run_config(str(tmp_path / "run")).model.llm_path == "weights/llm"
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": ""}}}))
+    with pytest.raises(CheckpointError, match=r"run_dir .*run: its recorded config lacks \d+ fields of "
+                                              r"configs/base.py, e.g. data\..* give the config it was trained with"):
+        InterleavedGenerator.from_pretrained(tmp_path / "run")
+    (meta / "metadata").write_text(json.dumps({"step": 4}))
+    with pytest.raises(CheckpointError, match=r"--checkpoint .*run: records no config"):
+        build.run_config(str(tmp_path / "run"))
+
+
 def test_sample_hook_writes_stories_from_the_current_weights(demo_root, tmp_path, monkeypatch, caplog):
     """trainer.sample_every: the first validation prompts generated with the trainer's weights (on its
     2 data × 4 fsdp mesh), written as <workdir>/samples/step_<N>/index.html."""

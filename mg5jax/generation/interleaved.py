@@ -259,6 +259,34 @@ class InterleavedGenerator:
         self.timings: dict[str, float] = {}
         PIL.Image.preinit()  # PIL's common file formats, imported now rather than by the first prompt's image
 
+    @classmethod
+    def from_pretrained(cls, run_dir: str | os.PathLike, *, config=None,
+                        settings: GenerationSettings | None = None) -> InterleavedGenerator:
+        """A generator for a run of ours (the `trainer.workdir` of `train.py`), made as infer.py makes it:
+        the model its recorded config describes (`build.run_config`; or `config`, checked against that
+        one) with the run's best validation step (its newest checkpoint if it ran no validation), int8
+        where the config says, the LLM re-laid for decoding. `settings`: the original's by default;
+        images at the config's `data.output_image_size` unless they name a size.
+
+            gen = InterleavedGenerator.from_pretrained("runs/stage2_vist")
+            (response,) = gen([Prompt("###Human: a day at the beach ###Assistant:")])
+        """
+        from mg5jax import build
+
+        run_dir = os.fspath(run_dir)
+        if config is None:
+            cfg = build.run_config(run_dir, "run_dir")
+        else:
+            cfg = config
+            build.check_run_config(cfg, run_dir)
+        built, _ = build.inference_model(cfg, run_dir=run_dir, field="run_dir")
+        settings = settings or GenerationSettings()
+        settings = dataclasses.replace(settings, image_size=settings.image_size or cfg.data.output_image_size)
+        return cls(built.model, built.tokenizer, build.scheduler_config(cfg.model.sd_path), settings=settings,
+                   input_image_size=cfg.data.input_image_size, max_input_images=cfg.data.max_input_images,
+                   llm_dir=cfg.model.llm_path,
+                   sd_pipeline=build.sd_baseline_pipeline(cfg, built) if settings.sd_baseline else None)
+
     # ----------------------------------------------------------------------------------------- prompts
 
     def prepare(self, prompts: Sequence[Prompt]) -> dict:
