@@ -81,6 +81,7 @@ def run(cfg) -> int:
                          f"{d.per_device_batch_size} × {jax.device_count()} devices (or be 0)")
     check_trainable(cfg.trainer.optimizer.trainable, "trainer.optimizer.trainable")
     build.check_model_paths(cfg)  # every path before any weights load
+    build.check_precomputed_encoders(cfg)
     build.check_frozen_mapper_is_loaded(cfg)
     for field in ("train_path", "val_path"):
         if field == "train_path" or d[field]:

@@ -289,6 +289,37 @@ def check_model_paths(cfg, *, init_from: bool = True) -> None:
             trained_params_dir(m.init_from, "model.init_from")
 
 
+def check_precomputed_encoders(cfg) -> None:
+    """The precomputed folders a run reads (`data.*input_features_dir`, `data.*output_moments_dir`) hold
+    what their fields name, by their `encoding.json` (encode_images writes it): another kind of array is
+    an error. Arrays made with other weights than this config's (its VAE; its vision encoder, unless
+    `model.vision.kind` is "none") get a warning, since training would learn from one model's arrays while
+    generation runs the other (the paths may differ for a copy of the same weights). A folder without the
+    record passes: shapes are checked as batches are built."""
+    d, m, v = cfg.data, cfg.model, cfg.model.vision
+    vae = [str(pathlib.Path(m.sd_path) / "vae")]
+    vision = {"blip2": [v.blip2_dir, v.proj_path], "lavis": [v.vit_path, v.qformer_path, v.proj_path]}.get(v.kind)
+    for field, what, weights, name in (
+            ("input_features_dir", "input features", vision, "model.vision"),
+            ("val_input_features_dir", "input features", vision, "model.vision"),
+            ("output_moments_dir", "VAE moments", vae, "model.sd_path's VAE"),
+            ("val_output_moments_dir", "VAE moments", vae, "model.sd_path's VAE")):
+        path = pathlib.Path(d[field]) / pipeline.ENCODING
+        if not d[field] or not path.is_file():
+            continue
+        record = read_json(path, f"data.{field}")
+        held = record.get("what") if isinstance(record, dict) else None
+        if held != what:
+            raise datasets.DataError(f"data.{field} {d[field]}: holds {held or 'unknown arrays'} ({path}), not {what}")
+        encoder, ours = record.get("encoder"), [w for w in weights or () if w]
+        if not ours or not isinstance(encoder, str) or not encoder:
+            continue
+        made_from = encoder.rsplit(" (", 1)[0].split(", ")
+        if len(made_from) != len(ours) or not all(_same_path(a, b) for a, b in zip(made_from, ours)):
+            log.warning("data.%s %s holds %s of %s, and %s is %s: training would learn from one model's arrays "
+                        "while generation runs the other", field, d[field], what, encoder, name, ", ".join(ours))
+
+
 def check_output_image_size(cfg) -> None:
     """`data.output_image_size` must be a multiple of what the VAE and the U-Net of `model.sd_path` divide
     it by (read from their config.json files, before any weights load)."""

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from mg5jax.convert.sources import CheckpointError, write_atomically
 from mg5jax.data.datasets import DataError, load_json
 from mg5jax.data.images import ImageLoadError, input_image_transform, load_image, output_image_transform
-from mg5jax.data.pipeline import FEATURE_SOURCES, LOGGED_SKIPS, UNREADABLE_IMAGES, read_feature_sources
+from mg5jax.data.pipeline import ENCODING, FEATURE_SOURCES, LOGGED_SKIPS, UNREADABLE_IMAGES, read_feature_sources
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
 
@@ -114,9 +114,6 @@ def output_moments(vae: AutoencoderKL, size: int = 512, source: str = "") -> Enc
         raise ValueError(f"--size {size}: expected a positive multiple of the VAE's downsample factor {factor}")
     return Encoding("VAE moments", size, lambda path: output_image_transform(load_image(path), size=size),
                     _jitted(vae, lambda m, x: m.encode(x).moments), source)
-
-
-ENCODING = "encoding.json"  # in an output folder: what its files hold ({"what", "size", "shape", "encoder"})
 
 
 def _describe(record: dict) -> str:

@@ -98,6 +98,36 @@ def test_validation_reads_its_own_precomputed_folders(demo_built, tmp_path):
     assert (str(train.input_features_dir), str(train.output_moments_dir)) == train_dirs
 
 
+def test_precomputed_folders_hold_what_their_fields_name(demo_root, tmp_path, caplog):
+    """A folder's encoding.json (written by encode_images) says what it holds and from which weights: input
+    features in a moments field is refused; moments of another VAE are warned about; the config's own pass."""
+    from mg5jax.data.datasets import DataError
+
+    cfg = demo_config(demo_root, tmp_path / "run")
+    vae = demo_root / "weights" / "sd" / "vae"
+    records = {"moments": {"what": "VAE moments", "encoder": f"{vae.resolve()} (bfloat16)"},
+               "other_moments": {"what": "VAE moments", "encoder": f"{tmp_path / 'other_sd' / 'vae'} (bfloat16)"},
+               "features": {"what": "input features", "encoder": f"{demo_root / 'weights' / 'blip2'} (bfloat16)"}}
+    for name, record in records.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "encoding.json").write_text(json.dumps(record))
+    cfg.data.output_moments_dir = str(tmp_path / "moments")
+    cfg.data.input_features_dir = str(tmp_path / "features")
+    with caplog.at_level(logging.WARNING, logger="mg5jax.build"):
+        build.check_precomputed_encoders(cfg)
+    assert not caplog.records
+    cfg.data.val_output_moments_dir = str(tmp_path / "other_moments")
+    with caplog.at_level(logging.WARNING, logger="mg5jax.build"):
+        build.check_precomputed_encoders(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"data.val_output_moments_dir {tmp_path / 'other_moments'} holds VAE moments of "
+                              f"{tmp_path / 'other_sd' / 'vae'} (bfloat16), and model.sd_path's VAE is {vae}"), warning
+    cfg.data.val_output_moments_dir = str(tmp_path / "features")
+    with pytest.raises(DataError, match=r"data.val_output_moments_dir .*features: holds input features "
+                                        r"\(.*encoding.json\), not VAE moments"):
+        build.check_precomputed_encoders(cfg)
+
+
 def run_steps(demo_root, workdir, batches, mesh):
     cfg = demo_config(demo_root, workdir, mesh=mesh)
     devices = jax.devices()[: mesh["data"] * mesh["fsdp"] * mesh["tensor"]]

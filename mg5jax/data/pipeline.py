@@ -207,6 +207,7 @@ def _feature_file(directory: pathlib.Path, sources: dict[str, str], image: str, 
 
 FEATURE_SOURCES = "sources.json"  # in a features folder: {stem: the image its <stem>.npy was computed from}
 UNREADABLE_IMAGES = "unreadable.json"  # in a features folder: {image: why} of those encode_images could not read
+ENCODING = "encoding.json"  # in a features folder: what its files hold ({"what", "size", "shape", "encoder"})
 
 
 def read_feature_sources(features_dir: str | os.PathLike) -> dict[str, str]:
