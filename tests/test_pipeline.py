@@ -100,10 +100,15 @@ def test_bad_samples_are_skipped_or_raise(tokenizer, vist, tmp_path, caplog):
     assert builder.dropped == 1  # what train.py's metrics report as skipped_samples
     caplog.clear()  # thousands of bad rows: the first are logged one by one, then a count now and then
     quiet = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
-    for _ in range(2 * pipeline.SKIP_REPORT_EVERY):
-        quiet(too_many, np.random.default_rng(0))
+    for i in range(2 * pipeline.SKIP_REPORT_EVERY):
+        quiet(dataclasses.replace(too_many, task_name=f"bad_{i}"), np.random.default_rng(0))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == pipeline.LOGGED_SKIPS + 2 and lines[-1].startswith("skipped 2000 samples so far")
+    caplog.clear()  # a bad sample met again (each epoch, and grain builds ahead) is counted, not logged again
+    again = pipeline.ExampleBuilder(tokenizer, SPEC, train=False)
+    for _ in range(5):
+        again(too_many, np.random.default_rng(0))
+    assert again.skipped == 5 and len(caplog.records) == 1
 
 
 def test_without_a_vision_encoder_slots_hold_zero_features(tokenizer, vist):

@@ -62,6 +62,7 @@ def check_length_buckets(buckets, field: str = "data.length_buckets") -> None:
 
 LOGGED_SKIPS = 20  # skipped samples logged one by one; after that, a line per SKIP_REPORT_EVERY
 SKIP_REPORT_EVERY = 1000
+READ_AHEAD_BATCHES = 4  # batches of examples the training pipeline builds ahead of the steps
 
 
 class ExampleBuilder:
@@ -108,17 +109,21 @@ class ExampleBuilder:
         self.strict = strict
         self.skipped = 0
         self.dropped = 0
+        self._named: set[str] = set()  # the skips (sample and why) the log's lines name or count
 
     def _bad(self, sample: Sample, reason: str) -> None:
         msg = f"sample {sample.task_name}: {reason}"
         if self.strict:
             raise DataError(msg)
         self.skipped += 1
-        if self.skipped <= LOGGED_SKIPS:
-            log.warning("skipping %s%s", msg, "" if self.skipped < LOGGED_SKIPS else
+        if msg in self._named:  # met again (a later epoch, or built ahead twice): counted, not logged again
+            return None
+        self._named.add(msg)
+        if len(self._named) <= LOGGED_SKIPS:
+            log.warning("skipping %s%s", msg, "" if len(self._named) < LOGGED_SKIPS else
                         f" (the next skipped samples are counted: one line per {SKIP_REPORT_EVERY})")
-        elif self.skipped % SKIP_REPORT_EVERY == 0:
-            log.warning("skipped %d samples so far; the latest: %s", self.skipped, msg)
+        elif len(self._named) % SKIP_REPORT_EVERY == 0:
+            log.warning("skipped %d samples so far; the latest: %s", len(self._named), msg)
         return None
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> dict | None:
@@ -391,8 +396,11 @@ def make_dataset(
     ds = ds[process_index::process_count]
     spec = builder.spec
     pad_id = builder.tokenizer.ids.pad_id
+    # a few batches built ahead (grain's default is 500 examples: gigabytes of full-size images)
+    ahead = READ_AHEAD_BATCHES * spec.batch_size
+    read = grain.ReadOptions(num_threads=max(1, min(16, ahead, os.cpu_count() or 1)), prefetch_buffer_size=ahead)
     return (
-        ds.to_iter_dataset()
+        ds.to_iter_dataset(read)
         .filter(_Built(builder))
         .batch(spec.batch_size, drop_remainder=drop_remainder, batch_fn=lambda es: collate(es, spec, pad_id))
     )
