@@ -54,7 +54,7 @@ def run(cfg) -> int:
     from mg5jax.convert.sources import CheckpointError
     from mg5jax.data import pipeline
     from mg5jax.data.datasets import DataError
-    from mg5jax.training.checkpoint import recorded_config
+    from mg5jax.training.checkpoint import has_checkpoint, recorded_config
     from mg5jax.training.optimizer import check_trainable
     from mg5jax.training.trainer import (Trainer, TrainerConfig, check_schedule, check_training_mesh,
                                          request_deterministic_ops)
@@ -163,6 +163,8 @@ def run(cfg) -> int:
              if cfg.model.train_new_rows_only else None)
     schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],
                 "total_steps": opt["total_steps"]}
+    # what model.init_from gave and this run does not train, as it started (that run may train on meanwhile)
+    build.keep_inherited(cfg, built.model, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir))
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None

@@ -37,7 +37,8 @@ from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
-from mg5jax.training.checkpoint import flat_config, read_params, recorded_config, trained_params_dir
+from mg5jax.training.checkpoint import (flat_config, read_inherited, read_params, recorded_config, save_inherited,
+                                         trained_params_dir)
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,20 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
 
 def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> None:
     """A stage-2 run saves only what it trains: the mapper params it froze (fc, the decoder queries) are
-    those of the run it started from. Starting from such a run, take them from its recorded
-    `model.init_from`, and on down that chain of runs (to an official stage-1 .ckpt, whose other params
+    those of the run it started from, which it keeps in its `inherited/` folder. Starting from such a run,
+    take them from there; from a run without that folder, from its recorded `model.init_from`, and on
+    down that chain of runs (to an official stage-1 .ckpt, whose other params
     then do not replace what the later runs trained); an error naming them where the chain ends first
     (they would stay at their random initialisation)."""
     flat = km.flat_params(nnx.state(model, nnx.Param))
     want = {p for p in flat if p.startswith("mapper.")} - set(loaded)
     done, source, seen = set(loaded), run_dir, {str(pathlib.Path(run_dir).absolute())}
     while want:
+        kept = load_inherited(model, source, "model.init_from", only=want)  # what the run started from, kept
+        want -= set(kept)
+        done |= set(kept)
+        if not want:
+            break
         earlier = ((recorded_config(source) or {}).get("model") or {}).get("init_from") or ""
         path = pathlib.Path(earlier)
         problem = ("records no model.init_from" if not earlier else
@@ -445,7 +452,7 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
             raise CheckpointError(f"{params_dir}: {path} has shape {tuple(value.shape)}, "
                                   f"the model expects {tuple(flat[path].shape)}")
         now = flat[path].get_value()  # stays where the model's param is (sharded over a mesh, say)
-        value = jax.device_put(np.asarray(value).astype(now.dtype), now.sharding)
+        value = _like(now, value)
         if path in new_rows:
             value = jax.device_put(jnp.where(new_rows[path] > 0, value, now), now.sharding)
         flat[path].set_value(value)
@@ -456,10 +463,66 @@ def load_trainable(model: MiniGPT5, run_dir: str, field: str = "model.init_from"
     return loaded
 
 
+def _like(now: jax.Array, value) -> jax.Array:
+    """A stored value as the model's param `now` holds it: its dtype, on its devices and sharding."""
+    return jax.device_put(np.asarray(value).astype(now.dtype), now.sharding)
+
+
+def inherited_params(cfg, model: MiniGPT5) -> nnx.State:
+    """The params a run takes from `model.init_from` and does not train: the mapper params its trainable
+    set freezes (stage 2: fc and the decoder queries). The rest of what it does not train comes from the
+    pretrained files."""
+    from mg5jax.training.optimizer import resolve_trainable
+
+    labels = resolve_trainable(model, cfg.trainer.optimizer.trainable, warn_unused=False)
+    frozen = {p for p, mult in labels.items() if mult is None and p.startswith("mapper.")}
+    return nnx.state(model, nnx.All(nnx.Param, lambda path, _: ".".join(map(str, path)) in frozen))
+
+
+def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool) -> None:
+    """A run with `model.init_from` keeps what it took from there and does not train in
+    `<workdir>/inherited/` when it starts (`save_inherited`); resumed, it loads that copy, so it goes on
+    with the values it started with, whatever that earlier run holds now."""
+    if not cfg.model.init_from:
+        return
+    if resumed:
+        load_inherited(model, workdir, "trainer.workdir")
+        return
+    params = inherited_params(cfg, model)
+    if km.flat_params(params):
+        log.info("kept %d params from model.init_from in %s", len(km.flat_params(params)),
+                 save_inherited(workdir, params))
+
+
+def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *,
+                   only: set[str] | None = None) -> list[str]:
+    """Load the params a run of ours kept from its `model.init_from` (`keep_inherited`), or of those only
+    the paths in `only`, into `model`: the values it trained with. Returns the loaded paths (none for a
+    run that kept none); a param the model lacks, or of another shape, is an error."""
+    stored = read_inherited(run_dir)
+    if stored is None:
+        return []
+    flat = km.flat_params(nnx.state(model, nnx.Param))
+    loaded = []
+    for path, value in _flatten(stored).items():
+        if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
+            raise CheckpointError(f"{field} {run_dir}: its inherited/ holds {path} "
+                                  + (f"of shape {tuple(value.shape)}, the model expects {tuple(flat[path].shape)}"
+                                     if path in flat else "which this model lacks (other model.mapper settings?)"))
+        if only is None or path in only:
+            flat[path].set_value(_like(flat[path].get_value(), value))
+            loaded.append(path)
+    if loaded:
+        log.info("%s %s: loaded %d params it kept from its model.init_from (the values it trained with)", field,
+                 run_dir, len(loaded))
+    return loaded
+
+
 def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoint",
                     official: tuple[str, str | None] | None = None) -> tuple[Built, dict]:
     """The model for generation: built from `cfg` with the trained params of a run of ours (`run_dir`, its
-    best validation step; check `cfg` first with `check_run_config`) or of the official Lightning files
+    best validation step, and what it kept from its `model.init_from`; check `cfg` first with
+    `check_run_config`) or of the official Lightning files
     (`official`: stage 1, and stage 2 or None), int8 where `model.int8_weights` says, and the LLM re-laid
     for decoding. Returns it with `prepare_for_decoding`'s report. `field` names `run_dir` in errors."""
     from mg5jax.convert.minigpt5 import import_official
@@ -475,6 +538,7 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
         import_official(built.model, *official)
     else:
         load_trainable(built.model, run_dir, field, strict=True)
+        load_inherited(built.model, run_dir, field)
     if cfg.model.int8_weights:
         quantize_for_inference(built.model)
     prepared = prepare_for_decoding(built.model.llm)

@@ -252,6 +252,45 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
         build.build_model(cfg)
 
 
+def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_path):
+    """A stage-2 run keeps the fc and decoder queries its model.init_from gave in <workdir>/inherited/: it
+    resumes, generates and seeds a later run with those, though the stage-1 run has trained on since."""
+    from mg5jax.training.checkpoint import read_inherited
+
+    stage1 = build.build_model(demo_config(demo_root, tmp_path / "stage1")).model
+    _, mapper, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.PathContains("mapper")), ...)
+    want = {p: np.asarray(v.get_value()) for p, v in km.flat_params(mapper).items()}
+    best = BestCheckpoint(tmp_path / "stage1" / "best", async_save=False)
+    assert best.offer(5, 1.5, jax.tree.map(lambda x: x + 1.0, mapper))
+    cfg = demo_config(demo_root, tmp_path / "stage2")
+    cfg.model.init_from = str(tmp_path / "stage1")
+    cfg.trainer.optimizer.trainable = ((r"llm\..*\.lora_[ab]", 1.0), (r"mapper\.(encoder|decoder)\..*", 1.0),
+                                       (r"mapper\..*", None))
+    model = build.build_model(cfg).model
+    build.keep_inherited(cfg, model, cfg.trainer.workdir, resumed=False)
+    frozen = sorted(p for p in want if not p.startswith(("mapper.encoder.", "mapper.decoder.")))
+    assert frozen and sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
+    _, trained, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("encoder"),
+                                                                nnx.PathContains("decoder")),
+                                             nnx.PathContains("mapper")), ...)
+    stage2_run(tmp_path / "stage2", jax.tree.map(lambda x: x - 2.0, trained), tmp_path / "stage1")
+    assert best.offer(8, 1.0, jax.tree.map(lambda x: x + 5.0, mapper))  # stage 1 trains on: a better step
+    best.close()
+
+    def check(model, what):
+        got = km.flat_params(nnx.state(model, nnx.Param))
+        for p in frozen:  # as the stage-2 run started, not stage 1's newer best step (+5)
+            np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 1.0, err_msg=f"{what}: {p}")
+
+    resumed = build.build_model(cfg).model
+    build.keep_inherited(cfg, resumed, cfg.trainer.workdir, resumed=True)
+    check(resumed, "resumed")
+    check(build.inference_model(cfg, run_dir=str(tmp_path / "stage2"))[0].model, "inference")
+    later = demo_config(demo_root, tmp_path / "mmdialog")
+    later.model.init_from = str(tmp_path / "stage2")  # e.g. MMDialog after VIST
+    check(build.build_model(later).model, "a run from the stage-2 run")
+
+
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):
     """Stage 2 from the released stage1_cc3m.ckpt: its fc, queries, voken rows and mapper seed the model."""
     from mg5jax.convert.minigpt5 import export_official, import_official

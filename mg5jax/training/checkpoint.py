@@ -275,6 +275,27 @@ def set_aside(path: pathlib.Path) -> pathlib.Path:
     return path.rename(aside)
 
 
+INHERITED = "inherited"  # in a run's workdir: the frozen params it started from, `<INHERITED>/params`
+
+
+def save_inherited(workdir: str | os.PathLike, params: nnx.State) -> pathlib.Path:
+    """Keep the params a run took from its `model.init_from` and does not train (a stage-2 run's fc and
+    decoder queries) in `<workdir>/inherited/params`, so the run loads as it trained even once that
+    earlier run trains on (its best step changes) or is gone. Every process calls it (orbax saves
+    collectively). Returns the folder."""
+    directory = pathlib.Path(workdir).absolute() / INHERITED / "params"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory, params, force=True)
+    checkpointer.wait_until_finished()
+    return directory
+
+
+def read_inherited(run_dir: str | os.PathLike) -> Any | None:
+    """What `save_inherited` kept for a run (a tree of host arrays), or None for a run without it."""
+    directory = pathlib.Path(run_dir) / INHERITED / "params"
+    return read_params(directory) if directory.is_dir() else None
+
+
 def read_params(params_dir: pathlib.Path) -> Any:
     """The params saved under `params_dir` as a tree of host arrays, whatever mesh or device count
     wrote them (orbax, left to itself, rebuilds the saving topology and refuses another one)."""
@@ -359,6 +380,11 @@ def trained_params_dir(run_dir: str | os.PathLike, field: str) -> tuple[pathlib.
     if not steps:
         raise CheckpointError(f"{field}: no complete checkpoint in {run / 'checkpoints'}")
     return run / "checkpoints" / str(steps[-1]) / "params", f"newest checkpoint, step {steps[-1]} (no validation)"
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether a run's workdir holds a complete training checkpoint (a run there resumes from it)."""
+    return bool(_complete_steps(pathlib.Path(run_dir) / "checkpoints"))
 
 
 def recorded_config(run_dir: str | os.PathLike) -> dict | None:
