@@ -34,7 +34,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (m
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; use <Img><ImageHere></Img> where an --image goes.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Input image file(s) for --prompt, in order.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A .json list or .jsonl file of {text, images, seed} prompts "
-                               "(optional: caption, reference_image); relative image paths are relative to the file.")
+                               "(optional: caption, reference_image, reference_text, task); relative image paths are "
+                               "relative to the file.")
 _LIMIT = flags.DEFINE_integer("limit", 8, "Prompts taken from the config's validation file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Run directory of ours (default: trainer.workdir); without "
                                   "--config, the config it recorded is used.")
@@ -190,7 +191,8 @@ def flag_prompts():
                 raise ValueError(f"{where}: its seed is --seed + {i} = {seed + i}, past 2**31 - 1: give a smaller "
                                  "--seed, or the row a seed")
             try:
-                prompts.append(Prompt(row["text"], images, row.get("seed", seed + i), row.get("caption"), reference))
+                prompts.append(Prompt(row["text"], images, row.get("seed", seed + i), row.get("caption"), reference,
+                                      row.get("reference_text"), row.get("task")))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from e
             labels.append(where)
@@ -198,13 +200,11 @@ def flag_prompts():
     return None, None
 
 
-def check_prompts(prompts, labels: list[str], cfg, max_tokens: int) -> None:
+def check_prompts(prompts, labels: list[str], cfg, max_tokens: int, tokenizer) -> None:
     """Refuse, before any model loads, what generation would refuse after (`prompt_problem`, with the
     tokenizer alone)."""
-    from mg5jax import build
     from mg5jax.generation.interleaved import prompt_problem
 
-    tokenizer = build.load_tokenizer(cfg)
     for prompt, where in zip(prompts, labels):
         problem = prompt_problem(prompt, tokenizer.encode(prompt.text), tokenizer,
                                  max_input_images=cfg.data.max_input_images, has_vision=cfg.model.vision.kind != "none",
@@ -264,9 +264,14 @@ def run(cfg) -> int:
         params_dir, chosen = trained_params_dir(run_dir, field)  # a run to load from (before any model loads)
         build.check_run_config(cfg, run_dir)  # before the prompts: a wrong config names every difference at once
         weights = {"checkpoint": os.path.abspath(run_dir), "params": os.path.abspath(params_dir), "chosen": chosen}
+    tokenizer = build.load_tokenizer(cfg)
     if prompts is not None:
-        check_prompts(prompts, labels, cfg, settings.length_buckets[-1])
+        check_prompts(prompts, labels, cfg, settings.length_buckets[-1], tokenizer)
         _check_inputs_survive_overwrite(prompts, labels)
+    else:  # the validation file's tasks, read (and their images checked) before any weights load
+        prompts = config_prompts(cfg, tokenizer)
+    if not prompts:
+        raise ValueError(f"no prompts to generate: no samples in data.val_path {cfg.data.val_path}")
     scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
     make_scheduler(settings.scheduler, scheduler_cfg).set_timesteps(settings.num_inference_steps, (1, 4, 8, 8))
     build.enable_compile_cache()
@@ -274,13 +279,9 @@ def run(cfg) -> int:
         cpu_decode.available()  # registered before stored programs that call the kernels load
     aot.preload("infer")  # the programs the last run used load while the weights do
     if _STAGE1.value:
-        built, _ = build.inference_model(cfg, official=(_STAGE1.value, _STAGE2.value))
+        built, _ = build.inference_model(cfg, official=(_STAGE1.value, _STAGE2.value), tokenizer=tokenizer)
     else:
-        built, _ = build.inference_model(cfg, run_dir=run_dir, field=field)
-    if prompts is None:
-        prompts = config_prompts(cfg, built.tokenizer)
-    if not prompts:
-        raise ValueError(f"no prompts to generate: no samples in data.val_path {cfg.data.val_path}")
+        built, _ = build.inference_model(cfg, run_dir=run_dir, field=field, tokenizer=tokenizer)
     baseline = _SD_BASELINE.value and any(p.caption for p in prompts)
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")

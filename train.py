@@ -68,11 +68,12 @@ def run(cfg) -> int:
         raise ValueError(f"trainer.workdir {cfg.trainer.workdir}: a URL; checkpoints go to a local or mounted "
                          "directory (e.g. a gcsfuse mount of the bucket)")
     workdir = pathlib.Path(cfg.trainer.workdir)
-    if workdir.exists() and not workdir.is_dir():
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    if existing == workdir and not workdir.is_dir():
         raise ValueError(f"trainer.workdir {workdir}: exists and is not a directory")
-    workdir.mkdir(parents=True, exist_ok=True)  # an OSError names the path
-    if not os.access(workdir, os.W_OK):  # e.g. a read-only mount: found before any weights load
-        raise ValueError(f"trainer.workdir {workdir}: not writable")
+    if not existing.is_dir() or not os.access(existing, os.W_OK):  # e.g. a read-only mount: before any weights load
+        raise ValueError(f"trainer.workdir {workdir}: not writable" + ("" if existing == workdir else
+                                                                       f" ({existing} is not a writable directory)"))
     d = cfg.data
     pipeline.check_length_buckets(d.length_buckets)
     rows = cfg.loss.group_rows
@@ -163,6 +164,7 @@ def run(cfg) -> int:
              if cfg.model.train_new_rows_only else None)
     schedule = {"global_batch": global_batch, "grad_accum_steps": opt["grad_accum_steps"],
                 "total_steps": opt["total_steps"]}
+    workdir.mkdir(parents=True, exist_ok=True)  # once the config and the data are found good: an OSError names it
     # what model.init_from gave and this run does not train, as it started (that run may train on meanwhile)
     build.keep_inherited(cfg, built.model, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir))
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shlex
 from collections.abc import Callable
 
@@ -519,12 +520,14 @@ def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *
 
 
 def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoint",
-                    official: tuple[str, str | None] | None = None) -> tuple[Built, dict]:
+                    official: tuple[str, str | None] | None = None,
+                    tokenizer: MiniGPT5Tokenizer | None = None) -> tuple[Built, dict]:
     """The model for generation: built from `cfg` with the trained params of a run of ours (`run_dir`, its
     best validation step, and what it kept from its `model.init_from`; check `cfg` first with
     `check_run_config`) or of the official Lightning files
     (`official`: stage 1, and stage 2 or None), int8 where `model.int8_weights` says, and the LLM re-laid
-    for decoding. Returns it with `prepare_for_decoding`'s report. `field` names `run_dir` in errors."""
+    for decoding. Returns it with `prepare_for_decoding`'s report. `field` names `run_dir` in errors;
+    `tokenizer`: the one `load_tokenizer` gave, when the caller has it already."""
     from mg5jax.convert.minigpt5 import import_official
     from mg5jax.models.llama import prepare_for_decoding
 
@@ -533,7 +536,7 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
     if run_dir is not None:
         trained_params_dir(run_dir, field)  # a wrong run is named before any model loads
     # the official files hold all trainable params (stage 1: fc and queries too): no model.init_from then
-    built = build_model(cfg, train=False, init_from=official is None)
+    built = build_model(cfg, train=False, init_from=official is None, tokenizer=tokenizer)
     if official is not None:
         import_official(built.model, *official)
     else:
@@ -653,9 +656,9 @@ def check_run_config(cfg, run_dir: str) -> None:
 
 def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: int) -> list[Prompt]:
     """The first `limit` generation tasks of the config's validation file (test mode, REFERENCE §6) as
-    prompts with their caption and the dataset's image; prompt i samples with seed `seed + i`. Tasks with
-    more input images than the model reads (none without a vision encoder, else `data.max_input_images`),
-    or with an image that cannot be read, are left out (with a warning)."""
+    prompts with their task name, caption, and the dataset's image and text; prompt i samples with seed
+    `seed + i`. Tasks with more input images than the model reads (none without a vision encoder, else
+    `data.max_input_images`), or with an image that cannot be read, are left out (with a warning)."""
     d = cfg.data
     if not d.val_path:
         raise ValueError("data.val_path is not set: no validation prompts to generate from")
@@ -682,7 +685,10 @@ def generation_prompts(cfg, tokenizer: MiniGPT5Tokenizer, *, limit: int, seed: i
             if unreadable <= pipeline.LOGGED_SKIPS:
                 log.warning("data.val_path: generation task %s left out: %s", s.task_name, e)
             continue
-        prompts.append(Prompt(s.source, images[i], seed + len(prompts), s.caption, s.output_image))
+        # the turn's own text, vokens and stop removed (a CC3M task's is its caption, shown as that already)
+        text = re.sub(r"\[IMG\d+\]", "", s.target).replace("###", "").strip()
+        prompts.append(Prompt(s.source, images[i], seed + len(prompts), s.caption, s.output_image,
+                              reference_text=text if text and text != s.caption else None, task=s.task_name))
     if unreadable > pipeline.LOGGED_SKIPS:
         log.warning("data.val_path: %d generation tasks left out for unreadable images", unreadable)
     return prompts

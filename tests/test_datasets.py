@@ -209,6 +209,12 @@ def test_cc3m_bad_header_always_raises(tmp_path):
     tsv.write_text("text\tpath\nx\ty.jpg\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"h\.tsv, row 1: header"):
         read_cc3m(tsv)
+    # another kind's file (an MMDialog conversation per line): its first line, shortened, and the likely cause
+    tsv.write_text(json.dumps({"conversation": [{"turn": "word " * 10_000}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"got '\{\"conversation.*… \(50\d{3} characters\)' \(a CC3M file is a "
+                                        r"TSV: is data.kind right for this file\?\)") as e:
+        read_cc3m(tsv)
+    assert len(str(e.value)) < 400
 
 
 # ---------------------------------------------------------------- VIST

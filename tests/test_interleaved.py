@@ -250,7 +250,8 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
     reference = tmp_path / "gt.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(reference)
     prompts = [dataclasses.replace(one, caption="a red square on a white table", reference_image=str(reference)),
-               dataclasses.replace(none, caption="a blue circle"), one]
+               dataclasses.replace(none, caption="a blue circle", reference_text="Lovely photo & more", task="0_3-mm"),
+               one]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     settings = dataclasses.replace(SETTINGS, sd_baseline=True)
     with pytest.raises(ValueError, match="sd_baseline needs an sd_pipeline"):
@@ -280,6 +281,9 @@ def test_sd_baseline_from_the_caption_and_the_reference_image(parts, story_model
     html = index.read_text()
     assert html.count('class="reference"') == 2 and "a red square on a white table" in html
     assert "caption: a blue circle" in html  # a caption is shown without images to compare too
+    assert "the dataset's text: Lovely photo &amp; more" in html and "prompt 2 · task 0_3-mm · seed" in html
+    record = json.loads((tmp_path / "out" / "001" / "record.json").read_text())
+    assert (record["task"], record["reference_text"]) == ("0_3-mm", "Lovely photo & more")
     _check_renders(index, 4)
 
 
@@ -449,6 +453,8 @@ def test_infer_py_rejects_a_bad_prompts_file_before_loading_a_model(tmp_path, ti
                             "directory"),
                            (["--prompt", "a", "--image", str(tmp_path / "here.png"), "--checkpoint", str(plain_run)],
                             "--prompt: the text has 0 <ImageHere> slots but 1 images are given"),
+                           (["--checkpoint", str(plain_run), f"--config.data.val_path={tmp_path / 'gone.json'}"],
+                            f"data.val_path: file not found: {tmp_path / 'gone.json'}"),  # the default prompts' file
                            (["--prompt", "a", "--checkpoint", str(tmp_path / "nowhere")],
                             f"--checkpoint: no such directory: {tmp_path / 'nowhere'}"),
                            (["--prompt", "a", "--checkpoint", str(tmp_path / "zipped.ckpt")],

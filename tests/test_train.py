@@ -575,6 +575,8 @@ def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_
     cfg.model.vision.kind, cfg.data.max_input_images = "blip2", 1
     prompts = build.generation_prompts(cfg, built.tokenizer, limit=10, seed=0)
     assert prompts and max(len(p.images) for p in prompts) == 1
+    # a VIST task's turn is its image alone: its name is kept, and it has no text of its own
+    assert all(p.task.endswith("-gen") and p.reference_text is None for p in prompts)
     assert "have more input images than this model reads (data.max_input_images=1)" in caplog.text
     # and so are the tasks with an image that cannot be read (a dataset's may not): the next ones take their place
     shutil.copytree(demo_root / "data" / "VIST", tmp_path / "VIST")
@@ -587,6 +589,17 @@ def test_without_a_vision_encoder_the_features_folder_sets_the_query_count(demo_
     assert not [p for p in prompts if bad in (*p.images, p.reference_image)]
     assert "generation task " in caplog.text
     assert "left out: cannot read image " + first[0].reference_image in caplog.text
+
+
+def test_mmdialog_prompts_keep_the_task_and_the_dataset_reply(demo_root, samples_dir, tmp_path):
+    """What scoring against MMDialog needs (REFERENCE §9.3): each prompt's task name and the dataset's reply."""
+    cfg = demo_config(demo_root, tmp_path / "run")
+    cfg.data.kind = "mmdialog"
+    cfg.data.val_path = str(samples_dir / "MMDialog" / "test" / "test_conversations.txt")
+    prompts = build.generation_prompts(cfg, build.load_tokenizer(cfg), limit=8, seed=0)
+    assert prompts[0].task == "0_1-mm" and prompts[0].reference_text.startswith("Stunning photo Pola. One day")
+    replies = [p.reference_text for p in prompts if p.reference_text]
+    assert len(replies) > 1 and not [r for r in replies if "[IMG" in r or "###" in r or r != r.strip()]
 
 
 def test_resume_on_the_real_pipeline_and_objective_is_bit_exact(demo_root, tmp_path):
@@ -693,6 +706,7 @@ def test_train_py_errors_name_the_culprit(demo_root, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: ") and "missing.png" in last, last
     assert "loading" not in r.stderr  # found before any weights load
+    assert not (tmp_path / "strict_run").exists()  # and no empty workdir left behind
     # a workdir whose newest checkpoint ran another batch schedule: refused before any weights load
     run = tmp_path / "run"
     (run / "checkpoints" / "4" / "meta").mkdir(parents=True)

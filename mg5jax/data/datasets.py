@@ -170,7 +170,9 @@ def read_cc3m(
         raise DataError(f"{path}, row 1: {_not_utf8(lines[0])}")
     header = lines[0].split("\t")
     if "caption" not in header or "image_path" not in header:
-        raise DataError(f"{path}, row 1: header must name the columns 'caption' and 'image_path', got {header!r}")
+        got = lines[0] if len(lines[0]) <= 120 else f"{lines[0][:120]}… ({len(lines[0])} characters)"
+        raise DataError(f"{path}, row 1: header must name the columns 'caption' and 'image_path', got {got!r} (a "
+                        "CC3M file is a TSV: is data.kind right for this file?)")
     caption_col, image_col = header.index("caption"), header.index("image_path")
     samples: list[Sample] = []
     i = -1

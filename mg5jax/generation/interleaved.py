@@ -49,11 +49,13 @@ class Prompt:
     seed: int = 0  # sampling and image noise of this row depend only on it; 0 <= seed < 2**31
     caption: str | None = None  # what the image should show (CC3M): the SD baseline's prompt
     reference_image: str | None = None  # the dataset's image for this turn, shown beside the response
+    reference_text: str | None = None  # the dataset's text for this turn (an MMDialog reply), shown beside it
+    task: str | None = None  # the dataset's name of this generation task (e.g. "0_3-mm"), kept in the record
 
     def __post_init__(self):
         if not isinstance(self.text, str):
             raise ValueError(f"prompt text must be a string, got {type(self.text).__name__}")
-        for name in ("caption", "reference_image"):
+        for name in ("caption", "reference_image", "reference_text", "task"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"prompt {name} must be a string, got {type(getattr(self, name)).__name__}")
         if self.reference_image is not None and not self.reference_image.strip():

@@ -148,7 +148,8 @@ class ReportWriter:
         # input files by absolute path: the record reproduces the response from any working directory
         record = {"prompt": r.prompt.text, "input_images": [os.path.abspath(p) for p in r.prompt.images],
                   "seed": r.prompt.seed, "text": r.text, "raw_text": r.raw_text, "images": generated,
-                  "token_ids": r.token_ids, "caption": r.prompt.caption,
+                  "token_ids": r.token_ids, "task": r.prompt.task, "caption": r.prompt.caption,
+                  "reference_text": r.prompt.reference_text,
                   "reference_image": r.prompt.reference_image and os.path.abspath(r.prompt.reference_image),
                   "sd_baseline": "sd_baseline.png" if r.baseline is not None else None}
         (d / "record.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
@@ -164,9 +165,12 @@ class ReportWriter:
             for s in r.segments)
         compare_html = "".join(_figure(f"{d.name}/{name}", caption, "reference") for name, caption in compare)
         caption = f"<p>caption: {html.escape(r.prompt.caption)}</p>" if r.prompt.caption else ""
+        if r.prompt.reference_text:
+            caption += f"<p>the dataset's text: {html.escape(r.prompt.reference_text)}</p>"
         if compare_html or caption:
             compare_html = f'<div class="compare"><h2>for comparison</h2>{caption}{compare_html}</div>'
-        return (f'<article id="r{n:03d}"><h2>prompt {n + 1} · seed {r.prompt.seed}</h2>'
+        task = f" · task {html.escape(r.prompt.task)}" if r.prompt.task else ""
+        return (f'<article id="r{n:03d}"><h2>prompt {n + 1}{task} · seed {r.prompt.seed}</h2>'
                 f'<div class="prompt">{prompt_html}</div><h2>response</h2>'
                 f'<div class="response">{response_html}</div>{compare_html}</article>')
 
