@@ -486,10 +486,13 @@ def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool) -> None
     with the values it started with, whatever that earlier run holds now."""
     if not cfg.model.init_from:
         return
-    if resumed:
-        load_inherited(model, workdir, "trainer.workdir")
-        return
     params = inherited_params(cfg, model)
+    if resumed:
+        if not load_inherited(model, workdir, "trainer.workdir") and km.flat_params(params):
+            log.warning("trainer.workdir %s keeps no inherited/ (made before runs kept it): its %d frozen params "
+                        "come from model.init_from %s as it is now", workdir, len(km.flat_params(params)),
+                        cfg.model.init_from)
+        return
     if km.flat_params(params):
         log.info("kept %d params from model.init_from in %s", len(km.flat_params(params)),
                  save_inherited(workdir, params))
