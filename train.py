@@ -166,7 +166,7 @@ def run(cfg) -> int:
                 "total_steps": opt["total_steps"]}
     workdir.mkdir(parents=True, exist_ok=True)  # once the config and the data are found good: an OSError names it
     # what model.init_from gave and this run does not train, as it started (that run may train on meanwhile)
-    build.keep_inherited(cfg, built.model, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir))
+    build.keep_inherited(cfg, built.model, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir), mesh=mesh)
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from flax import nnx
 from transformers.models.clip.tokenization_clip import CLIPTokenizer  # the class, not the package (imports torch)
 
@@ -38,8 +39,8 @@ from mg5jax.models.quantize import LLAMA_TARGETS, VIT_TARGETS, quantize_int8
 from mg5jax.models.unet import UNet2DConditionModel
 from mg5jax.models.vae import AutoencoderKL
 from mg5jax.models.vision import VisionEncoder
-from mg5jax.training.checkpoint import (flat_config, read_inherited, read_params, recorded_config, save_inherited,
-                                         trained_params_dir)
+from mg5jax.training.checkpoint import (INHERITED, flat_config, read_inherited, read_params, recorded_config,
+                                         save_inherited, set_aside, trained_params_dir)
 
 log = logging.getLogger(__name__)
 
@@ -480,22 +481,37 @@ def inherited_params(cfg, model: MiniGPT5) -> nnx.State:
     return nnx.state(model, nnx.All(nnx.Param, lambda path, _: ".".join(map(str, path)) in frozen))
 
 
-def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool) -> None:
+def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool,
+                   mesh: jax.sharding.Mesh | None = None) -> None:
     """A run with `model.init_from` keeps what it took from there and does not train in
-    `<workdir>/inherited/` when it starts (`save_inherited`); resumed, it loads that copy, so it goes on
-    with the values it started with, whatever that earlier run holds now."""
-    if not cfg.model.init_from:
-        return
-    params = inherited_params(cfg, model)
+    `<workdir>/inherited/` when it starts (`save_inherited`; an earlier run's copy there is moved aside
+    first, as its best/ is); resumed, it loads that copy, so it goes on with the values it started with,
+    whatever that earlier run holds now. `mesh`: the run's (the copy is saved replicated over it, as a
+    multi-host save needs)."""
+    params = inherited_params(cfg, model) if cfg.model.init_from else nnx.State({})
+    count = len(km.flat_params(params))
     if resumed:
-        if not load_inherited(model, workdir, "trainer.workdir") and km.flat_params(params):
+        if cfg.model.init_from and not load_inherited(model, workdir, "trainer.workdir") and count:
             log.warning("trainer.workdir %s keeps no inherited/ (made before runs kept it): its %d frozen params "
-                        "come from model.init_from %s as it is now", workdir, len(km.flat_params(params)),
-                        cfg.model.init_from)
+                        "come from model.init_from %s as it is now", workdir, count, cfg.model.init_from)
         return
-    if km.flat_params(params):
-        log.info("kept %d params from model.init_from in %s", len(km.flat_params(params)),
-                 save_inherited(workdir, params))
+    earlier = pathlib.Path(workdir) / INHERITED
+    if earlier.exists():
+        if jax.process_index() == 0:
+            log.warning("%s held an earlier run's params: moved to %s", earlier, set_aside(earlier))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mg5jax: an earlier inherited/ set aside")
+    if count:
+        if mesh is not None:
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), params)
+        log.info("kept %d params from model.init_from in %s", count, save_inherited(workdir, params))
+
+
+def untrained(model: MiniGPT5, trained: list[str]) -> set[str]:
+    """The param paths of `model` not among `trained` (what `load_trainable` loaded): those a run's
+    inherited/ may give (never over what the run trained)."""
+    return set(km.flat_params(nnx.state(model, nnx.Param))) - set(trained)
 
 
 def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *,
@@ -509,13 +525,14 @@ def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *
     flat = km.flat_params(nnx.state(model, nnx.Param))
     loaded = []
     for path, value in _flatten(stored).items():
+        if only is not None and path not in only:
+            continue
         if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{field} {run_dir}: its inherited/ holds {path} "
                                   + (f"of shape {tuple(value.shape)}, the model expects {tuple(flat[path].shape)}"
                                      if path in flat else "which this model lacks (other model.mapper settings?)"))
-        if only is None or path in only:
-            flat[path].set_value(_like(flat[path].get_value(), value))
-            loaded.append(path)
+        flat[path].set_value(_like(flat[path].get_value(), value))
+        loaded.append(path)
     if loaded:
         log.info("%s %s: loaded %d params it kept from its model.init_from (the values it trained with)", field,
                  run_dir, len(loaded))
@@ -543,8 +560,8 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
     if official is not None:
         import_official(built.model, *official)
     else:
-        load_trainable(built.model, run_dir, field, strict=True)
-        load_inherited(built.model, run_dir, field)
+        trained = load_trainable(built.model, run_dir, field, strict=True)
+        load_inherited(built.model, run_dir, field, only=untrained(built.model, trained))
     if cfg.model.int8_weights:
         quantize_for_inference(built.model)
     prepared = prepare_for_decoding(built.model.llm)

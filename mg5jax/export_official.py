@@ -73,7 +73,7 @@ def cli(argv: Sequence[str]) -> list[str]:
     model = build.build_model(cfg, train=False).model
     # (a run with model.train_new_rows_only gives its new vocab rows only: the old ones are the LLM file's)
     trained = build.load_trainable(model, fv.checkpoint, "--checkpoint", strict=True)
-    build.load_inherited(model, fv.checkpoint, "--checkpoint")  # the fc and queries it trained with
+    build.load_inherited(model, fv.checkpoint, "--checkpoint", only=build.untrained(model, trained))  # its fc, queries
     keys = export_official(model, out, int(fv.stage), trained=trained)
     print(f"wrote {len(keys)} tensors of an official stage-{fv.stage} checkpoint to {out}")
     return keys

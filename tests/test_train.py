@@ -289,6 +289,16 @@ def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_pat
     later = demo_config(demo_root, tmp_path / "mmdialog")
     later.model.init_from = str(tmp_path / "stage2")  # e.g. MMDialog after VIST
     check(build.build_model(later).model, "a run from the stage-2 run")
+    # what a run trained is never replaced by a copy (here a run that trains the whole mapper beside one)
+    shutil.copytree(tmp_path / "stage2" / "inherited", tmp_path / "whole" / "inherited")
+    stage2_run(tmp_path / "whole", jax.tree.map(lambda x: x + 3.0, mapper), tmp_path / "stage1")
+    got = km.flat_params(nnx.state(build.inference_model(cfg, run_dir=str(tmp_path / "whole"))[0].model, nnx.Param))
+    for p in frozen:
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 3.0, err_msg=p)
+    # a fresh run in a workdir sets an earlier run's copy aside (as its best/), and keeps its own
+    build.keep_inherited(cfg, model, cfg.trainer.workdir, resumed=False)
+    assert (tmp_path / "stage2" / "inherited.earlier_1" / "params").is_dir()
+    assert sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
 
 
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):

@@ -398,7 +398,7 @@ def make_dataset(
     pad_id = builder.tokenizer.ids.pad_id
     # a few batches built ahead (grain's default is 500 examples: gigabytes of full-size images)
     ahead = READ_AHEAD_BATCHES * spec.batch_size
-    read = grain.ReadOptions(num_threads=max(1, min(16, ahead, os.cpu_count() or 1)), prefetch_buffer_size=ahead)
+    read = grain.ReadOptions(num_threads=min(16, ahead), prefetch_buffer_size=ahead)
     return (
         ds.to_iter_dataset(read)
         .filter(_Built(builder))

@@ -281,8 +281,8 @@ INHERITED = "inherited"  # in a run's workdir: the frozen params it started from
 def save_inherited(workdir: str | os.PathLike, params: nnx.State) -> pathlib.Path:
     """Keep the params a run took from its `model.init_from` and does not train (a stage-2 run's fc and
     decoder queries) in `<workdir>/inherited/params`, so the run loads as it trained even once that
-    earlier run trains on (its best step changes) or is gone. Every process calls it (orbax saves
-    collectively). Returns the folder."""
+    earlier run trains on (its best step changes). Every process calls it (orbax saves collectively:
+    `params` on a mesh, e.g. replicated). Returns the folder."""
     directory = pathlib.Path(workdir).absolute() / INHERITED / "params"
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory, params, force=True)
