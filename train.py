@@ -166,8 +166,10 @@ def run(cfg) -> int:
                 "total_steps": opt["total_steps"]}
     workdir.mkdir(parents=True, exist_ok=True)  # once the config and the data are found good: an OSError names it
     # what model.init_from gave and this run does not train, as it started (that run may train on meanwhile)
-    build.keep_inherited(cfg, built.model, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir), mesh=mesh)
-    trainer = Trainer(built.model, trainer_cfg, update_masks=masks, run_config={**cfg.to_dict(), "schedule": schedule})
+    inherited = build.keep_inherited(cfg, built, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir),
+                                     mesh=mesh)
+    trainer = Trainer(built.model, trainer_cfg, update_masks=masks,
+                      run_config={**cfg.to_dict(), "schedule": schedule, "inherited": inherited})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
         result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample,

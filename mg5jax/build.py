@@ -55,6 +55,7 @@ class Built:
     tokenizer: MiniGPT5Tokenizer
     caption_tokenizer: CLIPTokenizer
     num_new_rows: int  # vocab rows added for the vokens and <ImageHere> (the only rows that train)
+    from_init_from: tuple[str, ...] = ()  # the param paths `model.init_from` gave
 
 
 def enable_compile_cache(directory: str | None = None) -> None:
@@ -190,33 +191,30 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
                              bos_id=ids.bos_id, num_query_tokens=_num_query_tokens(vision, cfg.data.input_features_dir))
     model = MiniGPT5(config, llm=llm, mapper=mapper, unet=unet, vae=vae, noise_schedule=noise_schedule,
                      vision=vision, text_encoder=text_encoder, empty_text_feature=empty)
+    from_init = []
     if init_from and m.init_from:
         if pathlib.Path(m.init_from).suffix == ".ckpt":  # the original's stage-2 start
             from mg5jax.convert.minigpt5 import load_official
 
-            load_official(model, m.init_from, stage=1)
+            from_init = load_official(model, m.init_from, stage=1)
             log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
         else:
-            _load_mapper_from_chain(model, m.init_from, load_trainable(model, m.init_from))
-    return Built(model, tokenizer, caption_tokenizer, num_new)
+            from_init = _load_from_chain(model, m.init_from, load_trainable(model, m.init_from))
+    return Built(model, tokenizer, caption_tokenizer, num_new, tuple(from_init))
 
 
-def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> None:
-    """A stage-2 run saves only what it trains: the mapper params it froze (fc, the decoder queries) are
-    those of the run it started from, which it keeps in its `inherited/` folder. Starting from such a run,
-    take them from there; from a run without that folder, from its recorded `model.init_from`, and on
-    down that chain of runs (to an official stage-1 .ckpt, whose other params
-    then do not replace what the later runs trained); an error naming them where the chain ends first
-    (they would stay at their random initialisation)."""
+def _load_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> list[str]:
+    """What a run of ours gives beyond the params it trained (`loaded`): those it kept from its own
+    `model.init_from` in `inherited/` (`keep_inherited`: a stage-2 run's fc and decoder queries), and for
+    mapper params still missing (a run without that folder), those of its recorded `model.init_from`, and
+    on down that chain of runs (to an official stage-1 .ckpt, whose other params then do not replace what
+    the later runs trained); an error naming them where the chain ends first (they would stay at their
+    random initialisation). Returns every path loaded, `loaded` included."""
     flat = km.flat_params(nnx.state(model, nnx.Param))
-    want = {p for p in flat if p.startswith("mapper.")} - set(loaded)
-    done, source, seen = set(loaded), run_dir, {str(pathlib.Path(run_dir).absolute())}
+    done = set(loaded) | set(load_inherited(model, run_dir, "model.init_from", only=untrained(model, loaded)))
+    want = {p for p in flat if p.startswith("mapper.")} - done
+    source, seen = run_dir, {str(pathlib.Path(run_dir).absolute())}
     while want:
-        kept = load_inherited(model, source, "model.init_from", only=want)  # what the run started from, kept
-        want -= set(kept)
-        done |= set(kept)
-        if not want:
-            break
         earlier = ((recorded_config(source) or {}).get("model") or {}).get("init_from") or ""
         path = pathlib.Path(earlier)
         problem = ("records no model.init_from" if not earlier else
@@ -238,12 +236,14 @@ def _load_mapper_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) ->
             got = set(want)
         else:
             got = set(load_trainable(model, earlier, only=want))
+            got |= set(load_inherited(model, earlier, "model.init_from", only=want - got))
         log.info("model.init_from %s: %d frozen mapper params from %s, the run it started from", run_dir, len(got),
                  earlier)
         want -= got
         done |= got
         source = earlier
         seen.add(str(path.absolute()))
+    return sorted(done)
 
 
 def minigpt5_config(cfg, *, voken_ids: tuple[int, ...], image_placeholder_id: int, bos_id: int,
@@ -470,31 +470,30 @@ def _like(now: jax.Array, value) -> jax.Array:
     return jax.device_put(np.asarray(value).astype(now.dtype), now.sharding)
 
 
-def inherited_params(cfg, model: MiniGPT5) -> nnx.State:
-    """The params a run takes from `model.init_from` and does not train: the mapper params its trainable
-    set freezes (stage 2: fc and the decoder queries). The rest of what it does not train comes from the
-    pretrained files."""
+def inherited_params(cfg, built: Built) -> nnx.State:
+    """The params a run takes from `model.init_from` and does not train (stage 2: the mapper's fc and
+    decoder queries; the LLM's layers too where the stage-1 run trained them and this one freezes them)."""
     from mg5jax.training.optimizer import resolve_trainable
 
-    labels = resolve_trainable(model, cfg.trainer.optimizer.trainable, warn_unused=False)
-    frozen = {p for p, mult in labels.items() if mult is None and p.startswith("mapper.")}
-    return nnx.state(model, nnx.All(nnx.Param, lambda path, _: ".".join(map(str, path)) in frozen))
+    labels = resolve_trainable(built.model, cfg.trainer.optimizer.trainable, warn_unused=False)
+    frozen = {p for p in built.from_init_from if labels.get(p, 0.0) is None}
+    return nnx.state(built.model, nnx.All(nnx.Param, lambda path, _: ".".join(map(str, path)) in frozen))
 
 
-def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool,
-                   mesh: jax.sharding.Mesh | None = None) -> None:
+def keep_inherited(cfg, built: Built, workdir: str, *, resumed: bool,
+                   mesh: jax.sharding.Mesh | None = None) -> int:
     """A run with `model.init_from` keeps what it took from there and does not train in
     `<workdir>/inherited/` when it starts (`save_inherited`; an earlier run's copy there is moved aside
     first, as its best/ is); resumed, it loads that copy, so it goes on with the values it started with,
     whatever that earlier run holds now. `mesh`: the run's (the copy is saved replicated over it, as a
-    multi-host save needs)."""
-    params = inherited_params(cfg, model) if cfg.model.init_from else nnx.State({})
+    multi-host save needs). Returns how many params the run keeps there."""
+    params = inherited_params(cfg, built) if cfg.model.init_from else nnx.State({})
     count = len(km.flat_params(params))
     if resumed:
-        if cfg.model.init_from and not load_inherited(model, workdir, "trainer.workdir") and count:
+        if cfg.model.init_from and not load_inherited(built.model, workdir, "trainer.workdir") and count:
             log.warning("trainer.workdir %s keeps no inherited/ (made before runs kept it): its %d frozen params "
                         "come from model.init_from %s as it is now", workdir, count, cfg.model.init_from)
-        return
+        return count
     earlier = pathlib.Path(workdir) / INHERITED
     if earlier.exists():
         if jax.process_index() == 0:
@@ -506,6 +505,7 @@ def keep_inherited(cfg, model: MiniGPT5, workdir: str, *, resumed: bool,
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), params)
         log.info("kept %d params from model.init_from in %s", count, save_inherited(workdir, params))
+    return count
 
 
 def untrained(model: MiniGPT5, trained: list[str]) -> set[str]:
@@ -521,6 +521,11 @@ def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *
     run that kept none); a param the model lacks, or of another shape, is an error."""
     stored = read_inherited(run_dir)
     if stored is None:
+        kept = (recorded_config(run_dir) or {}).get("inherited") or 0
+        if kept:
+            raise CheckpointError(f"{field} {run_dir}: its inherited/ is gone, where the run kept the {kept} params "
+                                  "its model.init_from gave it and it did not train: without them it does not load "
+                                  "as it trained (restore the folder from a copy of the run)")
         return []
     flat = km.flat_params(nnx.state(model, nnx.Param))
     loaded = []
@@ -588,7 +593,7 @@ def run_config(run_dir: str, field: str = "--checkpoint"):
             return {k: tuples(v) for k, v in value.items()}
         return tuple(tuples(v) for v in value) if isinstance(value, list) else value
 
-    recorded = {k: v for k, v in recorded.items() if k != "schedule"}
+    recorded = {k: v for k, v in recorded.items() if k not in ("schedule", "inherited")}  # train.py's own records
     try:
         from configs import base  # the repository's: every field
     except ImportError:

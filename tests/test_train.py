@@ -253,28 +253,31 @@ def test_init_from_loads_the_best_validation_step(demo_root, tmp_path):
 
 
 def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_path):
-    """A stage-2 run keeps the fc and decoder queries its model.init_from gave in <workdir>/inherited/: it
-    resumes, generates and seeds a later run with those, though the stage-1 run has trained on since."""
+    """A stage-2 run keeps what its model.init_from gave and it does not train (the mapper's fc and decoder
+    queries; here also LLM norms the stage-1 run trained) in <workdir>/inherited/: it resumes, generates
+    and seeds a later run with those, though the stage-1 run has trained on since."""
     from mg5jax.training.checkpoint import read_inherited
 
     stage1 = build.build_model(demo_config(demo_root, tmp_path / "stage1")).model
-    _, mapper, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.PathContains("mapper")), ...)
-    want = {p: np.asarray(v.get_value()) for p, v in km.flat_params(mapper).items()}
+    _, state, _ = nnx.split(stage1, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("mapper"),
+                                                               nnx.PathContains("input_layernorm"))), ...)
+    want = {p: np.asarray(v.get_value()) for p, v in km.flat_params(state).items()}
     best = BestCheckpoint(tmp_path / "stage1" / "best", async_save=False)
-    assert best.offer(5, 1.5, jax.tree.map(lambda x: x + 1.0, mapper))
+    assert best.offer(5, 1.5, jax.tree.map(lambda x: x + 1.0, state))
     cfg = demo_config(demo_root, tmp_path / "stage2")
     cfg.model.init_from = str(tmp_path / "stage1")
     cfg.trainer.optimizer.trainable = ((r"llm\..*\.lora_[ab]", 1.0), (r"mapper\.(encoder|decoder)\..*", 1.0),
                                        (r"mapper\..*", None))
-    model = build.build_model(cfg).model
-    build.keep_inherited(cfg, model, cfg.trainer.workdir, resumed=False)
+    built = build.build_model(cfg)
     frozen = sorted(p for p in want if not p.startswith(("mapper.encoder.", "mapper.decoder.")))
-    assert frozen and sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
-    _, trained, _ = nnx.split(model, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("encoder"),
-                                                                nnx.PathContains("decoder")),
-                                             nnx.PathContains("mapper")), ...)
-    stage2_run(tmp_path / "stage2", jax.tree.map(lambda x: x - 2.0, trained), tmp_path / "stage1")
-    assert best.offer(8, 1.0, jax.tree.map(lambda x: x + 5.0, mapper))  # stage 1 trains on: a better step
+    assert build.keep_inherited(cfg, built, cfg.trainer.workdir, resumed=False) == len(frozen)
+    assert any("input_layernorm" in p for p in frozen) and any(p.startswith("mapper.") for p in frozen)
+    assert sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
+    _, trained, _ = nnx.split(built.model, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("encoder"),
+                                                                      nnx.PathContains("decoder")),
+                                                   nnx.PathContains("mapper")), ...)
+    meta = stage2_run(tmp_path / "stage2", jax.tree.map(lambda x: x - 2.0, trained), tmp_path / "stage1")
+    assert best.offer(8, 1.0, jax.tree.map(lambda x: x + 5.0, state))  # stage 1 trains on: a better step
     best.close()
 
     def check(model, what):
@@ -282,21 +285,30 @@ def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_pat
         for p in frozen:  # as the stage-2 run started, not stage 1's newer best step (+5)
             np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 1.0, err_msg=f"{what}: {p}")
 
-    resumed = build.build_model(cfg).model
+    resumed = build.build_model(cfg)
     build.keep_inherited(cfg, resumed, cfg.trainer.workdir, resumed=True)
-    check(resumed, "resumed")
+    check(resumed.model, "resumed")
     check(build.inference_model(cfg, run_dir=str(tmp_path / "stage2"))[0].model, "inference")
     later = demo_config(demo_root, tmp_path / "mmdialog")
     later.model.init_from = str(tmp_path / "stage2")  # e.g. MMDialog after VIST
     check(build.build_model(later).model, "a run from the stage-2 run")
     # what a run trained is never replaced by a copy (here a run that trains the whole mapper beside one)
     shutil.copytree(tmp_path / "stage2" / "inherited", tmp_path / "whole" / "inherited")
+    _, mapper, _ = nnx.split(built.model, nnx.All(nnx.Param, nnx.PathContains("mapper")), ...)
     stage2_run(tmp_path / "whole", jax.tree.map(lambda x: x + 3.0, mapper), tmp_path / "stage1")
     got = km.flat_params(nnx.state(build.inference_model(cfg, run_dir=str(tmp_path / "whole"))[0].model, nnx.Param))
-    for p in frozen:
-        np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 3.0, err_msg=p)
+    for p in [p for p in frozen if p.startswith("mapper.")]:
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 1.0 + 3.0, err_msg=p)
+    # a run that kept its copy does not load without it
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": str(tmp_path / "stage1")},
+                                                                     "inherited": len(frozen)}}))
+    shutil.move(tmp_path / "stage2" / "inherited", tmp_path / "kept_aside")
+    with pytest.raises(CheckpointError, match=rf"--checkpoint .*stage2: its inherited/ is gone, where the run kept the "
+                                              rf"{len(frozen)} params its model.init_from gave it"):
+        build.inference_model(cfg, run_dir=str(tmp_path / "stage2"))
+    shutil.move(tmp_path / "kept_aside", tmp_path / "stage2" / "inherited")
     # a fresh run in a workdir sets an earlier run's copy aside (as its best/), and keeps its own
-    build.keep_inherited(cfg, model, cfg.trainer.workdir, resumed=False)
+    build.keep_inherited(cfg, built, cfg.trainer.workdir, resumed=False)
     assert (tmp_path / "stage2" / "inherited.earlier_1" / "params").is_dir()
     assert sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
 

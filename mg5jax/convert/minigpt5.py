@@ -80,8 +80,9 @@ def _stage_state(model, stage: int) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def load_official(model, path: str | os.PathLike, stage: int) -> None:
-    """Load an official Lightning checkpoint of `stage` into `model` in place (strict key match)."""
+def load_official(model, path: str | os.PathLike, stage: int) -> list[str]:
+    """Load an official Lightning checkpoint of `stage` into `model` in place (strict key match); returns
+    the param paths loaded."""
     source = TorchSource([path], subkey="state_dict")
     other = 2 if stage == 1 and any(".lora_" in k for k in source) else \
         1 if stage == 2 and not any(".lora_" in k for k in source) and "fc.0.weight" in source else None
@@ -93,6 +94,7 @@ def load_official(model, path: str | os.PathLike, stage: int) -> None:
     state = km.load_params(_stage_state(model, stage), source, stage_keymap(model, stage),
                            what=f"MiniGPT-5 stage-{stage} checkpoint")
     nnx.update(model, state)
+    return list(km.flat_params(state))
 
 
 def import_official(model, stage1_path: str | os.PathLike, stage2_path: str | os.PathLike | None = None) -> None:
