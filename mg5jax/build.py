@@ -486,14 +486,16 @@ def keep_inherited(cfg, built: Built, workdir: str, *, resumed: bool,
     `<workdir>/inherited/` when it starts (`save_inherited`; an earlier run's copy there is moved aside
     first, as its best/ is); resumed, it loads that copy, so it goes on with the values it started with,
     whatever that earlier run holds now. `mesh`: the run's (the copy is saved replicated over it, as a
-    multi-host save needs). Returns how many params the run keeps there."""
+    multi-host save needs). Returns how many params the run keeps there (recorded with its checkpoints:
+    `load_inherited` refuses the run once they are gone)."""
     params = inherited_params(cfg, built) if cfg.model.init_from else nnx.State({})
     count = len(km.flat_params(params))
     if resumed:
-        if cfg.model.init_from and not load_inherited(built.model, workdir, "trainer.workdir") and count:
+        loaded = load_inherited(built.model, workdir, "trainer.workdir") if cfg.model.init_from else []
+        if count and not loaded:
             log.warning("trainer.workdir %s keeps no inherited/ (made before runs kept it): its %d frozen params "
                         "come from model.init_from %s as it is now", workdir, count, cfg.model.init_from)
-        return count
+        return len(loaded)
     earlier = pathlib.Path(workdir) / INHERITED
     if earlier.exists():
         if jax.process_index() == 0:

@@ -286,8 +286,10 @@ def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_pat
             np.testing.assert_array_equal(np.asarray(got[p].get_value()), want[p] + 1.0, err_msg=f"{what}: {p}")
 
     resumed = build.build_model(cfg)
-    build.keep_inherited(cfg, resumed, cfg.trainer.workdir, resumed=True)
+    assert build.keep_inherited(cfg, resumed, cfg.trainer.workdir, resumed=True) == len(frozen)
     check(resumed.model, "resumed")
+    # a run made before runs kept a copy resumes on what model.init_from gives now, and records no copy
+    assert build.keep_inherited(cfg, build.build_model(cfg), str(tmp_path / "older"), resumed=True) == 0
     check(build.inference_model(cfg, run_dir=str(tmp_path / "stage2"))[0].model, "inference")
     later = demo_config(demo_root, tmp_path / "mmdialog")
     later.model.init_from = str(tmp_path / "stage2")  # e.g. MMDialog after VIST
