@@ -169,7 +169,7 @@ def run(cfg) -> int:
     inherited = build.keep_inherited(cfg, built, cfg.trainer.workdir, resumed=has_checkpoint(cfg.trainer.workdir),
                                      mesh=mesh)
     trainer = Trainer(built.model, trainer_cfg, update_masks=masks,
-                      run_config={**cfg.to_dict(), "schedule": schedule, "inherited": inherited})
+                      run_config={**cfg.to_dict(), "schedule": schedule, "inherited": inherited, "cwd": os.getcwd()})
     try:
         on_sample = build.sample_hook(cfg, built, trainer) if trainer_cfg.sample_every else None
         result = trainer.fit(pipeline.host_batches(train_ds, pad_id), eval_data=eval_data, on_sample=on_sample,

@@ -577,11 +577,14 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
     return built, prepared
 
 
+PATH_FIELDS = ("_path", "_dir", "init_from", "workdir")  # the endings of the config fields that name files or folders
+
+
 def run_config(run_dir: str, field: str = "--checkpoint"):
     """The config a run of ours was trained with, as `train.py` recorded it with its newest checkpoint (a
     locked ConfigDict; sequences as tuples, as config files write them), so the run loads without its
-    config file. Its paths are as that config gave them: a relative one is relative to where `train.py`
-    ran, and one not found from here is an error that says so."""
+    config file. A relative path in it is taken from where `train.py` ran (it records that folder), and
+    one not found is an error that says so."""
     import ml_collections
 
     trained_params_dir(run_dir, field)  # a wrong run is named first
@@ -590,12 +593,20 @@ def run_config(run_dir: str, field: str = "--checkpoint"):
         raise CheckpointError(f"{field} {run_dir}: records no config (no complete checkpoint in checkpoints/, or "
                               "one saved without it): give the config it was trained with (--config)")
 
-    def tuples(value):
-        if isinstance(value, dict):
-            return {k: tuples(v) for k, v in value.items()}
-        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+    ran_in = recorded.get("cwd")
 
-    recorded = {k: v for k, v in recorded.items() if k not in ("schedule", "inherited")}  # train.py's own records
+    def tuples(value, key=""):
+        """Sequences as tuples; a relative path (a `*_path`, `*_dir`, `init_from` or `workdir` field) from
+        where train.py ran."""
+        if isinstance(value, dict):
+            return {k: tuples(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return tuple(tuples(v) for v in value)
+        if ran_in and isinstance(value, str) and value and key.endswith(PATH_FIELDS) and "://" not in value:
+            return value if os.path.isabs(value) else os.path.normpath(os.path.join(ran_in, value))
+        return value
+
+    recorded = {k: v for k, v in recorded.items() if k not in ("schedule", "inherited", "cwd")}  # train.py's records
     try:
         from configs import base  # the repository's: every field
     except ImportError:
@@ -610,8 +621,9 @@ def run_config(run_dir: str, field: str = "--checkpoint"):
     try:
         check_model_paths(cfg)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (as {run_dir} recorded it: a relative path is relative to where its "
-                                "train.py ran; run from there, or give the config with paths from here)") from e
+        where = f"from {ran_in}, where its train.py ran" if ran_in else "from where its train.py ran"
+        raise FileNotFoundError(f"{e} (as {run_dir} recorded it, a relative path taken {where}: give the config "
+                                "with the paths as they are now)") from e
     return cfg
 
 
@@ -669,7 +681,7 @@ def check_run_config(cfg, run_dir: str) -> None:
         if key not in saved or key not in current:
             continue  # a run recorded before the setting existed
         theirs, ours = saved[key], current[key]
-        path = key.endswith(("_path", "_dir", "init_from")) and isinstance(theirs, str) and isinstance(ours, str)
+        path = key.endswith(PATH_FIELDS) and isinstance(theirs, str) and isinstance(ours, str)
         if not (_same_path(theirs, ours) if path else theirs == ours):
             changed.append((key, theirs, ours))
     if changed:

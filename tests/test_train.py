@@ -435,12 +435,16 @@ def test_a_run_loads_with_the_config_it_recorded(demo_root, tmp_path, monkeypatc
     other.model.lora.enabled = False
     with pytest.raises(ValueError, match=r"run was trained with model.lora.enabled=True \(this config: False\)"):
         InterleavedGenerator.from_pretrained(tmp_path / "run", config=other)
-    # a relative path is relative to where train.py ran
+    # a relative path is taken from where train.py ran, which it records
     relative = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "llm_path": "weights/llm"}}
-    (meta / "metadata").write_text(json.dumps({"step": 4, "config": relative}))
-    with pytest.raises(FileNotFoundError, match=r"model.llm_path: directory not found: weights/llm \(as .*run recorded "
-                                                r"it: a relative path is relative to where its train.py ran"):
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {**relative, "cwd": str(demo_root)}}))
+    assert build.run_config(str(tmp_path / "run")).model.llm_path == str(demo_root / "weights" / "llm")
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": {**relative, "cwd": str(tmp_path)}}))
+    with pytest.raises(FileNotFoundError, match=rf"model.llm_path: directory not found: {tmp_path}/weights/llm \(as "
+                                                rf".*run recorded it, a relative path taken from {tmp_path}, where its "
+                                                r"train.py ran: give the config with the paths as they are now\)"):
         build.run_config(str(tmp_path / "run"))
+    (meta / "metadata").write_text(json.dumps({"step": 4, "config": relative}))  # a record without the folder
     monkeypatch.chdir(demo_root)
     assert build.run_config(str(tmp_path / "run")).model.llm_path == "weights/llm"
     (meta / "metadata").write_text(json.dumps({"step": 4, "config": {"model": {"init_from": ""}}}))
