@@ -215,7 +215,8 @@ def _load_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> list[s
     want = {p for p in flat if p.startswith("mapper.")} - done
     source, seen = run_dir, {str(pathlib.Path(run_dir).absolute())}
     while want:
-        earlier = ((recorded_config(source) or {}).get("model") or {}).get("init_from") or ""
+        record = recorded_config(source) or {}
+        earlier = _from_run_folder((record.get("model") or {}).get("init_from") or "", record.get("cwd"))
         path = pathlib.Path(earlier)
         problem = ("records no model.init_from" if not earlier else
                    "starts from itself" if str(path.absolute()) in seen else
@@ -580,6 +581,14 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
 PATH_FIELDS = ("_path", "_dir", "init_from", "workdir")  # the endings of the config fields that name files or folders
 
 
+def _from_run_folder(value, ran_in: str | None):
+    """A recorded path setting as seen from here: a relative one joined to `ran_in`, the folder the run's
+    train.py ran in (when recorded); "" and absolute paths as they are."""
+    if not ran_in or not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
+        return value
+    return os.path.normpath(os.path.join(ran_in, value))
+
+
 def run_config(run_dir: str, field: str = "--checkpoint"):
     """The config a run of ours was trained with, as `train.py` recorded it with its newest checkpoint (a
     locked ConfigDict; sequences as tuples, as config files write them), so the run loads without its
@@ -602,9 +611,7 @@ def run_config(run_dir: str, field: str = "--checkpoint"):
             return {k: tuples(v, k) for k, v in value.items()}
         if isinstance(value, list):
             return tuple(tuples(v) for v in value)
-        if ran_in and isinstance(value, str) and value and key.endswith(PATH_FIELDS) and "://" not in value:
-            return value if os.path.isabs(value) else os.path.normpath(os.path.join(ran_in, value))
-        return value
+        return _from_run_folder(value, ran_in) if key.endswith(PATH_FIELDS) else value
 
     recorded = {k: v for k, v in recorded.items() if k not in ("schedule", "inherited", "cwd")}  # train.py's records
     try:
@@ -681,6 +688,7 @@ def check_run_config(cfg, run_dir: str) -> None:
         if key not in saved or key not in current:
             continue  # a run recorded before the setting existed
         theirs, ours = saved[key], current[key]
+        theirs = _from_run_folder(theirs, recorded.get("cwd")) if key.endswith(PATH_FIELDS) else theirs
         path = key.endswith(PATH_FIELDS) and isinstance(theirs, str) and isinstance(ours, str)
         if not (_same_path(theirs, ours) if path else theirs == ours):
             changed.append((key, theirs, ours))

@@ -439,11 +439,14 @@ def test_a_run_loads_with_the_config_it_recorded(demo_root, tmp_path, monkeypatc
     relative = {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "llm_path": "weights/llm"}}
     (meta / "metadata").write_text(json.dumps({"step": 4, "config": {**relative, "cwd": str(demo_root)}}))
     assert build.run_config(str(tmp_path / "run")).model.llm_path == str(demo_root / "weights" / "llm")
+    build.check_run_config(cfg, str(tmp_path / "run"))  # the config's absolute path is that one
     (meta / "metadata").write_text(json.dumps({"step": 4, "config": {**relative, "cwd": str(tmp_path)}}))
     with pytest.raises(FileNotFoundError, match=rf"model.llm_path: directory not found: {tmp_path}/weights/llm \(as "
                                                 rf".*run recorded it, a relative path taken from {tmp_path}, where its "
                                                 r"train.py ran: give the config with the paths as they are now\)"):
         build.run_config(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=rf"run was trained with model.llm_path='{tmp_path}/weights/llm'"):
+        build.check_run_config(cfg, str(tmp_path / "run"))
     (meta / "metadata").write_text(json.dumps({"step": 4, "config": relative}))  # a record without the folder
     monkeypatch.chdir(demo_root)
     assert build.run_config(str(tmp_path / "run")).model.llm_path == "weights/llm"
