@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 from collections.abc import Callable
 
 import jax
@@ -492,21 +493,24 @@ def keep_inherited(cfg, built: Built, workdir: str, *, resumed: bool,
     params = inherited_params(cfg, built) if cfg.model.init_from else nnx.State({})
     count = len(km.flat_params(params))
     if resumed:
-        loaded = load_inherited(built.model, workdir, "trainer.workdir") if cfg.model.init_from else []
+        loaded = load_inherited(built.model, workdir, "trainer.workdir")
         if count and not loaded:
             log.warning("trainer.workdir %s keeps no inherited/ (made before runs kept it): its %d frozen params "
                         "come from model.init_from %s as it is now", workdir, count, cfg.model.init_from)
         return len(loaded)
-    earlier = pathlib.Path(workdir) / INHERITED
-    if earlier.exists():
-        if jax.process_index() == 0:
+    earlier, best = pathlib.Path(workdir) / INHERITED, pathlib.Path(workdir) / "best"
+    if jax.process_index() == 0 and earlier.exists():
+        if best.exists():  # it goes with that run's best/, which the trainer sets aside too
             log.warning("%s held an earlier run's params: moved to %s", earlier, set_aside(earlier))
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("mg5jax: an earlier inherited/ set aside")
+        else:  # a run that stopped before its first checkpoint: nothing loads it
+            shutil.rmtree(earlier)
+    if jax.process_count() > 1:  # every host past the move before any writes (the save is collective)
+        multihost_utils.sync_global_devices("mg5jax: an earlier inherited/ set aside")
     if count:
-        if mesh is not None:
+        if mesh is not None:  # host-local arrays (the mapper's) or sharded ones: replicated, as a multi-host save needs
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), replicated), params)
+            params = jax.tree.map(
+                lambda x: jax.device_put(np.asarray(x) if x.is_fully_addressable else x, replicated), params)
         log.info("kept %d params from model.init_from in %s", count, save_inherited(workdir, params))
     return count
 
@@ -538,7 +542,9 @@ def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *
         if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
             raise CheckpointError(f"{field} {run_dir}: its inherited/ holds {path} "
                                   + (f"of shape {tuple(value.shape)}, the model expects {tuple(flat[path].shape)}"
-                                     if path in flat else "which this model lacks (other model.mapper settings?)"))
+                                     if path in flat else "which this model lacks")
+                                  + ": was the run trained with other model settings (model.mapper, model.lora)? "
+                                    "Load it with its recorded config (infer.py --checkpoint without --config)")
         flat[path].set_value(_like(flat[path].get_value(), value))
         loaded.append(path)
     if loaded:

@@ -309,10 +309,14 @@ def test_a_stage2_run_keeps_the_frozen_params_it_started_from(demo_root, tmp_pat
                                               rf"{len(frozen)} params its model.init_from gave it"):
         build.inference_model(cfg, run_dir=str(tmp_path / "stage2"))
     shutil.move(tmp_path / "kept_aside", tmp_path / "stage2" / "inherited")
-    # a fresh run in a workdir sets an earlier run's copy aside (as its best/), and keeps its own
+    # a fresh run in a workdir sets an earlier run's copy aside (as its best/), and keeps its own; the copy
+    # of a run that stopped before its first checkpoint (no best/ either) goes
     build.keep_inherited(cfg, built, cfg.trainer.workdir, resumed=False)
     assert (tmp_path / "stage2" / "inherited.earlier_1" / "params").is_dir()
     assert sorted(build._flatten(read_inherited(tmp_path / "stage2"))) == frozen
+    shutil.copytree(tmp_path / "stage2" / "inherited", tmp_path / "crashed" / "inherited")
+    build.keep_inherited(cfg, built, str(tmp_path / "crashed"), resumed=False)
+    assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["inherited"]
 
 
 def test_init_from_the_official_stage1_file(demo_root, tmp_path):

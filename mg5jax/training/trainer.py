@@ -592,9 +592,11 @@ def check_training_mesh(mesh: jax.sharding.Mesh) -> None:
 
 
 def _changed_settings(saved: dict, now: dict, limit: int = 8) -> list[str]:
-    """`key: saved -> now` for the settings (dotted keys) that differ, the run's directory aside."""
+    """`key: saved -> now` for the settings (dotted keys) that differ, the run's directory aside, and
+    train.py's own records (the folder it ran in, the count of params kept in inherited/)."""
     a, b = flat_config(saved), flat_config(now)
-    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.endswith("workdir")]
+    keys = [k for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.endswith("workdir") and k not in ("cwd", "inherited")]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:limit]] + (["…"] if len(keys) > limit else [])
 
 
