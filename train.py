@@ -188,7 +188,7 @@ def run(cfg) -> int:
     if result.skipped_samples:
         print(f"skipped {result.skipped_samples} training samples that could not be built since this start (the "
               "warnings above say why; metrics.jsonl has skipped_samples per line)"
-              + (" on this host" if jax.process_count() > 1 else ""))
+              + (": on all hosts; each logs its own" if jax.process_count() > 1 else ""))
     print(f"checkpoints: {trainer_cfg.workdir}/checkpoints  metrics: {trainer_cfg.workdir}/metrics.jsonl"
           + (f"  tensorboard: {trainer_cfg.workdir}/tensorboard" if trainer_cfg.tensorboard else ""))
     if trainer.best.val_loss is not None:

@@ -429,7 +429,8 @@ def test_sigterm_saves_and_returns_with_eval_and_sample_hooks(tmp_path, initial_
 
 def test_a_stop_signal_on_one_host_stops_every_host_after_the_same_step(tmp_path):
     """SIGTERM reaching process 0 alone: both processes stop after the same step and save it together
-    (each stopping on its own, one waited in the checkpoint for the other, which waited in the next step)."""
+    (each stopping on its own, one waited in the checkpoint for the other, which waited in the next step).
+    The samples both hosts' pipelines drop are counted together."""
     script = (
         "import os, signal\n"
         "from flax import nnx\n"
@@ -438,18 +439,24 @@ def test_a_stop_signal_on_one_host_stops_every_host_after_the_same_step(tmp_path
         "from mg5jax.training.trainer import MeshConfig, Trainer, TrainerConfig\n"
         "opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=20, trainable=RULES)\n"
         f"cfg = TrainerConfig(workdir={str(tmp_path)!r}, optimizer=opt, mesh=MeshConfig(data=2), save_every=0, "
-        "sample_every=1, async_checkpointing=False)\n"
+        "sample_every=1, log_every=1, async_checkpointing=False)\n"
         "t = Trainer(ToyModel(rngs=nnx.Rngs(0)), cfg, update_masks={'embed': voken_row_mask()})\n"
         "def hook(step):\n"
         "    if step in (3, 5) and jax.process_index() == 0:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "r = t.fit(ToyIterator(batch_size=4), num_steps=8, on_sample=hook)\n"
-        "print('stopped', r.step, r.preempted, t.checkpointer.latest_step())\n"
+        "calls = [0]\n"
+        "def skipped():\n"  # process 0's pipeline drops 1 sample a step, process 1's 2
+        "    calls[0] += 1\n"
+        "    return calls[0] * (jax.process_index() + 1)\n"
+        "r = t.fit(ToyIterator(batch_size=4), num_steps=8, on_sample=hook, skipped_samples=skipped)\n"
+        "print('stopped', r.step, r.preempted, t.checkpointer.latest_step(), 'skipped', r.skipped_samples)\n"
         "r = t.fit(ToyIterator(batch_size=4), num_steps=5, on_sample=hook)\n"  # a signal in the last step
         "t.close()\n"
         "print('stopped', r.step, r.preempted, t.checkpointer.latest_step())\n")
     outs = run_two_processes("import sys; sys.path.insert(0, 'tests')\n" + script, timeout=240)
-    assert [out.strip().splitlines()[-2:] for out in outs] == [["stopped 3 True 3", "stopped 5 True 5"]] * 2
+    assert [out.strip().splitlines()[-2:] for out in outs] == [["stopped 3 True 3 skipped 9", "stopped 5 True 5"]] * 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in lines if r["step"] <= 3] == [3, 3, 3]  # both hosts' drops, each step
 
 
 def test_best_validation_step_is_kept_and_chosen_for_the_next_stage(tmp_path, initial_state):

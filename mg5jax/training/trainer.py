@@ -140,7 +140,7 @@ class FitResult:
     train_metrics: dict[str, float]  # the last step's terms
     eval_metrics: dict[str, float] | None  # the last validation's means
     stop_signal: int | None = None  # the signal that stopped it (SIGTERM, SIGINT)
-    skipped_samples: int = 0  # samples the data pipeline dropped during this call (see `fit`)
+    skipped_samples: int = 0  # samples the data pipelines of all processes dropped during this call (see `fit`)
 
 
 SKIPPED = "skipped_samples"  # a metrics line's count of samples the pipeline dropped (summed, not averaged)
@@ -432,7 +432,7 @@ class Trainer:
         DatasetIterator has both); `eval_data()` returns a fresh iterable of validation batches;
         `on_sample(step)` may read `trainer.model`; `skipped_samples()`, the samples this process's
         pipeline has dropped so far (`ExampleBuilder.dropped`): each metrics line then has the number
-        dropped over its steps. On first use the latest checkpoint in the workdir is restored.
+        all processes dropped over its steps. On first use the latest checkpoint in the workdir is restored.
         Returns after a SIGTERM or a first Ctrl-C once the current step is checkpointed.
         """
         for method in ("get_state", "set_state"):
@@ -452,7 +452,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         terms: dict[str, float] = {}
         eval_terms, evaluated_at, first_step = None, None, self.step
-        skipped_at_start = skipped_before = skipped_samples() if skipped_samples is not None else 0
+        skipped_before = skipped_samples() if skipped_samples is not None else 0
+        skipped_total = 0
 
         def validate():
             """Validate this step (a stop signal cuts it short: the checkpoint then says it is still to do)."""
@@ -484,9 +485,10 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 batch_size = int(np.shape(jax.tree.leaves(batch)[0])[0]) * jax.process_count()  # global
                 record = dict(terms, step_time_s=elapsed, samples_per_s=batch_size / elapsed)
-                if skipped_samples is not None:
+                if skipped_samples is not None:  # every host's (each reads its own slice of the data)
                     skipped_now = skipped_samples()
-                    record[SKIPPED], skipped_before = skipped_now - skipped_before, skipped_now
+                    record[SKIPPED], skipped_before = _sum_over_hosts(skipped_now - skipped_before), skipped_now
+                    skipped_total += record[SKIPPED]
                 self._window.append(record)
                 bar.update(1)
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in terms.items()}, "lr": f"{self.lr():.3g}",
@@ -520,7 +522,7 @@ class Trainer:
             self.checkpointer.wait()
             self.best.wait()
         return FitResult(self.step, self._stop_signal is not None, terms, eval_terms, self._stop_signal,
-                         skipped_before - skipped_at_start)
+                         skipped_total)
 
     def _agreed_stop(self) -> int | None:
         """The stop signal any process has received (None if none): every process of a multi-host run stops
@@ -589,6 +591,15 @@ def check_training_mesh(mesh: jax.sharding.Mesh) -> None:
         raise ValueError(f"TrainerConfig.mesh {dict(mesh.shape)}: data, fsdp and tensor all > 1 is "
                          "not supported (XLA mis-partitions the diffusion backward on such meshes); "
                          "use two of the three axes")
+
+
+def _sum_over_hosts(count: float) -> int:
+    """A count summed over the processes of a multi-host run (each process calls it at the same point)."""
+    if jax.process_count() == 1:
+        return int(count)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
 def _changed_settings(saved: dict, now: dict, limit: int = 8) -> list[str]:
