@@ -46,6 +46,7 @@ from mg5jax.training.checkpoint import (INHERITED, flat_config, read_inherited, 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PATH_FIELDS = ("_path", "_dir", "init_from", "workdir")  # the endings of the config fields that name files or folders
 
 
 @dataclasses.dataclass
@@ -132,7 +133,7 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
 
     Frozen parts are stored in `model.frozen_dtype`; the trainable parts (voken rows, LoRA, mapper)
     in fp32. With `model.init_from` set (and `init_from`), the trainable params of that run
-    (`load_trainable`) or of the released `stage1_cc3m.ckpt` (a `.ckpt` file: fc, queries, voken rows,
+    (`load_run`) or of the released `stage1_cc3m.ckpt` (a `.ckpt` file: fc, queries, voken rows,
     mapper) are loaded. For inference (`train=False`) no remat, no caption text encoder, and the voken
     rows in the frozen dtype. `tokenizer`: the one `load_tokenizer` gave, when the caller has it already.
     """
@@ -200,19 +201,19 @@ def build_model(cfg, *, train: bool = True, init_from: bool = True, mesh: jax.sh
             from_init = load_official(model, m.init_from, stage=1)
             log.info("model.init_from: loaded the official stage-1 checkpoint %s", m.init_from)
         else:
-            from_init = _load_from_chain(model, m.init_from, load_trainable(model, m.init_from))
+            trained, kept = load_run(model, m.init_from)
+            from_init = _load_from_chain(model, m.init_from, trained + kept)
     return Built(model, tokenizer, caption_tokenizer, num_new, tuple(from_init))
 
 
 def _load_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> list[str]:
-    """What a run of ours gives beyond the params it trained (`loaded`): those it kept from its own
-    `model.init_from` in `inherited/` (`keep_inherited`: a stage-2 run's fc and decoder queries), and for
-    mapper params still missing (a run without that folder), those of its recorded `model.init_from`, and
-    on down that chain of runs (to an official stage-1 .ckpt, whose other params then do not replace what
-    the later runs trained); an error naming them where the chain ends first (they would stay at their
-    random initialisation). Returns every path loaded, `loaded` included."""
+    """The mapper params a run of ours does not give (`loaded`: what `load_run` took from it; a run from
+    before runs kept their `inherited/` lacks the fc and decoder queries it froze) from its recorded
+    `model.init_from`, and on down that chain of runs (to an official stage-1 .ckpt, whose other params
+    then do not replace what the later runs trained); an error naming them where the chain ends first
+    (they would stay at their random initialisation). Returns every path loaded, `loaded` included."""
     flat = km.flat_params(nnx.state(model, nnx.Param))
-    done = set(loaded) | set(load_inherited(model, run_dir, "model.init_from", only=untrained(model, loaded)))
+    done = set(loaded)
     want = {p for p in flat if p.startswith("mapper.")} - done
     source, seen = run_dir, {str(pathlib.Path(run_dir).absolute())}
     while want:
@@ -237,8 +238,8 @@ def _load_from_chain(model: MiniGPT5, run_dir: str, loaded: list[str]) -> list[s
                 flat[p].set_value(value)
             got = set(want)
         else:
-            got = set(load_trainable(model, earlier, only=want))
-            got |= set(load_inherited(model, earlier, "model.init_from", only=want - got))
+            trained, kept = load_run(model, earlier, only=want)
+            got = set(trained) | set(kept)
         log.info("model.init_from %s: %d frozen mapper params from %s, the run it started from", run_dir, len(got),
                  earlier)
         want -= got
@@ -490,7 +491,7 @@ def keep_inherited(cfg, built: Built, workdir: str, *, resumed: bool,
     whatever that earlier run holds now. `mesh`: the run's (the copy is saved replicated over it, as a
     multi-host save needs). Returns how many params the run keeps there (recorded with its checkpoints:
     `load_inherited` refuses the run once they are gone)."""
-    params = inherited_params(cfg, built) if cfg.model.init_from else nnx.State({})
+    params = inherited_params(cfg, built)  # none without model.init_from
     count = len(km.flat_params(params))
     if resumed:
         loaded = load_inherited(built.model, workdir, "trainer.workdir")
@@ -515,10 +516,14 @@ def keep_inherited(cfg, built: Built, workdir: str, *, resumed: bool,
     return count
 
 
-def untrained(model: MiniGPT5, trained: list[str]) -> set[str]:
-    """The param paths of `model` not among `trained` (what `load_trainable` loaded): those a run's
-    inherited/ may give (never over what the run trained)."""
-    return set(km.flat_params(nnx.state(model, nnx.Param))) - set(trained)
+def load_run(model: MiniGPT5, run_dir: str, field: str = "model.init_from", *, strict: bool = False,
+             only: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """A run of ours into `model` as it trained: its trained params (`load_trainable`, with `strict`), then
+    for the rest what it kept from its own `model.init_from` (`load_inherited`), never over a trained one;
+    of both, only the paths in `only` when given. Returns (trained paths, kept paths)."""
+    trained = load_trainable(model, run_dir, field, strict=strict, only=only)
+    rest = (set(km.flat_params(nnx.state(model, nnx.Param))) if only is None else set(only)) - set(trained)
+    return trained, load_inherited(model, run_dir, field, only=rest)
 
 
 def load_inherited(model: MiniGPT5, run_dir: str, field: str = "--checkpoint", *,
@@ -574,17 +579,13 @@ def inference_model(cfg, *, run_dir: str | None = None, field: str = "--checkpoi
     if official is not None:
         import_official(built.model, *official)
     else:
-        trained = load_trainable(built.model, run_dir, field, strict=True)
-        load_inherited(built.model, run_dir, field, only=untrained(built.model, trained))
+        load_run(built.model, run_dir, field, strict=True)
     if cfg.model.int8_weights:
         quantize_for_inference(built.model)
     prepared = prepare_for_decoding(built.model.llm)
     log.info("LLM prepared for decoding: %d layers fused, %d projections packed%s", prepared["fused_layers"],
              prepared["packed_layers"], f" (not packed: {prepared['not_packed']})" if prepared["not_packed"] else "")
     return built, prepared
-
-
-PATH_FIELDS = ("_path", "_dir", "init_from", "workdir")  # the endings of the config fields that name files or folders
 
 
 def _from_run_folder(value, ran_in: str | None):

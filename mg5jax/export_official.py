@@ -72,8 +72,7 @@ def cli(argv: Sequence[str]) -> list[str]:
     cfg.model.frozen_dtype = "float32"  # exact values, the old vocab rows included (see the docstring)
     model = build.build_model(cfg, train=False).model
     # (a run with model.train_new_rows_only gives its new vocab rows only: the old ones are the LLM file's)
-    trained = build.load_trainable(model, fv.checkpoint, "--checkpoint", strict=True)
-    build.load_inherited(model, fv.checkpoint, "--checkpoint", only=build.untrained(model, trained))  # its fc, queries
+    trained, _ = build.load_run(model, fv.checkpoint, "--checkpoint", strict=True)  # and the fc, queries it kept
     keys = export_official(model, out, int(fv.stage), trained=trained)
     print(f"wrote {len(keys)} tensors of an official stage-{fv.stage} checkpoint to {out}")
     return keys
