@@ -507,9 +507,12 @@ def test_a_run_on_precomputed_features_takes_any_vision_encoder_at_inference():
             "data.input_image_size"} <= set(build.run_settings(recorded))
 
 
-def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
-    """Input images are read in parallel into uint8 `[B, M, 3, S, S]` and normalized in the splice
-    program: the same LLM inputs as the model's splice of host-normalized images; a missing file is named."""
+def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path, monkeypatch):
+    """Input images are read (on threads when the files are big enough to pay for them) into uint8
+    `[B, M, 3, S, S]` and normalized in the splice program: the same LLM inputs as the model's splice of
+    host-normalized images; a missing file is named."""
+    from mg5jax.generation import interleaved
+
     from PIL import Image
 
     from mg5jax.data.images import ImageLoadError, input_image_pixels, input_image_transform, load_image
@@ -536,6 +539,8 @@ def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
     prompts = [Prompt(f"###Human: {slot} a story {slot} ###Assistant:", (paths[0], paths[1])),
                Prompt(f"###Human: {slot} more ###Assistant:", (paths[2],))]
     batch = gen.prepare(prompts)
+    monkeypatch.setattr(interleaved, "PARALLEL_READ_BYTES", 0)  # these small files on threads
+    jax.tree.map(np.testing.assert_array_equal, gen.prepare(prompts), batch)
     assert batch["input_images"].dtype == np.uint8 and batch["input_images"].shape == (2, 2, 3, 28, 28)
     for (i, k), path in zip(((0, 0), (0, 1), (1, 0)), paths):
         np.testing.assert_array_equal(batch["input_images"][i, k], input_image_pixels(load_image(path), size=28))
@@ -552,8 +557,10 @@ def test_prompt_images_go_to_the_device_as_uint8_pixels(parts, tmp_path):
     assert isinstance(PromptEncoder(model).vision, VisionEncoder)
 
     missing = str(tmp_path / "gone.png")
-    with pytest.raises(ImageLoadError, match=r"prompt 2 of 2 \(ending '<Img><ImageHere></Img>'\): .*gone.png"):
-        gen.prepare([prompts[1], Prompt(slot, (missing,))])
+    for threshold in (0, 1 << 30):  # on threads, in turn
+        monkeypatch.setattr(interleaved, "PARALLEL_READ_BYTES", threshold)
+        with pytest.raises(ImageLoadError, match=r"prompt 2 of 2 \(ending '<Img><ImageHere></Img>'\): .*gone.png"):
+            gen.prepare([prompts[1], Prompt(slot, (missing,))])
 
     # a batch without input images has no image slots (no vision pass, a shorter prompt); its prompts get
     # the responses they get beside a prompt with images
