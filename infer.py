@@ -272,8 +272,9 @@ def run(cfg) -> int:
         prompts = config_prompts(cfg, tokenizer)
     if not prompts:
         raise ValueError(f"no prompts to generate: no samples in data.val_path {cfg.data.val_path}")
-    scheduler_cfg = build.scheduler_config(cfg.model.sd_path)
-    make_scheduler(settings.scheduler, scheduler_cfg).set_timesteps(settings.num_inference_steps, (1, 4, 8, 8))
+    # the scheduler and its step count checked before any weights load
+    make_scheduler(settings.scheduler, build.scheduler_config(cfg.model.sd_path)).set_timesteps(
+        settings.num_inference_steps, (1, 4, 8, 8))
     build.enable_compile_cache()
     if jax.default_backend() == "cpu":
         cpu_decode.available()  # registered before stored programs that call the kernels load
@@ -286,10 +287,7 @@ def run(cfg) -> int:
     if _SD_BASELINE.value and not baseline:
         log.warning("--sd_baseline: no prompt has a caption (CC3M prompts do), so no baseline images")
     settings = dataclasses.replace(settings, sd_baseline=baseline)
-    generator = InterleavedGenerator(built.model, built.tokenizer, scheduler_cfg, settings=settings,
-                                     input_image_size=cfg.data.input_image_size,
-                                     max_input_images=cfg.data.max_input_images, llm_dir=cfg.model.llm_path,
-                                     sd_pipeline=build.sd_baseline_pipeline(cfg, built) if baseline else None)
+    generator = InterleavedGenerator.from_built(cfg, built, settings)
     gc.collect()
     gc.freeze()  # the model's objects live until exit: collections no longer walk its whole graph
     # what reproduces these responses, with each one's record.json (prompt, input images, seed)

@@ -72,11 +72,9 @@ def main() -> None:
     rows = [json.loads(line) for line in write_prompts(ROOT / "prompts.jsonl", limit=8).read_text().splitlines()]
     prompts = [Prompt(r["text"], tuple(r["images"]), seed=i) for i, r in enumerate(rows)]
     prompts = (prompts * 8)[:8]
-    schedule = build.scheduler_config(cfg.model.sd_path)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
                                   image_size=cfg.data.output_image_size, max_images=1)
-    gen = InterleavedGenerator(built.model, built.tokenizer, schedule, settings=settings,
-                               input_image_size=cfg.data.input_image_size, llm_dir=cfg.model.llm_path)
+    gen = InterleavedGenerator.from_built(cfg, built, settings)
 
     gc.collect()
     gc.freeze()  # as infer.py does once the model is loaded

@@ -296,7 +296,15 @@ class InterleavedGenerator:
             build.check_run_config(cfg, run_dir)
         built, _ = build.inference_model(cfg, run_dir=run_dir, field="run_dir")
         settings = settings or GenerationSettings()
-        settings = dataclasses.replace(settings, image_size=settings.image_size or cfg.data.output_image_size)
+        return cls.from_built(cfg, built, dataclasses.replace(
+            settings, image_size=settings.image_size or cfg.data.output_image_size))
+
+    @classmethod
+    def from_built(cls, cfg, built, settings: GenerationSettings) -> InterleavedGenerator:
+        """A generator for the model `build` made from `cfg` (`build.inference_model`): input images,
+        scheduler, generation config and the SD baseline's pipeline as `cfg` names them."""
+        from mg5jax import build
+
         return cls(built.model, built.tokenizer, build.scheduler_config(cfg.model.sd_path), settings=settings,
                    input_image_size=cfg.data.input_image_size, max_input_images=cfg.data.max_input_images,
                    llm_dir=cfg.model.llm_path,
